@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from tasks.common import REPO_ROOT
 
@@ -67,6 +75,12 @@ class DistillConfig(Strict):
     loss: Literal["forward_kl"] = "forward_kl"
     source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
     max_grad_norm: float = Field(1.0, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps; 0 = before/after")
+    eval_blocks: int = Field(8, ge=1, le=1024, description="held-out blocks of seq_len tokens")
+    precision: Literal["fp32", "bf16-autocast"] = Field(
+        "fp32", description="compute precision; weights and the saved model stay fp32"
+    )
 
 
 class QuantizeConfig(Strict):
@@ -104,7 +118,20 @@ class QuantizeStage(Strict):
     quantize: QuantizeConfig
 
 
-Stage = Annotated[Union[PruneStage, DistillStage, QuantizeStage], Field(union_mode="left_to_right")]
+def _stage_tag(value: Any) -> str | None:
+    if isinstance(value, dict) and len(value) == 1:
+        return next(iter(value))
+    return next(iter(type(value).model_fields), None) if isinstance(value, BaseModel) else None
+
+
+Stage = Annotated[
+    Union[Annotated[PruneStage, Tag("prune")], Annotated[DistillStage, Tag("distill")],
+          Annotated[QuantizeStage, Tag("quantize")]],
+    Discriminator(_stage_tag),
+]
+STAGE_MODELS: dict[str, type[BaseModel]] = {
+    "prune": PruneStage, "distill": DistillStage, "quantize": QuantizeStage,
+}
 
 
 class Recipe(Strict):
@@ -131,11 +158,11 @@ class RecipeError(ValueError):
 
 def _loc(loc: tuple[Any, ...]) -> str:
     parts: list[str] = []
-    for item in loc:
+    for i, item in enumerate(loc):
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in {"PruneStage", "DistillStage", "QuantizeStage"} or "[" in str(item):
-            continue
+        elif item in STAGE_MODELS and i > 0 and isinstance(loc[i - 1], int):
+            continue  # the discriminator tag repeats the stage key that follows
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts) or "<top>"
@@ -184,12 +211,11 @@ def _format_validation(exc: ValidationError, source: str) -> str:
 
 def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
     model: Any = Recipe
-    for item in parent:
-        if isinstance(item, int):
+    for i, item in enumerate(parent):
+        if isinstance(item, int) or item == "stages":
             continue
-        if item in {"PruneStage", "DistillStage", "QuantizeStage"}:
-            model = {"PruneStage": PruneStage, "DistillStage": DistillStage,
-                     "QuantizeStage": QuantizeStage}[item]
+        if item in STAGE_MODELS and i > 0 and isinstance(parent[i - 1], int):
+            model = STAGE_MODELS[item]
             continue
         field = getattr(model, "model_fields", {}).get(item)
         if field is None:

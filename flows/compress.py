@@ -1,0 +1,89 @@
+"""The compress flow: one Prefect flow per run, one task per stage and per evaluation.
+
+Tasks pass ModelRefs (paths + fingerprints), never model objects: a 135M model as a Prefect result
+is a 736 MB pickle. Resuming is the run folder's job (tasks.pipeline), so Prefect result caching is
+off; a reused unit shows up in the task's log and in the run log.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import ModelRef
+from tasks.model_store import resolve_model
+from tasks.pipeline import (
+    BASELINE,
+    evaluate_stage,
+    init_run,
+    mark_run,
+    plan,
+    run_stage,
+)
+from tasks.recipe import load_recipe
+
+
+@task(name="resolve-model", cache_policy=NO_CACHE, persist_result=False)
+def resolve_task(spec: str) -> dict[str, str]:
+    return resolve_model(spec).to_json()
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def stage_task(run_dir: str, index: int, recipe_file: str, input_ref: dict[str, str],
+               teacher: dict[str, str] | None) -> dict[str, Any]:
+    recipe = load_recipe(recipe_file)
+    stage = plan(recipe)[index]
+    record, reused = run_stage(Path(run_dir), stage, recipe, ModelRef.from_json(input_ref),
+                               ModelRef.from_json(teacher) if teacher else None)
+    get_run_logger().info("%s %s", stage.folder, "reused (finished earlier)" if reused else "done")
+    return record
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def eval_task(run_dir: str, index: int, recipe_file: str, model: dict[str, str]) -> dict[str, Any]:
+    recipe = load_recipe(recipe_file)
+    stage = plan(recipe)[index]
+    record, reused = evaluate_stage(Path(run_dir), stage, recipe, ModelRef.from_json(model))
+    get_run_logger().info("eval %s %s", stage.folder, "reused" if reused else "done")
+    return record
+
+
+@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+def report_task(run_dir: str) -> str:
+    from tasks.report import write_report
+
+    paths = write_report(Path(run_dir))
+    create_markdown_artifact(key="pkdq-retention", markdown=paths["markdown"].read_text(),
+                             description=f"pkdq retention report for {Path(run_dir).name}")
+    return str(paths["markdown"])
+
+
+@flow(name="pkdq-compress", log_prints=True)
+def compress_flow(recipe_file: str, run_dir: str) -> str:
+    """Baseline eval, then each stage and its eval in recipe order, then the report."""
+    recipe = load_recipe(recipe_file)
+    base = ModelRef.from_json(resolve_task(recipe.model))
+    init_run(Path(run_dir), recipe, recipe_file, base)
+    try:
+        stages = plan(recipe)
+        current, teacher = base, base
+        for stage in stages:
+            if stage.kind != BASELINE:
+                if stage.kind == "prune":
+                    teacher = current
+                record = stage_task.with_options(name=stage.folder)(
+                    run_dir, stage.index, recipe_file, current.to_json(),
+                    teacher.to_json() if stage.kind == "distill" else None)
+                current = ModelRef.from_json(record["model"])
+            eval_task.with_options(name=f"eval-{stage.folder}")(
+                run_dir, stage.index, recipe_file, current.to_json())
+        report = report_task(run_dir)
+    except BaseException as exc:
+        mark_run(Path(run_dir), "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    mark_run(Path(run_dir), "finished", final_model=current.to_json())
+    return report

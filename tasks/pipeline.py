@@ -1,0 +1,153 @@
+"""Plan a recipe into numbered stage folders and run each unit once, resumably.
+
+Flows call these; they also run without Prefect (tests, notebooks). Each unit (a stage, or the
+evaluation of a stage's model) is keyed by content, so a rerun reuses every finished unit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tasks.common import (
+    ModelRef,
+    StageContext,
+    StageResult,
+    data_dir,
+    read_json,
+    write_json_atomic,
+)
+from tasks.recipe import Recipe
+from tasks.run_folder import (
+    EVAL_FILE,
+    begin_stage,
+    data_fingerprint,
+    finish_record,
+    finished_record,
+    package_versions,
+    stage_key,
+)
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    index: int
+    kind: str
+    config: Any  # the stage's pydantic config; None for the baseline
+
+    @property
+    def folder(self) -> str:
+        return f"{self.index:02d}-{self.kind}"
+
+
+def plan(recipe: Recipe) -> list[PlannedStage]:
+    stages = [PlannedStage(0, BASELINE, None)]
+    for i, (kind, config) in enumerate(recipe.stage_list(), start=1):
+        stages.append(PlannedStage(i, kind, config))
+    return stages
+
+
+def stage_runner(kind: str) -> Callable[[ModelRef, Any, StageContext], StageResult]:
+    """Import lazily: each stage pulls heavy libraries the others don't need."""
+    if kind == "prune":
+        from tasks.prune import prune_stage
+
+        return prune_stage
+    if kind == "distill":
+        from tasks.distill import distill_stage
+
+        return distill_stage
+    if kind == "quantize":
+        from tasks.quantize import quantize_stage
+
+        return quantize_stage
+    raise ValueError(f"unknown stage kind '{kind}'")
+
+
+def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict[str, Any]:
+    """Write run.json: what a reader needs to reproduce the run (recipe, versions, fingerprints)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.json"
+    previous = read_json(path) if path.is_file() else {}
+    data = data_dir()
+    info = {
+        "run_id": run_dir.name,
+        "recipe_source": source,
+        "recipe": recipe.model_dump(mode="json"),
+        "seed": recipe.seed,
+        "threads": recipe.threads,
+        "model": {"spec": recipe.model, **base.to_json()},
+        "data": {"path": str(data), "fingerprint": data_fingerprint(data)},
+        "versions": package_versions(),
+        "stages": [s.folder for s in plan(recipe)],
+        "created": previous.get("created", datetime.now(timezone.utc).isoformat()),
+        "attempts": previous.get("attempts", 0) + 1,
+        "status": "running",
+    }
+    write_json_atomic(path, info)
+    return info
+
+
+def mark_run(run_dir: Path, status: str, **extra: Any) -> None:
+    path = run_dir / "run.json"
+    info = read_json(path)
+    info.update(status=status, **extra)
+    write_json_atomic(path, info)
+
+
+def stage_context(run_dir: Path, stage: PlannedStage, recipe: Recipe,
+                  teacher: ModelRef | None) -> StageContext:
+    return StageContext(out_dir=run_dir / stage.folder, seed=recipe.seed, threads=recipe.threads,
+                        data=data_dir(), teacher=teacher, stage_name=stage.folder)
+
+
+def run_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe, input_ref: ModelRef,
+              teacher: ModelRef | None) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless an identical finished one exists; returns (record, reused)."""
+    folder = run_dir / stage.folder
+    extra = {"teacher": teacher.fingerprint} if (stage.kind == "distill" and teacher) else None
+    key = stage_key(stage.kind, input_ref.fingerprint, stage.config.model_dump(mode="json"),
+                    recipe.seed, extra)
+    record = finished_record(folder, key)
+    if record is not None:
+        print(f"[{stage.folder}] finished earlier (key {key}): reused", flush=True)
+        return record, True
+    begin_stage(folder)
+    print(f"[{stage.folder}] starting", flush=True)
+    started = time.perf_counter()
+    result = stage_runner(stage.kind)(input_ref, stage.config,
+                                      stage_context(run_dir, stage, recipe, teacher))
+    metrics = {"stage": stage.kind, "input": input_ref.to_json(), **result.metrics,
+               "stage_wall_s": time.perf_counter() - started}
+    write_json_atomic(folder / "metrics.json", metrics)
+    return finish_record(folder, key, result.model, metrics), False
+
+
+def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,
+                   model: ModelRef) -> tuple[dict[str, Any], bool]:
+    """Evaluate a stage's model once per (model fingerprint, eval config, seed)."""
+    from tasks.evaluate import evaluate_model
+
+    folder = run_dir / stage.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    key = stage_key("evaluate", model.fingerprint, recipe.evaluate.model_dump(mode="json"),
+                    recipe.seed)
+    record = finished_record(folder, key, EVAL_FILE + ".done")
+    if record is not None and (folder / EVAL_FILE).is_file():
+        print(f"[{stage.folder}] evaluation finished earlier: reused", flush=True)
+        return record, True
+    print(f"[{stage.folder}] evaluating {model.path.name}", flush=True)
+    out_dir = folder / "eval"
+    begin_stage(out_dir)
+    metrics = evaluate_model(model.path, recipe.evaluate, out_dir, data=data_dir(),
+                             seed=recipe.seed, threads=recipe.threads)
+    write_json_atomic(folder / EVAL_FILE, metrics)
+    if stage.kind == BASELINE:
+        write_json_atomic(folder / "metrics.json", {"stage": BASELINE, "model": model.to_json()})
+    return finish_record(folder, key, model, {"eval": EVAL_FILE}, EVAL_FILE + ".done"), False

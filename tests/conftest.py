@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random Llama built from a config (fast), and the real SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from tasks.common import set_offline_env
+
+set_offline_env()
+# Prefect state per test session: cache records must not leak between test runs.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="pkdq-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ref():
+    """The embedded default, converted once to safetensors under the pkdq cache."""
+    from tasks.model_store import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ref(tmp_path_factory, smollm2_ref):
+    """A 2-layer random Llama with GQA (4 query / 2 KV heads) and SmolLM2's real tokenizer.
+
+    Sizes are multiples of 32 so pruning rounding and quantization group sizes apply as on real
+    models.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tasks.model_store import save_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_ref.path))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -1,0 +1,96 @@
+"""The recipe validator: typed recipes, one-line errors naming file, key path and what's allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pkdq.cli import app
+from tasks.recipe import RecipeError, list_recipes, load_recipe, parse_recipe
+
+BROKEN = Path(__file__).parent / "recipes"
+runner = CliRunner()
+
+
+def test_every_shipped_recipe_validates():
+    names = [name for name, _ in list_recipes()]
+    assert "smollm2-ffn25-kd-w4" in names
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name
+
+
+@pytest.mark.parametrize(
+    ("file", "expected"),
+    [
+        ("unknown-key.yaml", "stages[0].prune.ffn.critrion: unknown key; allowed keys: ratio, size"),
+        ("bad-order.yaml", "P-KD-Q rule"),
+        ("bad-ratio.yaml", "stages[0].prune.ffn.ratio: Input should be less than 1 (got 1.5)"),
+    ],
+)
+def test_cli_validate_rejects_broken_recipes_in_one_line(file, expected):
+    result = runner.invoke(app, ["validate", str(BROKEN / file)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert expected in lines[0]
+    assert file in lines[0]
+
+
+def test_cli_validate_accepts_named_recipe():
+    result = runner.invoke(app, ["validate", "smollm2-ffn25-kd-w4"])
+    assert result.exit_code == 0, result.output
+    assert "prune -> distill -> quantize" in result.output
+
+
+def _minimal(**overrides):
+    raw = {"name": "t", "stages": [{"prune": {"ffn": {"ratio": 0.25}}}]}
+    raw.update(overrides)
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (_minimal(colour="red"), "colour: unknown key; allowed keys: name, description, model"),
+        (_minimal(seed="abc"), "seed: Input should be a valid integer"),
+        (_minimal(stages=[{"shrink": {}}]), "unknown stage 'shrink'; allowed: prune, distill"),
+        (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2, "size": 64}}}]), "exactly one of"),
+        (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2}}}, {"distill": {"lr": -1}}]),
+         "stages[1].distill.lr: Input should be greater than 0"),
+        (_minimal(stages=[{"distill": {"tokens": 10}}]), "distill without a prune stage"),
+        (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2}}}, {"quantize": {"bits": 3}}]),
+         "stages[1].quantize.bits: Input should be 4 or 8"),
+        (_minimal(stages=[{"quantize": {}}, {"distill": {}}]), "P-KD-Q rule"),
+        (_minimal(evaluate={"tasks": ["mmlu"]}), "evaluate.tasks[0]"),
+    ],
+)
+def test_parse_errors_name_key_path(raw, fragment):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw, "my.yaml")
+    message = str(info.value)
+    assert message.startswith("my.yaml: ")
+    assert "\n" not in message
+    assert fragment in message
+
+
+def test_invalid_yaml_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nstages: [\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(str(path))
+
+
+def test_unknown_named_recipe_lists_known_ones():
+    with pytest.raises(RecipeError, match="named recipes: .*smollm2-ffn25-kd-w4"):
+        load_recipe("no-such-recipe")
+
+
+def test_recipe_round_trips_through_yaml(tmp_path):
+    recipe = load_recipe("smollm2-ffn25-kd-w4")
+    path = tmp_path / "copy.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    assert load_recipe(str(path)) == recipe
