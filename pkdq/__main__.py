@@ -1,0 +1,3 @@
+from pkdq.cli import app
+
+app(prog_name="pkdq")

