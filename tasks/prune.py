@@ -1,159 +1,185 @@
-"""Prune stage: structured FFN-neuron pruning by importance, giving a smaller dense checkpoint.
+"""Prune stage: structured pruning on depth, attention heads, FFN neurons and hidden width.
 
-Importance is measured on calibration text from `<data>/train/` (never evaluation splits). The kept
-size is the same in every layer (HF configs hold one `intermediate_size`) and is rounded to a
-multiple that quantization kernels need, so the quantize stage's group size divides it.
+One-shot, as Minitron and LLM-Pruner do: every importance score is measured on the unpruned model
+(calibration text from `<data>/train/`, never evaluation splits), then the axes are cut in the order
+depth -> heads -> FFN -> hidden. The result is a smaller dense checkpoint with an updated
+config.json that stock `AutoModelForCausalLM.from_pretrained` loads. Kept sizes come from
+`prune_plan` (uniform across layers, rounded for quantization kernels, whole KV groups).
 """
 
 from __future__ import annotations
 
 import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import nn
 
-from tasks.common import ModelRef, Progress, StageContext, StageResult
+from tasks.common import ModelRef, StageContext, StageResult
+from tasks.importance import (
+    ActivationScores,
+    accumulate_gradients,
+    activation_scores,
+    random_scores,
+    release_gradients,
+    skip_layer_ppl_increase,
+    weight_scores,
+)
 from tasks.model_store import load_model, save_model
-from tasks.recipe import FfnTarget, PruneConfig
+from tasks.prune_plan import Dims, PrunePlan, plan_prune
+from tasks.prune_units import Anatomy, Coupling, count_params
+from tasks.recipe import PruneConfig
+from tasks.slicing import remove_layers, slice_ffn, slice_hidden, slice_kv_groups, slice_query_heads
 from tasks.textdata import load_train_texts, token_blocks
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama-style CausalLM (model.model.layers)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no model.layers; only decoder-only "
-                         "Llama-style models are supported")
-    return layers
+@dataclass
+class AxisScores:
+    """Importance per axis (higher = keep). Per-layer lists are indexed by original layer."""
+
+    depth: torch.Tensor | None = None
+    heads: list[torch.Tensor] | None = None  # query-head scores, or KV-group scores
+    ffn: list[torch.Tensor] | None = None
+    hidden: torch.Tensor | None = None
 
 
-def kept_ffn_size(total: int, target: FfnTarget, round_to: int) -> int:
-    """Neurons kept per layer: the target, rounded to the nearest multiple of `round_to`."""
-    wanted = target.size if target.size is not None else total * (1.0 - target.ratio)
-    if wanted > total:
-        raise ValueError(f"prune.ffn.size {target.size} exceeds the model's FFN size {total}")
-    kept = int(round(wanted / round_to)) * round_to
-    kept = max(round_to, min(kept, total - total % round_to if total >= round_to else total))
-    return kept
-
-
-@torch.no_grad()
-def ffn_activation_importance(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4,
-                              stage: str = "prune") -> list[torch.Tensor]:
-    """Mean |activation| of each FFN neuron (the down-projection input) over calibration tokens."""
-    layers = decoder_layers(model)
-    sums = [torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64) for layer in layers]
-    count = [0]
-
-    def hook_for(index: int):
-        def hook(_module, inputs):
-            act = inputs[0].detach().abs().to(torch.float64)
-            sums[index] += act.reshape(-1, act.shape[-1]).sum(dim=0)
-        return hook
-
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook_for(i))
-               for i, layer in enumerate(layers)]
-    progress = Progress(stage, total=len(blocks), unit="calibration block")
-    try:
-        for start in range(0, len(blocks), batch_size):
-            batch = blocks[start:start + batch_size]
-            model(input_ids=batch)
-            count[0] += batch.numel()
-            progress.update(start + len(batch), tokens=batch.numel())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [s / max(count[0], 1) for s in sums]
-
-
-def ffn_magnitude_importance(model: nn.Module) -> list[torch.Tensor]:
-    """L1 norm of each neuron's weights (gate row + up row + down column)."""
-    scores = []
-    for layer in decoder_layers(model):
-        mlp = layer.mlp
-        score = (mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1)
-                 + mlp.down_proj.weight.abs().sum(0))
-        scores.append(score.detach().to(torch.float64))
-    return scores
-
-
-def ffn_random_importance(model: nn.Module, seed: int) -> list[torch.Tensor]:
-    """Random scores: the control that shows what an importance criterion is worth."""
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.rand(layer.mlp.down_proj.in_features, generator=gen, dtype=torch.float64)
-            for layer in decoder_layers(model)]
-
-
-def _slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Keep `index` along `dim` of a Linear's weight (0 = outputs, 1 = inputs), in place."""
-    weight = linear.weight.data.index_select(dim, index).clone()
-    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.data.index_select(0, index).clone())
-        linear.out_features = weight.shape[0]
-    else:
-        linear.in_features = weight.shape[1]
-
-
-def slice_ffn(model: nn.Module, keep: list[torch.Tensor]) -> None:
-    """Remove FFN neurons: gate/up rows and down columns together, then update the config."""
-    layers = decoder_layers(model)
-    for layer, index in zip(layers, keep, strict=True):
-        index = torch.sort(index).values
-        _slice_linear(layer.mlp.gate_proj, index, 0)
-        _slice_linear(layer.mlp.up_proj, index, 0)
-        _slice_linear(layer.mlp.down_proj, index, 1)
-        if hasattr(layer.mlp, "intermediate_size"):
-            layer.mlp.intermediate_size = len(index)
-    model.config.intermediate_size = int(len(keep[0]))
-
-
-def select_top(scores: list[torch.Tensor], kept: int) -> list[torch.Tensor]:
-    return [torch.topk(score, kept).indices for score in scores]
-
-
-def count_params(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def ffn_scores(model: nn.Module, tokenizer, cfg: PruneConfig, ctx: StageContext) -> list[torch.Tensor]:
-    criterion = cfg.ffn.criterion
-    if criterion == "magnitude":
-        return ffn_magnitude_importance(model)
-    if criterion == "random":
-        return ffn_random_importance(model, ctx.seed)
+def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext) -> torch.Tensor:
     calib = cfg.calibration
     texts = load_train_texts(ctx.data, calib.source)
-    blocks = token_blocks(tokenizer, texts, calib.seq_len, calib.samples, seed=ctx.seed)
-    return ffn_activation_importance(model, blocks, stage=ctx.stage_name or "prune")
+    return token_blocks(tokenizer, texts, calib.seq_len, calib.samples, seed=ctx.seed)
+
+
+def _criteria(cfg: PruneConfig) -> dict[str, str]:
+    return {axis: getattr(cfg, axis).criterion for axis in cfg.axes()}
+
+
+def _generator(seed: int, axis: str) -> torch.Generator:
+    """A random stream per axis, so adding an axis never changes another axis's random picks."""
+    return torch.Generator().manual_seed(seed * 1000 + zlib.crc32(axis.encode()) % 1000)
+
+
+def _unit_scores(criterion: str, n_layers: int, couplings: Callable[[int], list[Coupling]],
+                 from_acts: Callable[[], list[torch.Tensor]], size: int,
+                 gen: torch.Generator) -> list[torch.Tensor]:
+    """Per-layer scores of one width axis under any unit criterion."""
+    if criterion == "activation":
+        return from_acts()
+    if criterion == "random":
+        return [random_scores(size, gen) for _ in range(n_layers)]
+    return [weight_scores(couplings(i), criterion) for i in range(n_layers)]
+
+
+def score_axes(anatomy: Anatomy, cfg: PruneConfig, blocks: torch.Tensor | None, seed: int,
+               stage: str = "prune") -> AxisScores:
+    """Score every axis the config prunes, all on the unpruned model."""
+    criteria = _criteria(cfg)
+    n = len(anatomy.layers)
+    acts: ActivationScores | None = None
+    if "activation" in criteria.values() or criteria.get("depth") == "block_influence":
+        acts = activation_scores(anatomy, blocks, stage=stage)
+    if "taylor" in criteria.values():
+        accumulate_gradients(anatomy, blocks[:cfg.gradient_samples], stage=stage)
+    out = AxisScores()
+    try:
+        if cfg.heads:
+            kv = cfg.heads.mode == "kv_groups"
+            out.heads = _unit_scores(
+                cfg.heads.criterion, n,
+                anatomy.kv_group_units if kv else anatomy.query_head_units,
+                lambda: acts.kv_groups(anatomy.q_per_group) if kv else acts.query_heads,
+                anatomy.n_kv if kv else anatomy.n_heads, _generator(seed, "heads"))
+        if cfg.ffn:
+            out.ffn = _unit_scores(cfg.ffn.criterion, n, anatomy.ffn_units, lambda: acts.ffn,
+                                   anatomy.ffn, _generator(seed, "ffn"))
+        if cfg.hidden:
+            out.hidden = _unit_scores(cfg.hidden.criterion, 1,
+                                      lambda _i: anatomy.hidden_units(norms=False),
+                                      lambda: [acts.hidden], anatomy.hidden,
+                                      _generator(seed, "hidden"))[0]
+    finally:
+        release_gradients(anatomy)
+    if cfg.depth:
+        criterion = cfg.depth.criterion
+        if criterion == "block_influence":
+            out.depth = acts.block_influence
+        elif criterion == "ppl_skip":
+            out.depth = skip_layer_ppl_increase(anatomy, blocks, stage=stage)
+        else:
+            out.depth = random_scores(n, _generator(seed, "depth"))
+    return out
+
+
+def top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, sorted by index."""
+    return torch.sort(torch.topk(scores, k).indices).values
+
+
+def top_within_groups(scores: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """The k best query heads inside every KV group of `group` heads (global head indices)."""
+    grouped = scores.view(-1, group)
+    picks = torch.topk(grouped, k, dim=1).indices + torch.arange(len(grouped))[:, None] * group
+    return torch.sort(picks.reshape(-1)).values
+
+
+def apply_plan(anatomy: Anatomy, plan: PrunePlan, scores: AxisScores) -> dict[str, Any]:
+    """Cut depth, heads, FFN, hidden in that order; returns what was removed (for metrics)."""
+    before, after = plan.before, plan.after
+    removed: dict[str, Any] = {}
+    layer_ids = list(range(before.layers))
+    if scores.depth is not None:
+        layer_ids = top(scores.depth, after.layers).tolist()
+        removed["layers"] = sorted(set(range(before.layers)) - set(layer_ids))
+        remove_layers(anatomy, layer_ids)
+    if scores.heads is not None:
+        per_layer = [scores.heads[i] for i in layer_ids]
+        if plan.heads_mode == "kv_groups":
+            keep = [top(s, after.kv_heads) for s in per_layer]
+            slice_kv_groups(anatomy, keep)
+        else:
+            keep = [top_within_groups(s, before.q_per_group, after.q_per_group)
+                    for s in per_layer]
+            slice_query_heads(anatomy, keep)
+        removed["heads_kept"] = [k.tolist() for k in keep]
+    if scores.ffn is not None:
+        slice_ffn(anatomy, [top(scores.ffn[i], after.ffn) for i in layer_ids])
+    if scores.hidden is not None:
+        keep_hidden = top(scores.hidden, after.hidden)
+        slice_hidden(anatomy, keep_hidden)
+        removed["hidden_channels_removed"] = before.hidden - len(keep_hidden)
+    return removed
+
+
+def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[str, Any]:
+    """Prune a live model in place; returns metrics. Refuses unsupported models in one line."""
+    anatomy = Anatomy.of(model)
+    plan = plan_prune(Dims.from_config(model.config), cfg)
+    criteria = _criteria(cfg)
+    needs_data = any(c not in {"magnitude", "magnitude_l2", "random"} for c in criteria.values())
+    blocks = calibration_blocks(tokenizer, cfg, ctx) if needs_data else None
+    params_before = count_params(model)
+    scores = score_axes(anatomy, cfg, blocks, ctx.seed, ctx.stage_name or "prune")
+    removed = apply_plan(anatomy, plan, scores)
+    return {
+        "axes": cfg.axes(),
+        "criteria": criteria,
+        "plan": plan.to_json(),
+        **removed,
+        "round_to": cfg.round_to,
+        "calibration": cfg.calibration.model_dump() if needs_data else None,
+        "params_before": params_before,
+        "params_after": count_params(model),
+    }
 
 
 def prune_stage(model_ref: ModelRef, cfg: PruneConfig, ctx: StageContext) -> StageResult:
-    """Score FFN neurons, keep the most important, save a dense checkpoint stock transformers loads."""
+    """Score, cut and save a dense checkpoint stock transformers loads."""
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(ctx.threads)
     start = time.perf_counter()
     model, tokenizer = load_model(model_ref)
-    params_before = count_params(model)
-    total = model.config.intermediate_size
-    kept = kept_ffn_size(total, cfg.ffn, cfg.round_to)
-    scores = ffn_scores(model, tokenizer, cfg, ctx)
-    slice_ffn(model, select_top(scores, kept))
+    metrics = prune_model(model, tokenizer, cfg, ctx)
     out = save_model(model, tokenizer, ctx.out_dir / "model")
-    params_after = count_params(model)
-    metrics = {
-        "axis": "ffn",
-        "criterion": cfg.ffn.criterion,
-        "ffn_size_before": total,
-        "ffn_size_after": kept,
-        "ffn_removed_fraction": 1 - kept / total,
-        "round_to": cfg.round_to,
-        "calibration": cfg.calibration.model_dump() if cfg.ffn.criterion == "activation" else None,
-        "params_before": params_before,
-        "params_after": params_after,
-        "wall_s": time.perf_counter() - start,
-    }
+    metrics["wall_s"] = time.perf_counter() - start
     return StageResult(out, metrics)

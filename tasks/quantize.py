@@ -2,16 +2,16 @@
 
 Both methods go through GPTQModel 7.6 (AutoGPTQ is archived and fails to import with transformers
 5; llm-compressor pins transformers<=5.17), so GPTQ and its RTN baseline land in the same on-disk
-format (`quant_method: gptq`, v1 packing, int32 qweight/qzeros, fp16 scales) and load the same way.
-Quantization runs on CPU by default and on CUDA when present. Calibration reads training text
-only (C4 by default), never evaluation data.
+format (`quant_method: gptq`, v1 packing, int32 qweight/qzeros, fp16 scales, fp16 embeddings and
+norms) and load the same way. Quantization runs on CPU by default and on CUDA when present.
+Calibration reads training text only (C4 by default), never evaluation data.
 
 Loaders (transformers 5.23 + gptqmodel 7.6, CPU):
 - `GPTQModel.load(path, backend=TORCH)`: works with the pinned deps; its `.model` is a stock HF
-  `LlamaForCausalLM` whose linears are `TorchLinear` (fp16/bf16 only, so CPU runs in bf16).
-  `load_quantized` returns that module.
+  `LlamaForCausalLM` whose linears are `TorchLinear`. `load_quantized` returns that module,
+  recast so it computes with exactly the stored grid in fp32 on CPU (see its docstring).
 - `AutoModelForCausalLM.from_pretrained(path)`: transformers' own GPTQ integration also needs
-  `optimum` (not a pkdq dependency); with optimum 2.3 it loads in fp32 via `TorchAtenLinear`.
+  `optimum` (not a pkdq dependency); with optimum 2.3 it loads on CPU via `TorchAtenLinear`.
   The stage verifies it only when optimum is importable and says so in its metrics.
 """
 
@@ -24,6 +24,8 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, get_args
@@ -48,7 +50,8 @@ ALLOWED_GROUP_SIZES: tuple[int, ...] = get_args(
     QuantizeConfig.model_fields["group_size"].annotation
 )
 PACK_BITS = 32  # GPTQ packs codes into int32 words
-SAVE_DTYPE = torch.bfloat16  # unquantized tensors on disk: what GPTQModel picks on CPU
+SAVE_DTYPE = torch.float16  # unquantized tensors on disk; GPTQ scales are fp16 too
+CPU_CALIBRATION_DTYPE = torch.float32  # GPTQModel's CPU default would be bf16
 VERIFY_TOKENS = 256  # one short training-text block for the post-save sanity forward
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
@@ -120,6 +123,38 @@ def _working_group_sizes(in_features: list[int]) -> list[int]:
     return [g for g in ALLOWED_GROUP_SIZES if all(n % g == 0 for n in in_features)]
 
 
+def _index_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 7] -> "0-3,7": every index stays named, runs of 3+ shortened."""
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs)
+
+
+def _compact_names(sizes: dict[str, int]) -> dict[str, int]:
+    """Fold `model.layers.N.x` names sharing a size into `model.layers.[0-29].x`.
+
+    A 30-layer model would otherwise give a 9 kB error line; this one still names every layer.
+    """
+    groups: dict[tuple[str, int], list[int]] = {}
+    singles: dict[str, int] = {}
+    for name, size in sizes.items():
+        match = re.search(r"\.(\d+)\.", name)
+        if not match:
+            singles[name] = size
+            continue
+        template = name[: match.start()] + ".{}." + name[match.end():]
+        groups.setdefault((template, size), []).append(int(match.group(1)))
+    out = dict(singles)
+    for (template, size), indices in groups.items():
+        label = str(indices[0]) if len(indices) == 1 else f"[{_index_ranges(indices)}]"
+        out[template.format(label)] = size
+    return out
+
+
 def check_group_size(model_path_or_config: Any, group_size: int) -> None:
     """Refuse a group size that does not divide every quantized layer's in_features.
 
@@ -133,7 +168,7 @@ def check_group_size(model_path_or_config: Any, group_size: int) -> None:
     bad = {name: dims[0] for name, dims in linears.items() if dims[0] % group_size}
     if not bad:
         return
-    listed = ", ".join(f"{name} (in_features {n})" for name, n in bad.items())
+    listed = ", ".join(f"{name} (in_features {n})" for name, n in _compact_names(bad).items())
     working = _working_group_sizes([dims[0] for dims in linears.values()])
     hint = (f"group sizes that would work: {', '.join(map(str, working))}" if working else
             f"none of {', '.join(map(str, ALLOWED_GROUP_SIZES))} works; prune with round_to "
@@ -260,8 +295,8 @@ def _import_gptqmodel():
         from gptqmodel import BACKEND, GPTQModel
         from gptqmodel.quantization.config import GPTQConfig, RTNConfig
     except Exception as exc:  # noqa: BLE001 - any import failure means the method cannot run
-        raise QuantizeError(f"quantization needs gptqmodel==7.6.0, which failed to import: "
-                            f"{type(exc).__name__}: {exc}") from exc
+        raise QuantizeError("quantization needs gptqmodel==7.6.0, which failed to import: "
+                            f"{_short(exc)}") from exc
     return gptqmodel, GPTQModel, BACKEND, GPTQConfig, RTNConfig
 
 
@@ -317,19 +352,44 @@ def _attach_layer_progress(model: torch.nn.Module, start: float) -> list[Any]:
     return [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
 
 
-def _cast_unquantized(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Store embeddings/norms/head in `dtype`: the quantized kernels compute in fp16/bf16 anyway.
+def _cast_unquantized(model: torch.nn.Module, dtype: torch.dtype,
+                      scales_dtype: torch.dtype | None = None) -> None:
+    """Cast embeddings/norms/head to `dtype`, and optionally the quantized modules' scales.
 
     Parameters are cast in place (`.data`), so tied embedding/head weights stay one tensor;
-    quantized modules (qweight + fp16 scales) are left exactly as packed.
+    packed codes (qweight/qzeros/g_idx) are integers and never touched.
     """
     for module in model.modules():
         if hasattr(module, "qweight"):
+            scales = getattr(module, "scales", None)
+            if scales_dtype is not None and isinstance(scales, torch.Tensor):
+                module.scales = scales.to(scales_dtype)
             continue
         for param in module.parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
     model.config.dtype = dtype
+
+
+@contextmanager
+def _gptqmodel_log_dir(folder: Path) -> Iterator[None]:
+    """Send GPTQModel's per-processor log files into the stage folder, not `./logs` of the CWD.
+
+    GPTQModel 7.6 writes them under a module-level relative path; without this every run
+    litters whatever directory pkdq was started from.
+    """
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:
+        yield
+        return
+    previous = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    loop_processor._PROJECT_LOG_DIR = folder
+    try:
+        yield
+    finally:
+        if previous is not None:
+            loop_processor._PROJECT_LOG_DIR = previous
 
 
 def _run_gptqmodel(src: Path, tmp: Path, cfg: QuantizeConfig, calib: torch.Tensor | None,
@@ -341,7 +401,7 @@ def _run_gptqmodel(src: Path, tmp: Path, cfg: QuantizeConfig, calib: torch.Tenso
     """
     _, GPTQModel, BACKEND, _, _ = _import_gptqmodel()
     qcfg = _gptqmodel_config(cfg)
-    dtype = torch.float32 if device == "cpu" else torch.float16
+    dtype = CPU_CALIBRATION_DTYPE if device == "cpu" else torch.float16
     start = time.perf_counter()
     wrapper = GPTQModel.load(str(src), qcfg, device=device, dtype=dtype)
     hooks = _attach_layer_progress(wrapper.model, start) if calib is not None else []
@@ -349,13 +409,15 @@ def _run_gptqmodel(src: Path, tmp: Path, cfg: QuantizeConfig, calib: torch.Tenso
         {"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib
     ]
     try:
-        log = wrapper.quantize(data, batch_size=1, backend=BACKEND.TORCH)
+        with _gptqmodel_log_dir(tmp.parent / "gptqmodel-logs"):
+            log = wrapper.quantize(data, batch_size=1, backend=BACKEND.TORCH)
     finally:
         for handle in hooks:
             handle.remove()
     _cast_unquantized(wrapper.model, SAVE_DTYPE)
     wrapper.save(str(tmp))
-    entries = log.get(cfg.method, []) if isinstance(log, dict) else []
+    # keyed by process: "gptq" or "weight_only_rtn"
+    entries = [e for rows in log.values() for e in rows] if isinstance(log, dict) else []
     return [e for e in entries if isinstance(e, dict)]
 
 
@@ -364,12 +426,17 @@ def _run_gptqmodel(src: Path, tmp: Path, cfg: QuantizeConfig, calib: torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
-def load_quantized(path: Path, device: str = "cpu", backend: str = "torch") -> torch.nn.Module:
+def load_quantized(path: Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                   backend: str = "torch") -> torch.nn.Module:
     """Eval-mode HF CausalLM (stock transformers class, quantized linears) from a GPTQ folder.
 
-    Loads through GPTQModel with its portable TORCH kernel (works on CPU and CUDA); the result's
-    `.config`, `.device`, `.tie_weights` and `forward(input_ids).logits` are the usual HF ones, so
-    lm-eval's HFLM can wrap it. Compute dtype is bf16 on CPU (the kernel has no fp32 path).
+    Loads through GPTQModel with its portable TORCH kernel (CPU and CUDA); the result's `.config`,
+    `.device`, `.tie_weights` and `forward(input_ids).logits` are the usual HF ones, so lm-eval's
+    HFLM can wrap it. The kernel only loads as fp16/bf16, and loading as bf16 would round the
+    fp16 scales; so it loads as fp16 (the storage dtype, exact), then on CPU (or when `dtype` is
+    given) casts scales to fp32 (the kernel dequantizes exactly and casts to the input's dtype)
+    and the unquantized rest to `dtype` (default fp32 on CPU: fp32 logits give lm-eval untied
+    log-likelihoods and a like-for-like comparison with the fp32 baseline; bf16 is faster).
     """
     set_offline_env()
     quant = json.loads((Path(path) / "config.json").read_text()).get("quantization_config", {})
@@ -379,13 +446,17 @@ def load_quantized(path: Path, device: str = "cpu", backend: str = "torch") -> t
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
     _, GPTQModel, BACKEND, _, _ = _import_gptqmodel()
     try:
-        wrapper = GPTQModel.load(str(path), backend=BACKEND(backend), device=device)
+        wrapper = GPTQModel.load(str(path), backend=BACKEND(backend), device=device,
+                                 dtype=torch.float16)
     except Exception as exc:  # noqa: BLE001 - surface any loader failure as one clear error
         raise QuantizeError(f"GPTQModel could not load {path} (backend {backend}, {device}): "
                             f"{_short(exc)}") from exc
     model = wrapper.model
-    model.eval()
-    return model
+    if dtype is None and str(device).startswith("cpu"):
+        dtype = torch.float32
+    if dtype is not None:
+        _cast_unquantized(model, dtype, scales_dtype=torch.float32)
+    return model.eval()
 
 
 def _load_with_transformers(path: Path) -> torch.nn.Module:
@@ -484,7 +555,10 @@ def _versions() -> dict[str, str]:
 
 
 def _log_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean/max GPTQ reconstruction loss and damping actually used, from GPTQModel's log."""
+    """Mean/max per-module loss and damping actually used, from GPTQModel's log.
+
+    GPTQ logs its weighted reconstruction error; RTN logs mean |w - w_q| ("rtn: 0.0016").
+    """
     def numbers(key: str) -> list[float]:
         vals = []
         for entry in entries:

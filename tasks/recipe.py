@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from tasks.common import REPO_ROOT
+from tasks.resources import Resources
 
 RECIPES_DIR = REPO_ROOT / "recipes"
 STAGE_ORDER = ("prune", "distill", "quantize")
@@ -44,22 +45,89 @@ class TextSample(Strict):
     seq_len: int = Field(256, ge=16, le=8192)
 
 
+# Unit importance: activation (Minitron), weight magnitude L1 (`magnitude`) or L2, first-order
+# Taylor |w * dL/dw| (LLM-Pruner), or random (the control that shows what a criterion is worth).
+UnitCriterion = Literal["activation", "magnitude", "magnitude_l2", "taylor", "random"]
+# Layer importance: block influence 1 - cos(in, out) (ShortGPT), perplexity rise when skipped.
+DepthCriterion = Literal["block_influence", "ppl_skip", "random"]
+
+
+def _exactly_one(ratio: Any, size: Any, size_key: str = "size") -> None:
+    if (ratio is None) == (size is None):
+        raise ValueError(f"give exactly one of ratio (fraction removed, 0..1) or {size_key}")
+
+
 class FfnTarget(Strict):
+    """FFN neurons, the same count removed in every layer (HF configs hold one size)."""
+
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of neurons removed")
     size: int | None = Field(None, ge=1, description="neurons kept per layer")
-    criterion: Literal["activation", "magnitude", "random"] = "activation"
+    criterion: UnitCriterion = "activation"
 
     @model_validator(mode="after")
     def _one_target(self) -> FfnTarget:
-        if (self.ratio is None) == (self.size is None):
-            raise ValueError("give exactly one of ratio (fraction removed, 0..1) or size")
+        _exactly_one(self.ratio, self.size)
         return self
 
 
+class HiddenTarget(FfnTarget):
+    """Hidden width (embedding channels), cut in every norm and projection at once (Minitron)."""
+
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed")
+    size: int | None = Field(None, ge=1, description="hidden size kept")
+
+
+class HeadsTarget(Strict):
+    """Attention heads, GQA-aware: whole KV groups, or query heads inside every KV group."""
+
+    mode: Literal["kv_groups", "query"] = "kv_groups"
+    ratio: float | None = Field(None, gt=0.0, lt=1.0,
+                                description="fraction of KV groups (or query heads) removed")
+    size: int | None = Field(None, ge=1, description="KV groups kept (mode kv_groups) or query "
+                                                     "heads kept per KV group (mode query)")
+    criterion: UnitCriterion = "activation"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> HeadsTarget:
+        _exactly_one(self.ratio, self.size)
+        return self
+
+
+class DepthTarget(Strict):
+    """Whole decoder layers."""
+
+    remove: int | None = Field(None, ge=1, description="layers removed")
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of layers removed")
+    criterion: DepthCriterion = "block_influence"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DepthTarget:
+        _exactly_one(self.ratio, self.remove, "remove")
+        return self
+
+
+PRUNE_AXES = ("ffn", "heads", "depth", "hidden")
+
+
 class PruneConfig(Strict):
-    ffn: FfnTarget
+    ffn: FfnTarget | None = None
+    heads: HeadsTarget | None = None
+    depth: DepthTarget | None = None
+    hidden: HiddenTarget | None = None
     round_to: int = Field(32, ge=1, le=1024, description="kept sizes are multiples of this")
     calibration: TextSample = TextSample(samples=32, seq_len=256)
+    gradient_samples: int = Field(8, ge=1, le=4096, description="calibration blocks that the "
+                                  "taylor criterion backpropagates (backward is ~3x a forward)")
+
+    @model_validator(mode="after")
+    def _some_axis(self) -> PruneConfig:
+        if all(getattr(self, axis) is None for axis in PRUNE_AXES):
+            raise ValueError(f"give at least one axis to prune: {', '.join(PRUNE_AXES)}")
+        return self
+
+    def axes(self) -> list[str]:
+        """The axes this config prunes, in the order the stage applies them."""
+        return [axis for axis in ("depth", "heads", "ffn", "hidden") if getattr(self, axis)]
 
 
 class DistillConfig(Strict):
@@ -142,6 +210,7 @@ class Recipe(Strict):
     threads: int = Field(1, ge=1, le=256)
     stages: list[Stage] = Field(min_length=1)
     evaluate: EvalConfig = EvalConfig()
+    resources: Resources = Resources()  # processes/devices; not in stage keys
 
     def stage_list(self) -> list[tuple[str, Strict]]:
         """[(kind, config)] in recipe order."""
@@ -195,6 +264,35 @@ def _check_order(recipe: Recipe, source: str) -> None:
                           f"add a prune stage before it ({PKDQ_RULE})")
 
 
+def _check_prune_fits_quantize(recipe: Recipe, source: str) -> None:
+    """Pruned widths must split into whole quantization groups (group_size divides in_features).
+
+    FFN and hidden sizes are rounded to `round_to`, so `round_to` must be a multiple of the
+    group size; head counts are checked on the real shapes by the quantize stage.
+    """
+    stages = recipe.stage_list()
+    prune = next(((i, c) for i, (k, c) in enumerate(stages) if k == "prune"), None)
+    quant = next(((i, c) for i, (k, c) in enumerate(stages) if k == "quantize"), None)
+    if prune is None or quant is None:
+        return
+    (pi, pcfg), (qi, qcfg) = prune, quant
+    if (pcfg.ffn or pcfg.hidden) and pcfg.round_to % qcfg.group_size:
+        raise RecipeError(
+            f"{source}: stages[{pi}].prune.round_to: {pcfg.round_to} is not a multiple of "
+            f"stages[{qi}].quantize.group_size {qcfg.group_size}, so pruned widths may not split "
+            f"into whole quantization groups; use round_to: {qcfg.group_size} (or a multiple)")
+
+
+def _check_batch_splits(recipe: Recipe, source: str) -> None:
+    """Each KD process takes batch_size / world rows, so the global batch must split evenly."""
+    world = recipe.resources.distill.world_size
+    for i, (kind, cfg) in enumerate(recipe.stage_list()):
+        if kind == "distill" and cfg.batch_size % world:
+            raise RecipeError(f"{source}: stages[{i}].distill.batch_size: {cfg.batch_size} does "
+                              f"not split over resources.distill's {world} processes; use a "
+                              f"multiple of {world}")
+
+
 def _format_validation(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
     where = _loc(tuple(err["loc"]))
@@ -238,6 +336,8 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         raise RecipeError(_format_validation(exc, source)) from None
     _check_order(recipe, source)
+    _check_prune_fits_quantize(recipe, source)
+    _check_batch_splits(recipe, source)
     return recipe
 
 

@@ -1,0 +1,216 @@
+"""Quantize stage on the tiny Llama: GPTQ and RTN checkpoints load, stay close, sit on the grid.
+
+Calibration is 4 blocks x 64 tokens and group size 32 so the whole file runs in about a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.common import StageContext
+from tasks.model_store import load_model, model_ref, save_model
+from tasks.quantize import (
+    QuantizeError,
+    _float_source,
+    _unpack_int32,
+    check_group_size,
+    load_quantized,
+    quantize_stage,
+    read_quantized_weights,
+)
+from tasks.recipe import QuantizeConfig, TextSample
+
+CALIB = TextSample(source="c4", samples=4, seq_len=64)
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+def _run(src, tmp_path_factory, **kwargs):
+    cfg = QuantizeConfig(group_size=32, calibration=CALIB, **kwargs)
+    out = tmp_path_factory.mktemp(f"q-{kwargs.get('method', 'gptq')}-{kwargs.get('bits', 4)}")
+    return quantize_stage(src, cfg, StageContext(out_dir=out, seed=0, threads=1)), out
+
+
+@pytest.fixture(scope="module")
+def gptq_run(tiny_llama_ref, tmp_path_factory):
+    return _run(tiny_llama_ref, tmp_path_factory, method="gptq")
+
+
+@pytest.fixture(scope="module")
+def rtn_run(tiny_llama_ref, tmp_path_factory):
+    return _run(tiny_llama_ref, tmp_path_factory, method="rtn")
+
+
+@pytest.fixture(scope="module")
+def fp_logits(tiny_llama_ref):
+    model, tokenizer = load_model(tiny_llama_ref)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return ids, model(ids).logits
+
+
+def _kl_to_fp(result, fp_logits) -> tuple[float, float]:
+    """(mean KL(fp || quantized) per token, max |logit diff|) of the folder load_model returns."""
+    ids, ref = fp_logits
+    model, _ = load_model(result.model)
+    with torch.no_grad():
+        got = model(ids).logits.float()
+    ref_lp, got_lp = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    kl = (ref_lp.exp() * (ref_lp - got_lp)).sum(-1).mean().item()
+    return kl, (got - ref).abs().max().item()
+
+
+def _codes_vs_exact(folder: Path, fp_folder: Path, bits: int) -> torch.Tensor:
+    """Stored code minus exact position w/scale + zero, for every quantized weight element."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    fp = load_file(str(fp_folder / "model.safetensors"))
+    offsets = []
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        for name in sorted(k[: -len(".qweight")] for k in f.keys() if k.endswith(".qweight")):
+            q = _unpack_int32(f.get_tensor(f"{name}.qweight"), bits, dim=0).t().float()
+            zeros = (_unpack_int32(f.get_tensor(f"{name}.qzeros"), bits, dim=1) + 1).float()
+            g_idx = f.get_tensor(f"{name}.g_idx").long()
+            scales = f.get_tensor(f"{name}.scales").float()[g_idx].t()
+            exact = fp[f"{name}.weight"].float() / scales + zeros[g_idx].t()
+            offsets.append((q - exact).flatten())
+    return torch.cat(offsets)
+
+
+@pytest.mark.parametrize("run", ["gptq_run", "rtn_run"])
+def test_checkpoint_loads_and_stays_close(run, request, fp_logits):
+    result, out = request.getfixturevalue(run)
+    assert result.model.path == (out / "model").resolve()
+    assert not any(p.name.endswith(".partial") for p in out.iterdir())
+    assert any((out / "gptqmodel-logs").iterdir()), "GPTQModel's logs belong in the stage folder"
+    qcfg = json.loads((result.model.path / "config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"]) == ("gptq", 4, 32)
+    kl, max_diff = _kl_to_fp(result, fp_logits)
+    assert kl < 0.01, f"quantized logits drifted: KL {kl}"
+    assert max_diff > 1e-4, "quantized logits identical to fp: nothing was quantized"
+
+
+def test_gptq_metrics_describe_the_run(gptq_run, tiny_llama_ref):
+    result, _ = gptq_run
+    m = result.metrics
+    assert (m["method"], m["bits"], m["group_size"], m["sym"]) == ("gptq", 4, 32, True)
+    assert m["calibration"]["tokens"] == CALIB.samples * CALIB.seq_len
+    assert m["quantized_layers"] == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert [s["name"] for s in m["skipped_layers"]] == ["lm_head"]
+    assert m["bytes_on_disk"]["output_weights"] < m["bytes_on_disk"]["input_weights"]
+    assert m["loaders_verified"]["gptqmodel"]["top1_agreement"] > 0.9
+    assert m["versions"]["gptqmodel"] == "7.6.0"
+    assert result.model.fingerprint == model_ref(result.model.path).fingerprint
+
+
+def test_rtn_metrics_need_no_calibration(rtn_run):
+    m = rtn_run[0].metrics
+    assert (m["method"], m["calibration"], m["damp_percent"]) == ("rtn", None, None)
+    assert m["quantized_layers"] == m["quantizer_log"]["modules_logged"] == 14
+
+
+def test_rtn_codes_are_the_nearest_grid_points(rtn_run, gptq_run, tiny_llama_ref):
+    """RTN: every code within half a step of w/scale + zero (slack: fp16 scale rounding at ties).
+
+    GPTQ, by contrast, moves codes to compensate errors, so some land further away.
+    """
+    rtn = _codes_vs_exact(rtn_run[0].model.path, tiny_llama_ref.path, bits=4)
+    assert rtn.abs().max().item() <= 0.5 + 1e-2
+    gptq = _codes_vs_exact(gptq_run[0].model.path, tiny_llama_ref.path, bits=4)
+    assert (gptq.abs() > 0.6).float().mean().item() > 0.01
+
+
+def test_runtime_weights_are_exactly_scale_times_code_minus_zero(rtn_run):
+    """The loaded kernel computes with exactly scale * (q - zero) as stored on disk."""
+    path = rtn_run[0].model.path
+    model = load_quantized(path)
+    stored = read_quantized_weights(path, bits=4)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            runtime = module(torch.eye(module.in_features)).t()
+        torch.testing.assert_close(runtime, stored[name], rtol=0, atol=1e-7)
+
+
+def test_bits8_gptq_is_closer_than_bits4(tiny_llama_ref, tmp_path_factory, gptq_run, fp_logits):
+    result, _ = _run(tiny_llama_ref, tmp_path_factory, method="gptq", bits=8)
+    qcfg = json.loads((result.model.path / "config.json").read_text())["quantization_config"]
+    assert qcfg["bits"] == 8
+    kl8, diff8 = _kl_to_fp(result, fp_logits)
+    kl4, _ = _kl_to_fp(gptq_run[0], fp_logits)
+    assert 0 < diff8 and kl8 < kl4
+
+
+def test_error_names_fold_layer_indices_without_dropping_any():
+    from tasks.quantize import _compact_names
+
+    names = {f"model.layers.{i}.mlp.down_proj": 96 for i in (0, 1, 2, 3, 7)}
+    names["model.layers.5.self_attn.o_proj"] = 80
+    assert _compact_names(names) == {"model.layers.[0-3,7].mlp.down_proj": 96,
+                                     "model.layers.5.self_attn.o_proj": 80}
+
+
+def _config_with_ffn(tiny_llama_ref, intermediate: int):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(tiny_llama_ref.path))
+    config.intermediate_size = intermediate
+    return config
+
+
+def test_check_group_size_names_every_offending_layer(tiny_llama_ref):
+    config = _config_with_ffn(tiny_llama_ref, 96)
+    check_group_size(config, 32)
+    with pytest.raises(ValueError) as err:
+        check_group_size(config, 64)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "model.layers.[0,1].mlp.down_proj (in_features 96)" in msg
+    assert "q_proj" not in msg
+    assert "group sizes that would work: 32" in msg
+
+
+def test_stage_refuses_bad_group_size_before_quantizing(tiny_llama_ref, tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM(_config_with_ffn(tiny_llama_ref, 96))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_ref.path))
+    src = save_model(model, tokenizer, tmp_path / "ffn96")
+    cfg = QuantizeConfig(group_size=64, calibration=CALIB)
+    with pytest.raises(ValueError, match=r"\.mlp\.down_proj \(in_features 96\)"):
+        quantize_stage(src, cfg, StageContext(out_dir=tmp_path / "out"))
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_load_quantized_refuses_a_float_folder(tiny_llama_ref):
+    with pytest.raises(QuantizeError, match="not a GPTQ checkpoint"):
+        load_quantized(tiny_llama_ref.path)
+
+
+def test_stale_gguf_marker_is_dropped_and_real_quantized_input_refused(
+    tiny_llama_ref, gptq_run, tmp_path
+):
+    """GGUF-converted folders keep `quantization_config: gguf` over dense weights."""
+    src = tmp_path / "from-gguf"
+    shutil.copytree(tiny_llama_ref.path, src)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    (src / "config.json").write_text(json.dumps(config))
+    view = _float_source(src, tmp_path / "view")
+    assert "quantization_config" not in json.loads((view / "config.json").read_text())
+    assert (view / "model.safetensors").resolve() == (src / "model.safetensors").resolve()
+    with pytest.raises(QuantizeError, match="already quantized"):
+        _float_source(gptq_run[0].model.path, tmp_path / "view2")
+
+
+def test_unpack_int32_reads_low_bits_first():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]], dtype=torch.int64)  # one word, 4-bit
+    word = sum(int(c) << (4 * i) for i, c in enumerate(codes[0]))
+    packed = torch.tensor([[word - (1 << 32) if word >= 1 << 31 else word]], dtype=torch.int32)
+    assert _unpack_int32(packed, 4, dim=1).tolist() == codes.tolist()
+    assert _unpack_int32(packed.t(), 4, dim=0).t().tolist() == codes.tolist()
