@@ -11,8 +11,11 @@ from pkdq.env import configure_environment
 
 configure_environment()
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="pkdq: prune -> distill -> quantize an LLM, with an honest per-stage report.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="pkdq: prune -> distill -> quantize an LLM, with an honest per-stage report.",
+)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -30,7 +33,9 @@ def recipes_cmd() -> None:
 
 
 @app.command("validate")
-def validate_cmd(recipe: str = typer.Argument(..., help="recipe name or path to a YAML file")) -> None:
+def validate_cmd(
+    recipe: str = typer.Argument(..., help="recipe name or path to a YAML file"),
+) -> None:
     """Check a recipe: exit 0, or one line saying what is wrong and where."""
     from tasks.recipe import RecipeError, load_recipe
 
@@ -70,7 +75,9 @@ def run_cmd(
 
 
 @app.command("report")
-def report_cmd(run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/<run-id>")) -> None:
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/<run-id>"),
+) -> None:
     """(Re)build the report of a run from its folder alone."""
     from tasks.report import write_report
 

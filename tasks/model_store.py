@@ -82,7 +82,7 @@ def converted_dir(gguf: Path) -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF into a safetensors HF folder (once; reused while the folder is complete)."""
+    """Dequantize a GGUF into a safetensors HF folder, once; reused while the folder is whole."""
     set_offline_env()
     if (out_dir / FINGERPRINT_FILE).is_file():
         return out_dir
@@ -145,7 +145,9 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def _quant_method(quant: Any) -> str | None:
-    return quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if isinstance(quant, dict):
+        return quant.get("quant_method")
+    return getattr(quant, "quant_method", None)
 
 
 def is_quantized(path: Path) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict
         "data": {"path": str(data), "fingerprint": data_fingerprint(data)},
         "versions": package_versions(),
         "stages": [s.folder for s in plan(recipe)],
-        "created": previous.get("created", datetime.now(timezone.utc).isoformat()),
+        "created": previous.get("created", datetime.now(UTC).isoformat()),
         "attempts": previous.get("attempts", 0) + 1,
         "status": "running",
     }

@@ -69,7 +69,8 @@ def _pm(value: float | None, err: float | None, pct: bool = False) -> str:
 
 
 def _stage_rows(data: dict[str, Any]) -> list[str]:
-    rows = ["| stage | params | bytes on disk | WikiText-2 ppl | ppl ratio | size ratio | wall time |",
+    rows = ["| stage | params | bytes on disk | WikiText-2 ppl | ppl ratio | size ratio "
+            "| wall time |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for entry in data["stages"]:
         ev = entry.get("eval") or {}

@@ -28,14 +28,15 @@ TRACKED_PACKAGES = ("torch", "transformers", "lm_eval", "prefect", "gptqmodel", 
 
 def stage_key(kind: str, input_fp: str, config: dict[str, Any], seed: int,
               extra: dict[str, Any] | None = None) -> str:
-    """Content key of a stage: same input model, same config, same seed, same pkdq -> same result."""
+    """Content key of a stage: same input, config, seed and pkdq version -> same result."""
     payload = json.dumps({"kind": kind, "input": input_fp, "config": config, "seed": seed,
                           "extra": extra or {}, "pkdq": __version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0], "platform": platform.platform(), "pkdq": __version__}
+    versions = {"python": sys.version.split()[0], "platform": platform.platform(),
+                "pkdq": __version__}
     for name in TRACKED_PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -26,7 +26,8 @@ def test_every_shipped_recipe_validates():
 @pytest.mark.parametrize(
     ("file", "expected"),
     [
-        ("unknown-key.yaml", "stages[0].prune.ffn.critrion: unknown key; allowed keys: ratio, size"),
+        ("unknown-key.yaml",
+         "stages[0].prune.ffn.critrion: unknown key; allowed keys: ratio, size"),
         ("bad-order.yaml", "P-KD-Q rule"),
         ("bad-ratio.yaml", "stages[0].prune.ffn.ratio: Input should be less than 1 (got 1.5)"),
     ],
