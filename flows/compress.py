@@ -25,6 +25,7 @@ from tasks.pipeline import (
     run_stage,
 )
 from tasks.recipe import load_recipe
+from tasks.resources import check_machine
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, persist_result=False)
@@ -66,6 +67,7 @@ def report_task(run_dir: str) -> str:
 def compress_flow(recipe_file: str, run_dir: str) -> str:
     """Baseline eval, then each stage and its eval in recipe order, then the report."""
     recipe = load_recipe(recipe_file)
+    check_machine(recipe.resources)  # on the machine that runs it, before any stage starts
     base = ModelRef.from_json(resolve_task(recipe.model))
     init_run(Path(run_dir), recipe, recipe_file, base)
     try:

@@ -50,20 +50,35 @@ def validate_cmd(
 @app.command("run")
 def run_cmd(
     recipe: str = typer.Argument(..., help="recipe name (see `pkdq recipes`) or YAML path"),
-    runs_dir: Path = typer.Option(Path("runs"), help="where run folders are created"),
+    runs_dir: str = typer.Option("runs", help="where run folders are created (with --pool: a "
+                                              "path every worker sees, e.g. a shared mount)"),
     run_id: str = typer.Option(None, help="run folder name (default: the recipe's name); "
                                           "running again with the same id resumes"),
+    pool: str = typer.Option(None, help="submit to this Prefect work pool instead of running "
+                                        "here (see `pkdq serve`)"),
+    api_url: str = typer.Option(None, help="with --pool: the Prefect API (default: "
+                                           "PREFECT_API_URL, else http://127.0.0.1:4200/api)"),
+    wait: bool = typer.Option(True, help="with --pool: wait until the flow run ends"),
 ) -> None:
     """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage."""
     from tasks.model_store import ModelNotFoundError
     from tasks.recipe import RecipeError, load_recipe, recipe_path
+    from tasks.resources import ResourceError, check_machine
 
     try:
         parsed = load_recipe(recipe)
         source = str(recipe_path(recipe).resolve())
     except RecipeError as exc:
         _fail(str(exc))
-    run_dir = (runs_dir / (run_id or parsed.name)).resolve()
+    if pool:
+        _run_on_pool(Path(source), f"{runs_dir.rstrip('/')}/{run_id or parsed.name}", pool,
+                     api_url, wait)
+        return
+    try:
+        check_machine(parsed.resources)  # refuse before any stage starts
+    except ResourceError as exc:
+        _fail(str(exc))
+    run_dir = (Path(runs_dir) / (run_id or parsed.name)).resolve()
     typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
     from flows.compress import compress_flow
 
@@ -72,6 +87,169 @@ def run_cmd(
     except ModelNotFoundError as exc:
         _fail(str(exc))
     typer.echo(f"pkdq: finished; report at {report}")
+
+
+def _run_on_pool(recipe_file: Path, run_dir: str, pool: str, api_url: str | None,
+                 wait: bool) -> None:
+    """Submit to a work pool; the worker's machine checks resources, not this one."""
+    import os
+
+    from flows.deploy import RunLocationError, submit
+    from flows.serve import DEFAULT_PORT
+    from flows.serve import api_url as local_api
+
+    url = api_url or os.environ.get("PREFECT_API_URL") or local_api("127.0.0.1", DEFAULT_PORT)
+    try:
+        done = submit(recipe_file, run_dir, pool, url, wait=wait, on_created=lambda s: typer.echo(
+            f"pkdq: flow run {s.flow_run_id} submitted to pool '{pool}' ({s.deployment} at "
+            f"{url}); run folder {s.run_dir}"))
+    except RunLocationError as exc:
+        _fail(str(exc))
+    if not wait:
+        return
+    if done.state != "Completed":
+        _fail(f"flow run {done.flow_run_id} ended {done.state}; see the worker's log", code=1)
+    typer.echo(f"pkdq: flow run {done.flow_run_id} Completed; report at {done.run_dir}/report.md")
+
+
+@app.command("serve")
+def serve_cmd(
+    port: int = typer.Option(4200, help="Prefect API port on 127.0.0.1"),
+    pool: str = typer.Option("pkdq", help="process work pool (created if missing)"),
+    home: Path = typer.Option(None, help="PREFECT_HOME of this server (default: "
+                                         "<cache>/prefect-serve/<port>)"),
+    ui: bool = typer.Option(False, help="serve the Prefect UI too"),
+    query_seconds: float = typer.Option(5.0, help="how often the worker polls the pool"),
+    limit: int = typer.Option(1, min=1, help="flow runs the worker runs at once"),
+) -> None:
+    """Start a local Prefect server (127.0.0.1 only) and a process worker on a work pool."""
+    from flows.serve import ServeError, serve
+
+    try:
+        svc = serve(port=port, pool=pool, home=home, ui=ui, query_seconds=query_seconds,
+                    limit=limit)
+    except ServeError as exc:
+        _fail(str(exc))
+    typer.echo(f"pkdq: prefect server pid {svc.server_pid} at {svc.api_url}")
+    typer.echo(f"pkdq: worker pid {svc.worker_pid} polling process pool '{svc.pool}'")
+    typer.echo(f"pkdq: logs in {svc.logs}")
+    typer.echo(f"submit: pkdq run RECIPE --pool {svc.pool} --api-url {svc.api_url}")
+    typer.echo(f"stop:   {svc.stop_hint()}")
+
+
+@app.command("stop")
+def stop_cmd(
+    port: int = typer.Option(4200, help="the port given to `pkdq serve`"),
+    home: Path = typer.Option(None, help="the --home given to `pkdq serve`, if any"),
+) -> None:
+    """Stop the server and worker that `pkdq serve` started (by their recorded pids)."""
+    from flows.serve import ServeError, default_home, stop
+
+    try:
+        stopped = stop(home or default_home(port))
+    except ServeError as exc:
+        _fail(str(exc))
+    typer.echo(f"pkdq: stopped {', '.join(map(str, stopped)) or 'nothing (already gone)'}")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="built-in name, HF folder, .gguf, or cached HF id"),
+    method: str = typer.Option("gptq", help="gptq, awq or rtn"),
+    bits: int = typer.Option(4, help="4 or 8"),
+    group: int = typer.Option(64, help="group size: 32, 64 or 128"),
+    desc_act: bool = typer.Option(False, help="GPTQ activation order"),
+    damp: float = typer.Option(0.01, help="GPTQ damping (fraction of the mean diagonal)"),
+    samples: int = typer.Option(16, help="calibration blocks (C4 train text)"),
+    seq_len: int = typer.Option(512, help="calibration block length"),
+    out: Path = typer.Option(None, help="output stage folder (default: runs/quantize-<...>)"),
+    threads: int = typer.Option(2, help="CPU threads"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
+    from pydantic import ValidationError
+
+    from tasks.common import StageContext, write_json_atomic
+    from tasks.model_store import ModelNotFoundError, resolve_model
+    from tasks.quantize import QuantizeError, quantize_stage
+    from tasks.recipe import QuantizeConfig
+
+    try:
+        cfg = QuantizeConfig(method=method, bits=bits, group_size=group, desc_act=desc_act,
+                             damp_percent=damp,
+                             calibration={"source": "c4", "samples": samples, "seq_len": seq_len})
+        ref = resolve_model(model)
+    except ValidationError as exc:
+        _fail(" ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    out = (out or Path("runs") / f"quantize-{Path(model).stem}-{method}-w{bits}-g{group}").resolve()
+    try:
+        result = quantize_stage(ref, cfg, StageContext(out_dir=out, seed=seed, threads=threads))
+    except (ValueError, QuantizeError) as exc:
+        _fail(str(exc))
+    write_json_atomic(out / "metrics.json", result.metrics)
+    size = result.metrics["bytes_on_disk"]
+    typer.echo(f"pkdq: {method} W{bits} g{group} -> {result.model.path} "
+               f"({size['output_weights'] / 1e6:.1f} MB weights, was "
+               f"{size['input_weights'] / 1e6:.1f} MB; {result.metrics['wall_s']:.0f}s)")
+    for warning in result.metrics["serving"]["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="built-in name, HF folder, .gguf, or cached HF id"),
+    tasks: str = typer.Option("arc_easy,piqa", help="comma-separated: arc_easy, arc_challenge, "
+                              "piqa, hellaswag, winogrande, lambada_openai, boolq"),
+    samples: int = typer.Option(100, min=0, help="docs per task (seeded); 0 = full split"),
+    out: Path = typer.Option(None, help="write the results JSON here (per-doc scores beside it "
+                                        "as <name>.samples.json); default: JSON to stdout"),
+    backend: str = typer.Option("pkdq", help="pkdq (same scores, less compute) or hf (stock)"),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+    batch_size: int = typer.Option(16, min=1),
+    wikitext_tokens: int = typer.Option(8192, min=256, help="direct token-perplexity slice"),
+    wikitext_pages: int = typer.Option(2, min=-1, help="articles for lm-eval's rolling wikitext "
+                                                       "(0 = skip, -1 = all 62)"),
+    speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill/decode speed"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    seed: int = typer.Option(1234, help="picks the doc subset (same seed = same docs)"),
+) -> None:
+    """Evaluate any model outside a recipe: benchmarks, WikiText-2, size, memory, speed."""
+    import json
+    import tempfile
+
+    from pydantic import ValidationError
+
+    from tasks.common import write_json_atomic
+    from tasks.evaluate import SAMPLES_JSON, evaluate_model
+    from tasks.model_store import ModelNotFoundError, resolve_model
+    from tasks.recipe import EvalConfig
+
+    try:
+        cfg = EvalConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                         samples=samples or None, backend=backend, dtype=dtype,
+                         batch_size=batch_size, speed={"enabled": speed},
+                         wikitext={"tokens": wikitext_tokens,
+                                   "pages": None if wikitext_pages < 0 else wikitext_pages})
+        ref = resolve_model(model)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    with tempfile.TemporaryDirectory(prefix="pkdq-eval-") as tmp:
+        metrics = evaluate_model(ref.path, cfg, Path(tmp), seed=seed, threads=threads)
+        per_doc = json.loads((Path(tmp) / SAMPLES_JSON).read_text())
+    if out is None:
+        typer.echo(json.dumps(metrics, indent=2, default=str))
+        return
+    write_json_atomic(out, metrics)
+    write_json_atomic(out.with_suffix(".samples.json"), per_doc)
+    for name, res in metrics["tasks"].items():
+        metric = res["metric"]
+        stderr = res.get(f"{metric}_stderr", 0.0)
+        typer.echo(f"{name:16s} {metric:8s} {res[metric]:.4f} ± {stderr:.4f}  (n={res['n']})")
+    typer.echo(f"written: {out}, {out.with_suffix('.samples.json')}")
 
 
 @app.command("report")
@@ -85,6 +263,31 @@ def report_cmd(
         _fail(f"{run_dir}: not a run folder (no run.json)")
     paths = write_report(run_dir)
     typer.echo(paths["markdown"].read_text())
+    typer.echo(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+@app.command("prune-scan")
+def prune_scan_cmd(
+    model: str = typer.Argument(..., help="built-in name, HF folder, .gguf, or cached HF id"),
+    out: Path = typer.Option(None, help="output folder (default runs/prune-scan/<model>)"),
+    samples: int = typer.Option(32, min=1, help="calibration blocks from <data>/train/"),
+    seq_len: int = typer.Option(256, min=16, help="tokens per calibration block"),
+    source: str = typer.Option("wikipedia", help="wikipedia, c4 or mixed"),
+    ppl_skip: bool = typer.Option(False, help="also measure perplexity when each layer is "
+                                              "skipped (one calibration pass per layer)"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+) -> None:
+    """Importance of every layer, KV group / query head, FFN neuron and hidden channel."""
+    from tasks.model_store import ModelNotFoundError
+    from tasks.prune_scan import prune_scan
+    from tasks.prune_units import UnsupportedModelError
+
+    try:
+        paths = prune_scan(model, out, samples=samples, seq_len=seq_len, source=source,
+                           ppl_skip=ppl_skip, threads=threads)
+    except (ModelNotFoundError, UnsupportedModelError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(paths["text"].read_text())
     typer.echo(f"written: {', '.join(str(p) for p in paths.values())}")
 
 

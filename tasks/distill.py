@@ -31,7 +31,10 @@ from tasks.common import (
     write_json_atomic,
 )
 from tasks.distributed import Runtime
+from tasks.kd_checkpoint import Checkpointer, ListState, PlateauMonitor, run_fingerprint
+from tasks.kd_engine import KDEngine
 from tasks.kd_losses import forward_kl, get_divergence, kd_loss, next_token_ce
+from tasks.logit_cache import LogitCache
 from tasks.model_store import is_quantized, load_model, model_ref, read_config, save_model
 from tasks.recipe import DistillConfig
 from tasks.textdata import load_train_texts, token_blocks
@@ -210,9 +213,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(student, cfg: DistillConfig, steps: int):
-    """AdamW over trainable params, with the warmup+cosine schedule as a LambdaLR."""
-    params = [p for p in student.parameters() if p.requires_grad]
+def make_optimizer(student, cfg: DistillConfig, steps: int, extra=()):
+    """AdamW over trainable params (+ `extra`, e.g. KD projections), warmup+cosine LambdaLR."""
+    params = [p for p in student.parameters() if p.requires_grad] + list(extra)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.min_lr_ratio)
@@ -220,14 +223,18 @@ def make_optimizer(student, cfg: DistillConfig, steps: int):
     return opt, sched
 
 
-def micro_step(student, teacher, ids: torch.Tensor, cfg: DistillConfig):
-    """Forward both models on one micro-batch and return the loss parts (graph on the student)."""
+def micro_step(student, teacher, ids: torch.Tensor, cfg: DistillConfig,
+               alpha: float | None = None, **params: float):
+    """Forward both models on one micro-batch and return the loss parts (graph on the student).
+
+    `alpha` (scheduled) and `params` (jsd beta, skew, taid_lambda) come from `KDEngine`.
+    """
     with compute_context(cfg.precision, ids.device.type):
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, use_cache=False).logits
         s_logits = student(input_ids=ids, use_cache=False).logits
     return kd_loss(s_logits, t_logits, ids, name=cfg.loss, temperature=cfg.temperature,
-                   alpha=cfg.alpha)
+                   alpha=cfg.alpha if alpha is None else alpha, **params)
 
 
 def train_loop(
@@ -239,28 +246,41 @@ def train_loop(
     on_eval=None,
     stage: str = "distill",
     runtime: Runtime | None = None,
+    engine: KDEngine | None = None,
+    checkpoints: Checkpointer | None = None,
 ) -> list[dict[str, float]]:
     """Run `steps` optimizer steps over `blocks` in order (wrapping if short); return the curve.
+
+    `engine` (`tasks.kd_engine`) computes each micro-batch's loss (default: the plain KD step);
+    `checkpoints` saves every `cfg.checkpoint_every` steps and resumes from a matching save.
+    A truthy return from `on_eval` stops training early (held-out plateau).
 
     `on_eval(step, tokens)` is called every `cfg.eval_every` steps (not after the last one: the
     caller measures that). Each curve row averages its micro-batches. Under torchrun each rank
     trains on its rows of every global batch and logs the loss averaged over ranks (`runtime`).
     """
     rt = runtime or Runtime()
-    opt, sched = make_optimizer(student, cfg, steps)
+    engine = engine or KDEngine(cfg, steps)
+    opt, sched = make_optimizer(student, cfg, steps, engine.parameters())
     student.train()
     progress = Progress(stage, steps)
     curve: list[dict[str, float]] = []
-    cursor, tokens, start = 0, 0, time.perf_counter()
-    for step in range(1, steps + 1):
+    cursor, tokens, start, first = 0, 0, time.perf_counter(), 1
+    resumed = checkpoints.load(student, engine, opt, sched) if checkpoints else None
+    if resumed is not None:
+        first, cursor, tokens = resumed["step"] + 1, resumed["cursor"], resumed["tokens"]
+        curve = resumed["curve"]
+    for step in range(first, steps + 1):
+        engine.set_step(step)
         parts = {"loss": 0.0, "kl": 0.0, "ce": 0.0}
         step_tokens = 0
         for micro in range(cfg.grad_accum):
-            batch = blocks[torch.arange(cursor, cursor + cfg.batch_size) % len(blocks)]
+            rows = torch.arange(cursor, cursor + cfg.batch_size) % len(blocks)
+            batch = blocks[rows]
             cursor += cfg.batch_size
             ids = rt.local_rows(batch)
             with rt.accumulating(student, sync=micro == cfg.grad_accum - 1):
-                out = micro_step(student, teacher, ids, cfg)
+                out = engine.micro_step(student, teacher, ids, rt.local_rows(rows))
                 (out.loss / cfg.grad_accum).backward()
             parts["loss"] += float(out.loss.detach()) / cfg.grad_accum
             parts["kl"] += out.kd / cfg.grad_accum
@@ -279,7 +299,11 @@ def train_loop(
         if rt.is_main:
             progress.update(step, tokens=step_tokens, force=step == steps, **parts)
         if on_eval is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < steps:
-            on_eval(step, tokens)
+            if on_eval(step, tokens):
+                break
+        if checkpoints is not None and checkpoints.due(step, steps) and rt.is_main:
+            checkpoints.save(step, {"cursor": cursor, "tokens": tokens, "curve": curve},
+                             student, engine, opt, sched)
     return curve
 
 
@@ -363,11 +387,13 @@ def load_pair(student_ref: ModelRef, teacher_ref: ModelRef | None):
     if teacher_ref is None:
         raise ValueError("distill: no teacher; the flow must pass the model before pruning "
                          "as ctx.teacher")
-    if is_quantized(student_ref.path):
-        raise ValueError("distill: the student is quantized; quantization-aware KD is not "
-                         "implemented, so run distill before quantize")
     teacher, teacher_tok = load_model(teacher_ref)
-    student, student_tok = load_model(student_ref)
+    if is_quantized(student_ref.path):  # Q before KD: quantization-aware KD on the frozen grid
+        from tasks.fake_quant import load_qat_student
+
+        student, student_tok = load_qat_student(student_ref.path)
+    else:
+        student, student_tok = load_model(student_ref)
     check_vocab(teacher, teacher_tok, student, student_tok)
     freeze(teacher)
     return student, student_tok, teacher
@@ -384,7 +410,9 @@ def distill_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
     get_divergence(cfg.loss)  # fail on an unknown loss before loading anything
-    with keep_freed_memory():
+    # Chunked loss allocates [chunk, V] temporaries that glibc already reuses from its heap;
+    # keeping every freed page would only raise the resident high-water mark.
+    with keep_freed_memory() if not cfg.loss_chunk else contextlib.nullcontext():
         return _run_stage(student, cfg, ctx, runtime or Runtime())
 
 
@@ -398,32 +426,93 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     held = heldout_blocks(tokenizer, cfg, ctx).to(rt.device)
     stage = ctx.stage_name or "distill"
     heldout: list[dict[str, float]] = []
+    cache, cache_stats = build_logit_cache(teacher, tokenizer, train, cfg, ctx, rt)
     model, teacher = rt.wrap(model, teacher)
+    engine = KDEngine.for_models(cfg, plan.steps, model, teacher, cache)
+    ckpt_dir = Path(ctx.out_dir) / "checkpoint"
+    keep_best = cfg.keep_best and cfg.eval_every > 0 and rt.world == 1
+    monitor = PlateauMonitor(cfg.early_stop_patience, cfg.early_stop_min_delta,
+                             ckpt_dir / "best.pt" if keep_best else None)
+    checkpoints = Checkpointer(
+        ckpt_dir, cfg.checkpoint_every,
+        run_fingerprint(cfg.model_dump(), student.fingerprint, ctx.teacher.fingerprint,
+                        str(ctx.seed), str(rt.world)),
+        extra={"monitor": monitor, "heldout": ListState(heldout)})
 
-    def evaluate(step: int, tokens: int) -> None:
+    def evaluate(step: int, tokens: int) -> bool:
         # Every rank scores all held-out blocks (FSDP needs all ranks in each forward anyway).
         row = heldout_metrics(rt.unwrap(model), teacher, held, cfg.batch_size)  # fp32
         heldout.append({"step": step, "train_tokens": tokens, **row})
         if rt.is_main:
             print(f"[{stage}] held-out step {step}: KL {row['kl']:.4f} ppl {row['ppl']:.2f} "
                   f"(teacher ppl {row['teacher_ppl']:.2f})", file=sys.stderr, flush=True)
+        return monitor.update(step, row["kl"], rt.unwrap(model))
 
-    evaluate(0, 0)
+    if not checkpoints.matches():  # a resumed run restores its held-out rows instead
+        evaluate(0, 0)
     train_start = time.perf_counter()
     curve = train_loop(model, teacher, train, cfg, plan.steps, on_eval=evaluate, stage=stage,
-                       runtime=rt)
+                       runtime=rt, engine=engine, checkpoints=checkpoints)
     train_s = time.perf_counter() - train_start
-    evaluate(plan.steps, plan.tokens)
+    final_step, final_tokens = curve[-1]["step"], curve[-1]["tokens"]
+    if heldout[-1]["step"] != final_step:  # an early stop has just measured it
+        evaluate(final_step, final_tokens)
+    restored = monitor.restore_best(rt.unwrap(model), final_step)
 
     out_dir = Path(ctx.out_dir)
     model = rt.export(model, lambda: load_model(student)[0])  # None on ranks other than 0
+    qat_metrics: dict[str, Any] = {}
     if rt.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         model.eval()
-        model.to(input_dtype(student.path))
-        save_model(model, tokenizer, out_dir / "model")
+        from tasks.fake_quant import finalize_qat, qat_handle
+
+        if (qat := qat_handle(model)) is not None:  # pack onto the same grid, GPTQ format
+            qat_metrics = finalize_qat(qat, out_dir / "model")[1]
+        else:
+            model.to(input_dtype(student.path))
+            save_model(model, tokenizer, out_dir / "model")
         write_json_atomic(out_dir / "loss_curve.json", {"steps": curve, "heldout": heldout})
         plot_curve(curve, heldout, out_dir / "loss_curve.png")
+        checkpoints.clear()
     rt.barrier()
     metrics = summarize(curve, heldout, plan, cfg, train_s, time.perf_counter() - wall_start)
+    metrics.update(recovery_metrics(curve, heldout, monitor, restored, checkpoints, train_s))
+    metrics.update(cache_stats)
+    metrics.update(qat_metrics)
     return StageResult(model_ref(out_dir / "model"), metrics)
+
+
+def build_logit_cache(teacher, tokenizer, blocks: torch.Tensor, cfg: DistillConfig,
+                      ctx: StageContext, rt: Runtime):
+    """The top-k teacher cache for these blocks (built once, by rank 0), or (None, {})."""
+    if not cfg.logit_cache:
+        return None, {}
+    cache = LogitCache.for_blocks(ctx.teacher.fingerprint, tokenizer, blocks, cfg.cache_topk,
+                                  cfg.temperature, cfg.precision)
+    start = time.perf_counter()
+    stats = {"built": 0, "reused": 1}
+    if rt.is_main:
+        stats = cache.build(teacher, blocks, cfg.batch_size)
+    rt.barrier()
+    return cache, {"logit_cache_reused": bool(stats["reused"]),
+                   "logit_cache_build_s": time.perf_counter() - start,
+                   "logit_cache_bytes": cache.nbytes(), "logit_cache_dir": str(cache.folder)}
+
+
+def recovery_metrics(curve, heldout, monitor: PlateauMonitor, restored: bool,
+                     checkpoints: Checkpointer, train_s: float) -> dict[str, Any]:
+    """Early stop / best-step facts; after-numbers describe the model actually saved."""
+    out: dict[str, Any] = {**monitor.summary(), "steps_run": curve[-1]["step"],
+                           "tokens_trained": curve[-1]["tokens"],
+                           "resumed_from_step": checkpoints.resumed_from}
+    if checkpoints.resumed_from is not None and train_s > 0:
+        done = next(r["tokens"] for r in curve if r["step"] == checkpoints.resumed_from)
+        out["tokens_per_s"] = (curve[-1]["tokens"] - done) / train_s
+    elif train_s > 0:
+        out["tokens_per_s"] = curve[-1]["tokens"] / train_s
+    if restored:
+        best = next(h for h in heldout if h["step"] == monitor.best_step)
+        out.update({"heldout_kl_after": best["kl"], "heldout_ppl_after": best["ppl"],
+                    "heldout_kl_last": heldout[-1]["kl"], "heldout_ppl_last": heldout[-1]["ppl"]})
+    return out

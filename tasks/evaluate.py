@@ -1,10 +1,14 @@
-"""Evaluate stage: lm-eval benchmarks on seeded doc subsets, WikiText-2 perplexity, size.
+"""Evaluate stage: lm-eval benchmarks on seeded doc subsets, WikiText-2 perplexity, size, speed.
 
 Every stage of a run is scored on the same docs (a seeded sample of doc ids per task, stored in
 the metrics and reusable through `doc_ids=`), so stage-vs-baseline differences are paired and
-their error bars shrink accordingly. Benchmarks run through lm-eval's own `simple_evaluate` and
-HFLM with the task YAMLs in `tasks/lm_eval_tasks/` (stock prompts, offline files); perplexity is
-computed directly in torch, which is much faster than lm-eval's rolling-window wikitext task.
+their error bars shrink accordingly. Benchmarks run through lm-eval's own `simple_evaluate` with
+the task YAMLs in `tasks/lm_eval_tasks/` (stock prompts, offline files) and, by default, pkdq's
+lm-eval backend (`tasks.lm_backend`: HFLM's scores for a fraction of the compute; `backend: hf`
+runs stock HFLM). WikiText-2 is scored twice: a fast direct token perplexity over a fixed slice
+(what the report compares) and lm-eval's stock rolling-window word perplexity on a few seeded
+articles (comparable with published numbers). Size, peak memory and CPU generation speed are
+measured the same way for every stage.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import data_dir, folder_bytes, set_offline_env, write_json_atomic
-from tasks.recipe import EvalConfig
+from tasks.recipe import EvalConfig, SpeedEval
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 EVAL_JSON = "eval.json"
@@ -105,6 +109,22 @@ def select_doc_ids(cfg: EvalConfig, data: Path | None, seed: int,
 
 
 # --------------------------------------------------------------------------- lm-eval
+
+WIKITEXT_TASK = "wikitext"
+
+
+def make_lm(model: Any, tokenizer: Any, backend: str, batch_size: int,
+            max_length: int | None = None) -> Any:
+    """The lm-eval model wrapping an already loaded model: pkdq's backend or stock HFLM."""
+    if backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                    max_length=max_length)
+    from tasks.lm_backend import PkdqLM
+
+    return PkdqLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  max_length=max_length)
 
 
 def task_manager(data: Path | None = None):
@@ -224,6 +244,46 @@ def wikitext_perplexity(model: Any, tokenizer: Any, path: Path, tokens: int | No
     }
 
 
+def wikitext_rolling(model: Any, tokenizer: Any, cfg: EvalConfig, data: Path, seed: int,
+                     manager: Any) -> dict[str, Any] | None:
+    """lm-eval's stock wikitext task (rolling windows of `wikitext.max_length`) on seeded pages.
+
+    Word perplexity here is the published-number kind (stock detokenizer, words of the raw page);
+    None when `wikitext.pages` is 0.
+    """
+    wt = cfg.wikitext
+    if wt.pages == 0:
+        return None
+    n_pages = task_size(WIKITEXT_TASK, data)
+    ids = sample_doc_ids(WIKITEXT_TASK, n_pages, wt.pages, seed)
+    lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size, max_length=wt.max_length)
+    t0 = time.perf_counter()
+    summary = summarise_task(WIKITEXT_TASK, run_task(lm, WIKITEXT_TASK, ids, n_pages, manager,
+                                                      seed))
+    for key in ("metric", "chance"):
+        summary.pop(key, None)
+    summary.update(max_length=wt.max_length, wall_s=time.perf_counter() - t0)
+    return summary
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def speed_section(model: Any, tokenizer: Any, cfg: SpeedEval, data: Path) -> dict[str, Any] | None:
+    """Prefill latency and decode tokens/s on a fixed WikiText prompt (None when disabled)."""
+    from tasks.gen_speed import generation_speed
+
+    if not cfg.enabled:
+        return None
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    prompt_tokens = cfg.prompt_tokens
+    if limit:
+        prompt_tokens = max(8, min(prompt_tokens, limit - cfg.new_tokens))
+    text = (data / "wikitext" / "wiki.test.raw").read_text(encoding="utf-8")
+    prompt = _prefix_ids(tokenizer, text, prompt_tokens)
+    return generation_speed(model, prompt, cfg.new_tokens, cfg.repeats)
+
+
 # --------------------------------------------------------------------------- size
 
 
@@ -260,21 +320,23 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     """
     set_offline_env()
     import torch
-    from lm_eval.models.huggingface import HFLM
 
+    from tasks.lm_backend import resolve_dtype
     from tasks.model_store import load_model
+    from tasks.peak_memory import peak_rss_bytes, reset_peak_rss
 
     start, cpu_start = time.perf_counter(), time.process_time()
+    peak_scope = "eval" if reset_peak_rss() else "process"
     torch.set_num_threads(threads)
     quiet_lm_eval()
     data = Path(data) if data else data_dir()
     out_dir = Path(out_dir)
-    model, tokenizer = load_model(Path(model_path))
+    model, tokenizer = load_model(Path(model_path), dtype=resolve_dtype(cfg.dtype))
     _log(f"loaded {model_path}", start)
 
     ids = select_doc_ids(cfg, data, seed, doc_ids)
     manager = task_manager(data)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+    lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size)
     tasks: dict[str, Any] = {}
     per_doc_all: dict[str, Any] = {}
     for task in cfg.tasks:
@@ -294,6 +356,15 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     wikitext["wall_s"] = time.perf_counter() - t0
     _log(f"wikitext: token ppl {wikitext['token_perplexity']:.3f} "
          f"({wikitext['tokens']} tokens, {wikitext['wall_s']:.1f}s)", start)
+    rolling = wikitext_rolling(model, tokenizer, cfg, data, seed, manager)
+    if rolling is not None:
+        wikitext["lm_eval"] = rolling
+        _log(f"wikitext (lm-eval rolling, {rolling['n']} pages): word ppl "
+             f"{rolling['word_perplexity']:.3f} ({rolling['wall_s']:.1f}s)", start)
+    speed = speed_section(model, tokenizer, cfg.speed, data)
+    if speed is not None:
+        _log(f"speed: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode "
+             f"{speed['decode_tokens_per_s']:.1f} tok/s", start)
 
     metrics = {
         "model_path": str(model_path),
@@ -301,6 +372,11 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
         "wikitext": wikitext,
         "params": count_params(model),
         "bytes_on_disk": folder_bytes(model_path),
+        "speed": speed,
+        "peak_rss_bytes": peak_rss_bytes(),
+        # "eval": this evaluation's own peak; "process": the whole process's (no reset possible)
+        "peak_rss_scope": peak_scope,
+        "backend": cfg.backend,
         "seed": seed,
         "threads": threads,
         "config": cfg.model_dump(),

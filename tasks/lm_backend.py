@@ -102,8 +102,8 @@ class PkdqLM(HFLM):
     def __init__(self, pretrained: Any, tokenizer: Any = None,
                  dtype: str | torch.dtype | None = None, batch_size: int | str | None = 16,
                  max_length: int | None = None, device: str | None = "cpu",
-                 min_shared: int = 4, max_row: int = 512, max_scored: int = 2048,
-                 max_tokens: int = 8192, self_check: bool = True,
+                 min_shared: int = 8, max_row: int = 512, max_scored: int = 2048,
+                 max_tokens: int = 2048, self_check: bool = True,
                  **kwargs: Any) -> None:
         if isinstance(pretrained, (str, os.PathLike)):
             pretrained, loaded_tokenizer = load_for_eval(pretrained, resolve_dtype(dtype),
@@ -143,7 +143,9 @@ class PkdqLM(HFLM):
                               override_bs: int | None = None) -> list[tuple[float, bool]]:
         """(sum log P(continuation | context), continuation is the greedy one) per request."""
         scored = [self._score_request(ctx, cont) for _, ctx, cont in requests]
-        results = self.score(scored, disable_tqdm=disable_tqdm or self.rank != 0)
+        # HFLM's rolling path sends window batches (override_bs set) with tqdm forced on
+        quiet = disable_tqdm or override_bs is not None or self.rank != 0
+        results = self.score(scored, disable_tqdm=quiet)
         for (key, _, _), answer in zip(requests, results, strict=True):
             if key is not None:  # rolling windows come with key None; HFLM caches those per doc
                 self.cache_hook.add_partial("loglikelihood", key, answer)

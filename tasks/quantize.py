@@ -1,6 +1,8 @@
-"""Quantize stage: GPTQ or round-to-nearest (RTN) weight-only quantization into one GPTQ checkpoint.
+"""Quantize stage: GPTQ, AWQ or round-to-nearest (RTN) weight-only quantization.
 
-Both methods go through GPTQModel 7.6 (AutoGPTQ is archived and fails to import with transformers
+GPTQ and RTN write one GPTQ v1 checkpoint; AWQ writes the AWQ GEMM checkpoint (quant_method awq,
+zero-point, int32 qweight packed along outputs) that vLLM's `awq`/`awq_marlin` loaders read.
+All methods go through GPTQModel 7.6 (AutoGPTQ is archived and fails to import with transformers
 5; llm-compressor pins transformers<=5.17), so GPTQ and its RTN baseline land in the same on-disk
 format (`quant_method: gptq`, v1 packing, int32 qweight/qzeros, fp16 scales, fp16 embeddings and
 norms) and load the same way. Quantization runs on CPU by default and on CUDA when present.
@@ -177,6 +179,54 @@ def check_group_size(model_path_or_config: Any, group_size: int) -> None:
                      f"layer(s): {listed}; {hint}")
 
 
+AWQ_OUT_MULTIPLE = 64  # GPTQModel's AWQ clip search walks output rows in batches of 64 (or 256)
+MARLIN_K_MULTIPLE = 128  # vLLM's Marlin kernels tile in_features by 128
+MARLIN_N_MULTIPLE = 64  # ... and out_features by 64
+
+
+def check_awq_shapes(model_path_or_config: Any) -> None:
+    """Refuse AWQ on layers whose out_features GPTQModel's AWQ cannot process (it asserts)."""
+    bad = {name: dims[1] for name, dims in quantizable_linears(model_path_or_config).items()
+           if dims[1] % AWQ_OUT_MULTIPLE}
+    if bad:
+        listed = ", ".join(f"{n} (out_features {v})" for n, v in _compact_names(bad).items())
+        raise ValueError(f"awq needs out_features divisible by {AWQ_OUT_MULTIPLE} (GPTQModel 7.6 "
+                         f"clip search); offending: {listed}; use gptq or rtn")
+
+
+def serving_notes(model_path_or_config: Any, cfg: QuantizeConfig) -> dict[str, Any]:
+    """Which vLLM loader the checkpoint targets and what would stop its fast kernel.
+
+    vLLM needs CUDA and cannot be installed on this CPU machine, so nothing here is verified
+    with vLLM; these are the documented layout constraints, checked against the real shapes.
+    Marlin (gptq_marlin / awq_marlin) wants in_features % 128 and out_features % 64; SmolLM2's
+    hidden size 576 fails the first, so vLLM would fall back to its slower non-Marlin kernel.
+    """
+    linears = quantizable_linears(model_path_or_config)
+    warnings: list[str] = []
+    bad_k = {n: d[0] for n, d in linears.items() if d[0] % MARLIN_K_MULTIPLE}
+    bad_n = {n: d[1] for n, d in linears.items() if d[1] % MARLIN_N_MULTIPLE}
+    if bad_k:
+        names = ", ".join(f"{n} ({v})" for n, v in _compact_names(bad_k).items())
+        warnings.append(f"vLLM Marlin kernels need in_features divisible by {MARLIN_K_MULTIPLE}; "
+                        f"not: {names}; vLLM would use its slower non-Marlin kernel")
+    if bad_n:
+        names = ", ".join(f"{n} ({v})" for n, v in _compact_names(bad_n).items())
+        warnings.append(f"vLLM Marlin kernels need out_features divisible by "
+                        f"{MARLIN_N_MULTIPLE}; not: {names}")
+    if cfg.method == "awq" and cfg.bits != 4:
+        warnings.append("vLLM's AWQ kernels are 4-bit only; an 8-bit AWQ checkpoint loads here "
+                        "(GPTQModel) but not in vLLM")
+    if cfg.method != "awq" and not cfg.sym:
+        warnings.append("asymmetric GPTQ: vLLM's gptq_marlin wants sym=True")
+    loader = "awq / awq_marlin" if cfg.method == "awq" else "gptq / gptq_marlin"
+    return {
+        "vllm_quantization": loader,
+        "vllm_verified": "no: vLLM needs CUDA and cannot be installed on this CPU-only machine",
+        "warnings": warnings,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # GPTQ checkpoint format helpers
 # --------------------------------------------------------------------------------------------
@@ -293,11 +343,11 @@ def _import_gptqmodel():
     try:
         import gptqmodel
         from gptqmodel import BACKEND, GPTQModel
-        from gptqmodel.quantization.config import GPTQConfig, RTNConfig
+        from gptqmodel.quantization.config import AWQConfig, GPTQConfig, RTNConfig
     except Exception as exc:  # noqa: BLE001 - any import failure means the method cannot run
         raise QuantizeError("quantization needs gptqmodel==7.6.0, which failed to import: "
                             f"{_short(exc)}") from exc
-    return gptqmodel, GPTQModel, BACKEND, GPTQConfig, RTNConfig
+    return gptqmodel, GPTQModel, BACKEND, GPTQConfig, RTNConfig, AWQConfig
 
 
 def _gptqmodel_config(cfg: QuantizeConfig):
@@ -307,10 +357,13 @@ def _gptqmodel_config(cfg: QuantizeConfig):
     With desc_act=False GPTQModel's default group-aware reordering (act_group_aware) applies;
     it changes only the processing order, the checkpoint keeps the standard g_idx layout.
     """
-    _, _, _, GPTQConfig, RTNConfig = _import_gptqmodel()
+    _, _, _, GPTQConfig, RTNConfig, AWQConfig = _import_gptqmodel()
     common = dict(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, offload_to_disk=False)
     if cfg.method == "rtn":
         return RTNConfig(desc_act=False, **common)
+    if cfg.method == "awq":
+        # AWQ checkpoints carry zero points (asymmetric) in every runtime that reads them
+        return AWQConfig(**(common | {"sym": False}), fallback=None)
     return GPTQConfig(desc_act=cfg.desc_act, damp_percent=cfg.damp_percent, fallback=None,
                       **common)
 
@@ -399,9 +452,13 @@ def _run_gptqmodel(src: Path, tmp: Path, cfg: QuantizeConfig, calib: torch.Tenso
     CPU calibration runs in fp32 (GPTQModel would pick bf16, coarsening the layer inputs the
     Hessians are built from); the unquantized rest is then stored in SAVE_DTYPE.
     """
-    _, GPTQModel, BACKEND, _, _ = _import_gptqmodel()
+    _, GPTQModel, BACKEND, *_ = _import_gptqmodel()
     qcfg = _gptqmodel_config(cfg)
     dtype = CPU_CALIBRATION_DTYPE if device == "cpu" else torch.float16
+    backend = BACKEND.TORCH
+    if cfg.method == "awq":
+        # GPTQModel's AWQ packer only builds fp16/bf16 modules, so AWQ calibrates in fp16
+        dtype, backend = torch.float16, BACKEND.AWQ_TORCH
     start = time.perf_counter()
     wrapper = GPTQModel.load(str(src), qcfg, device=device, dtype=dtype)
     hooks = _attach_layer_progress(wrapper.model, start) if calib is not None else []
@@ -410,7 +467,7 @@ def _run_gptqmodel(src: Path, tmp: Path, cfg: QuantizeConfig, calib: torch.Tenso
     ]
     try:
         with _gptqmodel_log_dir(tmp.parent / "gptqmodel-logs"):
-            log = wrapper.quantize(data, batch_size=1, backend=BACKEND.TORCH)
+            log = wrapper.quantize(data, batch_size=1, backend=backend)
     finally:
         for handle in hooks:
             handle.remove()
@@ -440,11 +497,14 @@ def load_quantized(path: Path, device: str = "cpu", dtype: torch.dtype | None = 
     """
     set_offline_env()
     quant = json.loads((Path(path) / "config.json").read_text()).get("quantization_config", {})
-    if quant.get("quant_method") != "gptq":
-        raise QuantizeError(f"{path} is not a GPTQ checkpoint (quantization_config.quant_method "
-                            f"{quant.get('quant_method')!r}); load_quantized reads GPTQ only")
+    method = quant.get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise QuantizeError(f"{path} is not a GPTQ or AWQ checkpoint (quantization_config."
+                            f"quant_method {method!r}); load_quantized reads those only")
+    if method == "awq" and backend == "torch":
+        backend = "awq_torch"
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
-    _, GPTQModel, BACKEND, _, _ = _import_gptqmodel()
+    _, GPTQModel, BACKEND, *_ = _import_gptqmodel()
     try:
         wrapper = GPTQModel.load(str(path), backend=BACKEND(backend), device=device,
                                  dtype=torch.float16)
@@ -505,11 +565,13 @@ def _verify_loaders(path: Path, ids: torch.Tensor, ref: torch.Tensor,
     results["gptqmodel"] = {"dtype": str(model.dtype).replace("torch.", ""),
                             **_agreement(ref, _logits(model, ids))}
     del model
-    try:
-        import optimum  # noqa: F401 - transformers' GPTQ integration imports it
-    except ImportError:
-        results["transformers"] = "not verified: transformers' GPTQ loader needs optimum"
-        return results
+    method = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    if method.get("quant_method") == "gptq":
+        try:
+            import optimum  # noqa: F401 - transformers' GPTQ integration imports it
+        except ImportError:
+            results["transformers"] = "not verified: transformers' GPTQ loader needs optimum"
+            return results
     try:
         model = _load_with_transformers(path)
         results["transformers"] = {"dtype": str(model.dtype).replace("torch.", ""),
@@ -622,7 +684,7 @@ def _stage_metrics(src: Path, final: Path, cfg: QuantizeConfig, ctx: StageContex
         "group_size": cfg.group_size,
         "desc_act": cfg.desc_act if gptq else False,
         "act_group_aware": gptq and not cfg.desc_act,
-        "sym": cfg.sym,
+        "sym": cfg.sym if cfg.method != "awq" else False,
         "damp_percent": cfg.damp_percent if gptq else None,
         "calibration": None if calib is None else {
             "source": cfg.calibration.source, "samples": cfg.calibration.samples,
@@ -639,8 +701,10 @@ def _stage_metrics(src: Path, final: Path, cfg: QuantizeConfig, ctx: StageContex
         "skipped_layers": _skipped_layers(src, run["quantized"], tied),
         "quantizer_log": _log_summary(run["entries"]),
         "storage_dtype": str(SAVE_DTYPE).replace("torch.", "") + " (unquantized tensors)",
-        "checkpoint_format": "gptq v1 (int32 packing, fp16 scales)",
+        "checkpoint_format": ("awq gemm (int32 packing along outputs, fp16 scales, zero points)"
+                              if cfg.method == "awq" else "gptq v1 (int32 packing, fp16 scales)"),
         "loaders_verified": run["verified"],
+        "serving": serving_notes(src, cfg),
         "verify_block": {"source": cfg.calibration.source, "tokens": VERIFY_TOKENS,
                          "seed": ctx.seed + 1, "note": "training text, not evaluation data"},
         "versions": _versions(),
@@ -648,7 +712,7 @@ def _stage_metrics(src: Path, final: Path, cfg: QuantizeConfig, ctx: StageContex
 
 
 def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
-    """Quantize `model` with GPTQ or RTN into `ctx.out_dir/model` (GPTQ format) plus metrics."""
+    """Quantize `model` with GPTQ, AWQ or RTN into `ctx.out_dir/model` plus metrics."""
     set_offline_env()
     _configure_threads(ctx.threads)
     _import_gptqmodel()
@@ -656,9 +720,11 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
 
     src = Path(model.path)
     check_group_size(src, cfg.group_size)
+    if cfg.method == "awq":
+        check_awq_shapes(src)
     device = _device()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    calib = _calibration_blocks(tokenizer, cfg, ctx) if cfg.method == "gptq" else None
+    calib = _calibration_blocks(tokenizer, cfg, ctx) if cfg.method != "rtn" else None
     verify_ids = _verify_block(tokenizer, cfg, ctx)
     ref_logits = _reference_logits(src, verify_ids)
 

@@ -140,7 +140,34 @@ class DistillConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1-alpha for CE")
-    loss: Literal["forward_kl"] = "forward_kl"
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"] = Field(
+        "forward_kl", description="divergence: forward KL (Hinton), reverse KL (MiniLLM), "
+        "generalised JSD (GKD, jsd_beta), skew KL / skew reverse KL (DistiLLM, skew_alpha)")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="GKD JSD mixture weight of the teacher")
+    skew_alpha: float = Field(0.1, ge=0, lt=1, description="DistiLLM skew: weight of the "
+                              "target distribution inside the mixture")
+    alpha_schedule: Literal["constant", "linear", "taid"] = Field(
+        "constant", description="constant alpha; linear alpha -> alpha_end; taid: target "
+        "interpolates student -> teacher as lambda goes taid_start -> 1")
+    alpha_end: float | None = Field(None, ge=0, le=1, description="final alpha (linear)")
+    taid_start: float = Field(0.2, ge=0, le=1, description="TAID's lambda at step 1")
+    hidden_loss: Literal["none", "mse", "cosine"] = Field(
+        "none", description="match hidden states via learned projections (mse is relative)")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the state-matching term")
+    hidden_layers: Literal["uniform", "last"] = "uniform"
+    hidden_num_layers: int = Field(4, ge=1, le=256, description="pairs matched (uniform map)")
+    attention_match: bool = Field(False, description="also match attention outputs (same map)")
+    logit_cache: bool = Field(False, description="precompute the teacher's top-k logits once "
+                              "into the pkdq cache and train from them (no teacher forward)")
+    cache_topk: int = Field(64, ge=1, le=65536, description="logits kept per position")
+    loss_chunk: int = Field(0, ge=0, description="positions per LM-head+loss chunk (checkpointed"
+                            "); 0 = full logits at once")
+    checkpoint_every: int = Field(0, ge=0, description="save resumable state every N steps")
+    early_stop_patience: int = Field(0, ge=0, description="held-out evals without improvement "
+                                     "before stopping; 0 = never (needs eval_every)")
+    early_stop_min_delta: float = Field(0.0, ge=0, description="held-out KL drop that counts")
+    keep_best: bool = Field(True, description="with eval_every: save the best held-out weights, "
+                            "not the last")
     source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
     max_grad_norm: float = Field(1.0, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
@@ -150,9 +177,17 @@ class DistillConfig(Strict):
         "fp32", description="compute precision; weights and the saved model stay fp32"
     )
 
+    @model_validator(mode="after")
+    def _early_stop_needs_evals(self) -> DistillConfig:
+        if self.early_stop_patience and not self.eval_every:
+            raise ValueError("early_stop_patience needs eval_every > 0 (held-out KL is what "
+                             "plateaus)")
+        return self
+
 
 class QuantizeConfig(Strict):
-    method: Literal["gptq", "rtn"] = "gptq"
+    # awq: activation-aware scales through GPTQModel's AWQ (GEMM layout, always zero-point)
+    method: Literal["gptq", "awq", "rtn"] = "gptq"
     bits: Literal[4, 8] = 4
     group_size: Literal[32, 64, 128] = 64
     desc_act: bool = False
@@ -164,6 +199,17 @@ class QuantizeConfig(Strict):
 class WikitextEval(Strict):
     tokens: int | None = Field(8192, ge=256, description="slice of WikiText-2 test; null = all")
     max_length: int = Field(512, ge=64, le=8192, description="window length")
+    pages: int | None = Field(2, ge=0, le=62, description="articles scored by lm-eval's "
+                              "rolling wikitext task (seeded); 0 = skip, null = all 62")
+
+
+class SpeedEval(Strict):
+    """CPU generation speed, measured the same way for every stage's model."""
+
+    enabled: bool = True
+    prompt_tokens: int = Field(512, ge=8, le=8192, description="prefill length (WikiText text)")
+    new_tokens: int = Field(64, ge=1, le=4096, description="greedy tokens decoded with KV cache")
+    repeats: int = Field(3, ge=1, le=50, description="timed repeats; the median is reported")
 
 
 class EvalConfig(Strict):
@@ -172,6 +218,11 @@ class EvalConfig(Strict):
     samples: int | None = Field(100, ge=1, description="docs per task (seeded); null = full split")
     wikitext: WikitextEval = WikitextEval()
     batch_size: int = Field(16, ge=1)
+    backend: Literal["pkdq", "hf"] = Field(
+        "pkdq", description="lm-eval model: pkdq (shared-prefix packing, same scores) or stock hf")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the evaluated model (quantized ones keep theirs)")
+    speed: SpeedEval = SpeedEval()
 
 
 class PruneStage(Strict):

@@ -63,33 +63,35 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def group_requests(requests: Sequence[ScoreRequest], min_shared: int = 4,
+def group_requests(requests: Sequence[ScoreRequest], min_shared: int = 8,
                    max_row: int = 512) -> list[list[int]]:
     """Indices of requests that go into one row, so that shared prefixes are computed once.
 
-    Requests are sorted by their input tokens, which puts requests with long shared prefixes next
-    to each other (the choices of one question, two windows never). A request joins the current
-    row when it shares at least `min_shared` tokens with the previous one and the row stays
-    within `max_row` nodes: longer rows cost attention over mostly masked pairs and mask memory.
-    In sorted order the nodes a request adds to the tree are its tokens beyond the common prefix
-    with its predecessor, so row sizes are known without building the tree.
+    Requests are sorted by their input tokens, which puts requests with shared prefixes next to
+    each other (the choices of one question). A request joins the current row when the row's
+    first request and it share at least `min_shared` tokens, so rows are one question each (two
+    questions that merely start alike, "Question: Which of the", stay apart: joining them saves a
+    few tokens but makes rows long, and attention cost grows with the square of a row's length),
+    and while the row stays within `max_row` nodes. In sorted order the nodes a request adds to
+    the tree are its tokens beyond the common prefix with its predecessor, so row sizes are
+    known without building the tree.
     """
     order = sorted(range(len(requests)), key=lambda i: requests[i].inputs)
     groups: list[list[int]] = []
     current: list[int] = []
     size = 0
+    head: tuple[int, ...] = ()
     prev: tuple[int, ...] = ()
     for i in order:
         seq = requests[i].inputs
-        shared = common_prefix(prev, seq)
-        added = len(seq) - shared
-        if current and shared >= min_shared and size + added <= max_row:
+        added = len(seq) - common_prefix(prev, seq)
+        if current and common_prefix(head, seq) >= min_shared and size + added <= max_row:
             current.append(i)
             size += added
         else:
             if current:
                 groups.append(current)
-            current, size = [i], len(seq)
+            current, size, head = [i], len(seq), seq
         prev = seq
     if current:
         groups.append(current)
@@ -116,30 +118,35 @@ def build_row(requests: Sequence[ScoreRequest], group: Sequence[int]) -> Row:
     return row
 
 
-def pack(requests: Sequence[ScoreRequest], min_shared: int = 4, max_row: int = 512) -> list[Row]:
+def pack(requests: Sequence[ScoreRequest], min_shared: int = 8, max_row: int = 512) -> list[Row]:
     """All requests as prefix-tree rows."""
     return [build_row(requests, g) for g in group_requests(requests, min_shared, max_row)]
 
 
-def batch_rows(rows: Sequence[Row], max_rows: int, max_scored: int,
-               max_tokens: int | None = None) -> list[list[int]]:
-    """Row indices per forward: longest first (little padding), bounded in rows, scored positions
-    (the logits tensor is scored x vocab) and padded tokens."""
+def batch_rows(rows: Sequence[Row], max_rows: int, max_scored: int, max_tokens: int,
+               min_fill: float = 0.85) -> list[list[int]]:
+    """Row indices per forward, longest rows first.
+
+    Rows in one forward are padded to the longest, so a batch closes when the next row would
+    fill less than `min_fill` of the width (padding is wasted compute), or when the batch would
+    pass `max_rows` rows, `max_tokens` padded tokens or `max_scored` scored positions (the logits
+    tensor is scored x vocab floats). A row larger than the bounds goes alone.
+    """
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     batches: list[list[int]] = []
     current: list[int] = []
     scored = width = 0
     for i in order:
         n_scored = len(rows[i].scored_nodes())
-        new_width = max(width, len(rows[i]))
-        too_big = (len(current) >= max_rows or scored + n_scored > max_scored
-                   or (max_tokens is not None and new_width * (len(current) + 1) > max_tokens))
-        if current and too_big:
+        full = (len(current) >= max_rows or scored + n_scored > max_scored
+                or width * (len(current) + 1) > max_tokens or len(rows[i]) < min_fill * width)
+        if current and full:
             batches.append(current)
-            current, scored, new_width = [], 0, len(rows[i])
+            current, scored = [], 0
+        if not current:
+            width = len(rows[i])
         current.append(i)
         scored += n_scored
-        width = new_width
     if current:
         batches.append(current)
     return batches

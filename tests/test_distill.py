@@ -14,7 +14,6 @@ from tasks.distill import (
     VocabMismatchError,
     check_vocab,
     distill_stage,
-    drop_stale_gguf_config,
     freeze,
     keep_freed_memory,
     lr_factor,
@@ -136,16 +135,6 @@ def test_tokenizer_mismatch_raises(tiny_llama_ref):
 def test_missing_teacher_raises(noised_ref, tmp_path):
     with pytest.raises(ValueError, match="no teacher"):
         distill_stage(noised_ref, tiny_cfg(), StageContext(out_dir=tmp_path))
-
-
-def test_stale_gguf_quantization_config_is_dropped_but_real_ones_kept(tiny_llama_ref):
-    model, _ = load_model(tiny_llama_ref)
-    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
-    drop_stale_gguf_config(model)
-    assert "quantization_config" not in model.config.to_dict()
-    model.config.quantization_config = {"quant_method": "gptq", "bits": 4}
-    drop_stale_gguf_config(model)
-    assert model.config.quantization_config["quant_method"] == "gptq"
 
 
 def test_keep_freed_memory_nests_and_restores():

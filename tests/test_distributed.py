@@ -1,8 +1,8 @@
 """Distributed KD on one machine: 2 CPU processes (gloo) under torchrun vs one process.
 
 Same recipe, same global batch (4 rows: one process takes 4, two take 2 each), same seed: the
-loss curves must agree up to floating-point noise. The tolerance is absolute on per-step losses
-of order 1-10 nats and covers summation-order differences that AdamW carries over a few steps.
+loss curves must agree up to floating-point noise: LOSS_TOL, absolute, on per-step losses of about
+5 nats (fp32 summation order differs between a batch of 4 and two of 2; AdamW carries it on).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tasks.resources import StageResources
 
 SEQ = 32
 STEPS = 6
-LOSS_TOL = 1e-4  # max |loss_2proc - loss_1proc| over steps (loss, kl, ce); measured ~1e-6
+LOSS_TOL = 1e-5  # max |loss_2proc - loss_1proc| over steps (loss, kl, ce); measured 9.5e-7
 
 
 def kd_cfg() -> DistillConfig:
@@ -75,7 +75,6 @@ def test_two_processes_match_one(strategy, single_run, student_ref, tiny_llama_r
                     for x, y in zip(curve1["steps"], curve2["steps"], strict=True))
     print(f"\n[{strategy}] 2 procs in {elapsed:.1f}s: max |loss diff| {loss_diff:.2e}, "
           f"held-out KL diff {held_diff:.2e}, grad-norm rel diff {grad_diff:.2e}")
-    import shutil; shutil.copy(ctx.out_dir / "loss_curve.json", f"/tmp/pkdq8/c2-{strategy}.json"); shutil.copy(one.model.path.parent / "loss_curve.json", "/tmp/pkdq8/c1.json")
     assert loss_diff < LOSS_TOL, (loss_diff, curve1["steps"], curve2["steps"])
     assert held_diff < LOSS_TOL
     assert grad_diff < 1e-3
@@ -90,3 +89,96 @@ def test_two_processes_match_one(strategy, single_run, student_ref, tiny_llama_r
     assert (ctx.out_dir / "loss_curve.png").is_file()
     assert (ctx.out_dir / "launch" / "command.txt").read_text().startswith("torchrun ")
     assert math.isfinite(two.metrics["heldout_kl_after"])
+
+
+# --------------------------------------------------------------------------- resources, commands
+
+
+def test_machine_check_names_what_is_missing(monkeypatch):
+    import tasks.resources as resources
+
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(resources, "cuda_devices", lambda: (0, "this torch build has no CUDA"))
+    assert resources.missing("distill", StageResources(nproc_per_node=2)) is None
+    cpu = resources.missing("distill", StageResources(nproc_per_node=8))
+    assert cpu == ("resources.distill: 8 CPU processes need 8 CPU cores; this machine has 2")
+    gpu = resources.missing("distill", StageResources(nproc_per_node=2, device="cuda"))
+    assert "need 2 CUDA device(s); this machine has 0" in gpu and "\n" not in gpu
+    with pytest.raises(resources.ResourceError, match="CUDA"):
+        resources.check_machine(resources.Resources(distill=StageResources(device="cuda")))
+
+
+def test_refused_before_launch(monkeypatch, tmp_path, tiny_llama_ref):
+    import tasks.resources as resources
+
+    monkeypatch.setattr(resources, "usable_cpus", lambda: 2)
+    ctx = StageContext(out_dir=tmp_path / "kd", teacher=tiny_llama_ref)
+    with pytest.raises(resources.ResourceError, match="need 64 CPU cores"):
+        launch_distill(tiny_llama_ref, kd_cfg(), ctx, StageResources(nproc_per_node=64))
+    assert not (tmp_path / "kd").exists()
+
+
+def test_torchrun_command_single_and_multi_node(tmp_path):
+    from tasks.launch import torchrun_command
+
+    one = torchrun_command(StageResources(nproc_per_node=4, device="cuda", strategy="fsdp"),
+                           ["--x"], tmp_path, "run-1")
+    assert one[1:3] == ["-m", "torch.distributed.run"]
+    assert one[one.index("--nproc-per-node") + 1] == "4"
+    assert one[one.index("--rdzv-conf") + 1] == "store_type=file"  # no TCP rendezvous server
+    assert one[one.index("--local-addr") + 1] == "127.0.0.1"
+    assert one[-3:] == ["-m", "tasks.distill_worker", "--x"]
+    many = torchrun_command(StageResources(nproc_per_node=8, nnodes=2, device="cuda",
+                                           rdzv_endpoint="10.0.0.1:29400"), [], tmp_path, "r")
+    assert many[many.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
+    assert "--local-addr" not in many and "--rdzv-conf" not in many
+
+
+def test_recipe_resources_validated(tmp_path):
+    from tasks.launch import distill_runner
+    from tasks.pipeline import stage_runner
+    from tasks.recipe import RecipeError, parse_recipe
+
+    base = {"name": "r", "model": "m", "stages": [
+        {"prune": {"ffn": {"ratio": 0.5}}}, {"distill": {"batch_size": 4}}]}
+    default = parse_recipe(base)
+    assert not default.resources.distill.launched
+    assert stage_runner("distill", default.resources) is distill_stage
+
+    two = parse_recipe({**base, "resources": {"distill": {"nproc_per_node": 2}}})
+    assert two.resources.distill.world_size == 2
+    assert stage_runner("distill", two.resources) is not distill_stage
+    assert distill_runner(two.resources.distill).__name__ == "run"
+
+    with pytest.raises(RecipeError, match=r"batch_size: 4 does not split over .* 3 processes"):
+        parse_recipe({**base, "resources": {"distill": {"nproc_per_node": 3}}})
+    with pytest.raises(RecipeError, match="resources.distill.gpus: unknown key; allowed keys: "
+                                          "nproc_per_node"):
+        parse_recipe({**base, "resources": {"distill": {"gpus": 2}}})
+    with pytest.raises(RecipeError, match="resources.prune: unknown key; allowed keys: distill"):
+        parse_recipe({**base, "resources": {"prune": {}}})
+    with pytest.raises(RecipeError, match="rdzv_endpoint"):
+        parse_recipe({**base, "resources": {"distill": {"nnodes": 2}}})
+
+
+def test_cli_refuses_run_the_machine_cannot_host(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tasks.common import REPO_ROOT
+
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "big", "model": "smollm2-135m",
+        "stages": [{"prune": {"ffn": {"ratio": 0.5}}}, {"distill": {"batch_size": 512}}],
+        "resources": {"distill": {"nproc_per_node": 512}}}))
+    done = subprocess.run([sys.executable, "-m", "pkdq", "run", str(recipe), "--runs-dir",
+                           str(tmp_path / "runs")], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: resources.distill: 512 CPU processes need 512 CPU cores; this machine has "
+        f"{len(__import__('os').sched_getaffinity(0))}"]
+    assert not (tmp_path / "runs").exists()

@@ -181,3 +181,109 @@ def test_registered_divergence_is_used_by_kd_loss():
         torch.testing.assert_close(out.loss, textbook_kl(t, s, 1.0).mean())
     finally:
         DIVERGENCES.pop(name)
+
+
+# --------------------------------------------------------------------------- issue #5 divergences
+
+
+def _p(x: torch.Tensor, temp: float) -> torch.Tensor:
+    return torch.exp(x / temp) / torch.exp(x / temp).sum(-1, keepdim=True)
+
+
+def textbook(name: str, s: torch.Tensor, t: torch.Tensor, temp: float, beta: float = 0.5,
+             skew: float = 0.1) -> torch.Tensor:
+    """The papers' formulas with explicit probabilities, per position."""
+    p_s, p_t = _p(s, temp), _p(t, temp)
+
+    def kl(p, q):
+        return (p * torch.log(p / q)).sum(-1)
+
+    if name == "forward_kl":
+        return kl(p_t, p_s)
+    if name == "reverse_kl":
+        return kl(p_s, p_t)
+    if name == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    if name == "skew_kl":
+        return kl(p_t, skew * p_t + (1 - skew) * p_s)
+    if name == "skew_rkl":
+        return kl(p_s, skew * p_s + (1 - skew) * p_t)
+    raise AssertionError(name)
+
+
+NEW = [("reverse_kl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.9}),
+       ("skew_kl", {"skew": 0.1}), ("skew_kl", {"skew": 0.4}), ("skew_rkl", {"skew": 0.1})]
+
+
+@pytest.mark.parametrize(("name", "params"), NEW)
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_new_divergences_match_textbook_value_and_gradient(name, params, temp):
+    s, t = _logits(0), _logits(1)
+    x = s.clone().requires_grad_(True)
+    y = s.clone().requires_grad_(True)
+    ours = get_divergence(name)(x, t, temp, **params)
+    ref = textbook(name, y, t, temp, **params)
+    torch.testing.assert_close(ours, ref)
+    weights = torch.rand(B, L, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+@pytest.mark.parametrize(("name", "params"), NEW)
+def test_new_divergences_gradcheck_and_zero_at_match(name, params):
+    s, t, ids = _logits(0), _logits(1), _ids()
+    x = s.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda z: kd_loss(z, t, ids, name=name, temperature=1.5, alpha=0.6, **params).loss, (x,))
+    assert get_divergence(name)(s, s.clone(), 2.0, **params).abs().max() < 1e-12
+
+
+def test_reverse_kl_gradient_matches_closed_form():
+    """d KL(p_s||p_t)/dz_s = p_s * (log p_s - log p_t - KL) at T = 1 (per position)."""
+    s, t = _logits(0), _logits(1)
+    x = s.clone().requires_grad_(True)
+    get_divergence("reverse_kl")(x, t, 1.0).sum().backward()
+    p_s, p_t = _p(s, 1.0), _p(t, 1.0)
+    rkl = (p_s * (p_s.log() - p_t.log())).sum(-1, keepdim=True)
+    torch.testing.assert_close(x.grad, p_s * (p_s.log() - p_t.log() - rkl))
+
+
+def test_jsd_is_bounded_and_skew_zero_is_plain_kl():
+    s, t = _logits(0) * 20, _logits(1) * 20  # nearly one-hot, disjoint modes
+    assert (get_divergence("jsd")(s, t, 1.0, beta=0.5) <= math.log(2) + 1e-9).all()
+    torch.testing.assert_close(get_divergence("skew_kl")(s, t, 1.0, skew=0.0), forward_kl(s, t))
+    torch.testing.assert_close(get_divergence("skew_rkl")(s, t, 1.0, skew=0.0),
+                               forward_kl(t, s))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+def test_taid_target_interpolates_and_stops_gradient(lam):
+    """TAID: target q = softmax((1-lam) sg(log p_s) + lam log p_t); KL(q || p_s)."""
+    s, t = _logits(0), _logits(1)
+    x = s.clone().requires_grad_(True)
+    ours = get_divergence("forward_kl")(x, t, 1.0, taid_lambda=lam)
+    log_ps, log_pt = torch.log(_p(s, 1.0)), torch.log(_p(t, 1.0))
+    q = _p((1 - lam) * log_ps + lam * log_pt, 1.0)
+    y = s.clone().requires_grad_(True)
+    ref = (q * (q.log() - torch.log(_p(y, 1.0)))).sum(-1)
+    torch.testing.assert_close(ours, ref)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    if lam == 0.0:
+        assert ours.abs().max() < 1e-12  # target = the student itself
+
+
+def test_hidden_state_losses_match_formulas():
+    from tasks.kd_losses import hidden_cosine, hidden_mse
+
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64)
+    mse = ((s - t) ** 2).sum(-1).mean() / (t**2).sum(-1).mean()
+    torch.testing.assert_close(hidden_mse(s, t), mse)
+    cos = (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))
+    torch.testing.assert_close(hidden_cosine(s, t), (1 - cos).mean())
+    assert torch.autograd.gradcheck(lambda z: hidden_mse(z, t) + hidden_cosine(z, t), (s,))

@@ -51,3 +51,13 @@ def test_hf_id_found_in_local_cache_only(tiny_llama_ref, tmp_path, monkeypatch):
     assert ref.path == snapshot.resolve()
     with pytest.raises(ModelNotFoundError, match="acme/other.*never downloads"):
         resolve_model("acme/other")
+
+
+def test_save_drops_stale_gguf_tag_but_keeps_nothing_else(tiny_llama_ref, tmp_path):
+    from tasks.model_store import load_model, read_config, save_model
+
+    model, tok = load_model(tiny_llama_ref)
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    saved = save_model(model, tok, tmp_path / "m")
+    assert "quantization_config" not in read_config(saved.path)
+    assert not is_quantized(saved.path)

@@ -25,7 +25,9 @@ from tasks.recipe import (
     HeadsTarget,
     HiddenTarget,
     PruneConfig,
+    RecipeError,
     TextSample,
+    parse_recipe,
 )
 from tasks.slicing import (
     remove_layers,
@@ -152,6 +154,37 @@ def test_depth_plan_and_refusal():
 def test_prune_config_needs_an_axis():
     with pytest.raises(ValueError, match="at least one axis"):
         PruneConfig()
+
+
+@pytest.mark.parametrize(
+    ("stages", "fragment"),
+    [
+        ([{"prune": {"ffn": {"ratio": 0.25}}}, {"quantize": {"group_size": 64}}],
+         "stages[0].prune.round_to: 32 is not a multiple of stages[1].quantize.group_size 64"),
+        ([{"prune": {}}], "stages[0].prune: Value error, give at least one axis to prune: ffn, "
+                          "heads, depth, hidden"),
+        ([{"prune": {"heads": {"mode": "bogus", "size": 1}}}],
+         "stages[0].prune.heads.mode: Input should be 'kv_groups' or 'query'"),
+        ([{"prune": {"depth": {"remove": 2, "criterion": "activation"}}}],
+         "stages[0].prune.depth.criterion: Input should be 'block_influence', 'ppl_skip' or "
+         "'random'"),
+        ([{"prune": {"depth": {"remove": 2, "critrion": "x"}}}],
+         "stages[0].prune.depth.critrion: unknown key; allowed keys: remove, ratio, criterion"),
+        ([{"prune": {"hidden": {"ratio": 0.5, "size": 64}}}], "give exactly one of ratio"),
+    ],
+)
+def test_prune_recipe_errors_are_one_line_with_key_path(stages, fragment):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"name": "t", "stages": stages}, "my.yaml")
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_prune_only_recipes_and_matching_round_to_validate():
+    parse_recipe({"name": "t", "stages": [{"prune": {"depth": {"remove": 6}}},
+                                          {"quantize": {"group_size": 128}}]})
+    parse_recipe({"name": "t", "stages": [{"prune": {"ffn": {"ratio": 0.5}, "round_to": 128}},
+                                          {"quantize": {"group_size": 64}}]})
 
 
 # ------------------------------------------------------------------------------ exact slicing
@@ -413,13 +446,16 @@ def test_real_gemma3_270m_prunes_ffn_depth_and_query_heads(tmp_path):
     model, tokenizer = load_model(resolve_model("gemma3-270m"))
     ids = tokenizer("The capital of France is Paris. The capital of Italy is",
                     return_tensors="pt").input_ids
-    cfg = PruneConfig(depth=DepthTarget(remove=2, criterion="random"),
+    # Gemma is fragile to uninformed cuts (random layers 2-3 or FFN by magnitude blow WikiText
+    # perplexity up past 1e5), so this uses the calibrated criteria.
+    cfg = PruneConfig(depth=DepthTarget(remove=2, criterion="block_influence"),
                       heads=HeadsTarget(mode="query", size=3, criterion="magnitude"),
-                      ffn=FfnTarget(ratio=0.25, criterion="magnitude"), round_to=64)
+                      ffn=FfnTarget(ratio=0.25, criterion="activation"), round_to=64,
+                      calibration=TextSample(samples=4, seq_len=64))
     metrics = prune_model(model, tokenizer, cfg, StageContext(out_dir=tmp_path, seed=0))
     assert metrics["plan"]["after"] == {"layers": 16, "hidden": 640, "ffn": 1536, "heads": 3,
                                         "kv_heads": 1, "head_dim": 256}
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
-    assert loss < 10  # far from uniform over 262k tokens (12.5): still a language model
+    assert loss < 8  # uniform over 262k tokens would be 12.5: still a language model
     assert model.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2

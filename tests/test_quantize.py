@@ -188,7 +188,7 @@ def test_stage_refuses_bad_group_size_before_quantizing(tiny_llama_ref, tmp_path
 
 
 def test_load_quantized_refuses_a_float_folder(tiny_llama_ref):
-    with pytest.raises(QuantizeError, match="not a GPTQ checkpoint"):
+    with pytest.raises(QuantizeError, match="not a GPTQ or AWQ checkpoint"):
         load_quantized(tiny_llama_ref.path)
 
 
@@ -214,3 +214,130 @@ def test_unpack_int32_reads_low_bits_first():
     packed = torch.tensor([[word - (1 << 32) if word >= 1 << 31 else word]], dtype=torch.int32)
     assert _unpack_int32(packed, 4, dim=1).tolist() == codes.tolist()
     assert _unpack_int32(packed.t(), 4, dim=0).t().tolist() == codes.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# AWQ, quantization-aware KD, speed, CLI (issue #9)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def awq_tiny_ref(tiny_llama_ref, tmp_path_factory):
+    """The tiny Llama with head_dim 32: every out_features a multiple of 64, as AWQ needs."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(str(tiny_llama_ref.path))
+    config.head_dim = 32
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama_ref.path))
+    return save_model(LlamaForCausalLM(config), tokenizer,
+                      tmp_path_factory.mktemp("awq-tiny") / "model")
+
+
+def test_awq_runs_loads_and_states_serving_limits(awq_tiny_ref, tmp_path_factory):
+    result, _ = _run(awq_tiny_ref, tmp_path_factory, method="awq")
+    qcfg = json.loads((result.model.path / "config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"]) == ("awq", 4, 32)
+    m = result.metrics
+    assert (m["method"], m["sym"], m["quantized_layers"]) == ("awq", False, 14)
+    assert m["loaders_verified"]["gptqmodel"]["top1_agreement"] > 0.9
+    assert m["serving"]["vllm_verified"].startswith("no")
+    assert any("divisible by 128" in w for w in m["serving"]["warnings"])  # in_features 64
+    model, _ = load_model(result.model)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_awq_refuses_out_features_it_cannot_process(tiny_llama_ref):
+    from tasks.quantize import check_awq_shapes
+
+    with pytest.raises(ValueError, match=r"k_proj \(out_features 32\)"):
+        check_awq_shapes(tiny_llama_ref.path)  # 2 KV heads x head_dim 16
+
+
+def test_pack_int32_inverts_unpack():
+    from tasks.fake_quant import pack_int32
+
+    for bits in (4, 8):
+        codes = torch.randint(0, 2**bits, (64, 6))
+        packed = pack_int32(codes, bits, dim=0)
+        assert packed.dtype == torch.int32 and packed.shape == (64 * bits // 32, 6)
+        assert torch.equal(_unpack_int32(packed, bits, dim=0), codes)
+
+
+def test_qat_distill_keeps_weights_on_the_grid_and_packs(rtn_run, tiny_llama_ref, tmp_path):
+    """P-Q-KD: KD on a quantized student moves codes but never leaves the stored grid."""
+    from tasks.distill import distill_stage
+    from tasks.recipe import DistillConfig
+
+    src = rtn_run[0].model
+    cfg = DistillConfig(tokens=32 * 2 * 4, seq_len=32, batch_size=2, lr=3e-2, warmup_steps=1,
+                        eval_blocks=1)
+    ctx = StageContext(out_dir=tmp_path / "kd", seed=0, threads=1, teacher=tiny_llama_ref)
+    result = distill_stage(src, cfg, ctx)
+    m = result.metrics
+    assert m["quantization_aware"] and m["qat_codes_changed"] > 0
+    before = json.loads((src.path / "config.json").read_text())["quantization_config"]
+    after = json.loads((result.model.path / "config.json").read_text())["quantization_config"]
+    assert after == before
+    from safetensors.torch import load_file
+
+    old, new = load_file(str(src.path / "model.safetensors")), \
+        load_file(str(result.model.path / "model.safetensors"))
+    for key in old:  # the grid is frozen: scales, zeros and g_idx are byte-identical
+        if key.endswith((".scales", ".qzeros", ".g_idx")):
+            assert torch.equal(old[key], new[key]), key
+    weights = read_quantized_weights(result.model.path, bits=4)
+    grid = read_quantized_weights(src.path, bits=4)  # same scales: recover them per element
+    for name, w in weights.items():
+        scales = new[f"{name}.scales"].float()[new[f"{name}.g_idx"].long()].t()
+        zeros = (_unpack_int32(new[f"{name}.qzeros"], 4, dim=1) + 1).float()
+        zeros = zeros[new[f"{name}.g_idx"].long()].t()
+        requant = scales * (torch.clamp(torch.round(w / scales + zeros), 0, 15) - zeros)
+        assert torch.equal(requant, w), f"{name} left the grid"
+    assert any(not torch.equal(weights[n], grid[n]) for n in weights), "KD changed nothing"
+    model, _ = load_model(result.model)  # loads through GPTQModel like any GPTQ checkpoint
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_qat_refuses_awq_checkpoints(tmp_path):
+    from tasks.fake_quant import load_qat_student
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4}}))
+    with pytest.raises(QuantizeError, match="GPTQ-format"):
+        load_qat_student(tmp_path)
+
+
+def test_speed_profile_returns_sane_numbers(rtn_run, tiny_llama_ref):
+    from tasks.quant_speed import profile_in_subprocess, profile_model, speed_notes
+
+    # fp32 in a fresh process (the honest-RSS path); the quantized one in-process (its
+    # GPTQModel import and kernel warm-up are already paid by this test session)
+    rows = {"fp32": profile_in_subprocess(tiny_llama_ref.path, prefill_tokens=32,
+                                          decode_tokens=4, repeats=1),
+            "rtn": profile_model(rtn_run[0].model.path, prefill_tokens=32, decode_tokens=4,
+                                 repeats=1)}
+    for row in rows.values():
+        assert 0 < row["prefill_s"] < 30 and row["decode_tokens_per_s"] > 0
+        assert row["rss_load_bytes"] > 0 and row["weights_bytes"] > 0
+    assert rows["rtn"]["weights_bytes"] < rows["fp32"]["weights_bytes"]
+    slow = dict(rows["rtn"], prefill_s=1e9)
+    assert "not faster at prefill" in speed_notes({"fp32": rows["fp32"], "rtn": slow})[0]
+
+
+def test_cli_quantize_outside_a_recipe(tiny_llama_ref, tmp_path):
+    from typer.testing import CliRunner
+
+    from pkdq.cli import app
+
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama_ref.path), "--method", "rtn", "--group", "32",
+            "--out", str(out), "--threads", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["method"], metrics["group_size"]) == ("rtn", 32)
+    bad = CliRunner().invoke(app, args[:-4] + ["--group", "128", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "does not divide" in bad.output

@@ -28,6 +28,7 @@ SPLITS: dict[str, str] = {
     "winogrande": "validation",
     "lambada_openai": "test",
     "boolq": "validation",
+    "wikitext": "test",
 }
 
 DATA_DIR_KEY = "pkdq_data_dir"
@@ -177,6 +178,33 @@ def boolq_docs(root: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _is_page_title(line: str) -> bool:
+    """A level-1 heading (' = Title = '), once deeper ' = = ' headings are collapsed."""
+    collapsed = line.replace("= = =", "===").replace("= =", "==").strip()
+    return collapsed.startswith("= ") and collapsed.endswith(" =")
+
+
+def wikitext_docs(root: Path) -> list[dict[str, Any]]:
+    """WikiText-2 raw test, one doc per article (field `page`), as the stock task reads it.
+
+    The stock task uses EleutherAI/wikitext_document_level, which cuts the raw file before
+    every level-1 heading line and drops blank chunks; the same cut here gives the same 62 pages,
+    so word/byte counts and rolling windows match the stock task.
+    """
+    lines = (root / "wikitext" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")
+    pages: list[str] = []
+    current: list[str] = []
+    for line in lines:
+        if _is_page_title(line):
+            page = "\n".join(current)
+            if page.strip():
+                pages.append(page)
+            current = []
+        current.append(line)
+    pages.append("\n".join(current))
+    return [{"page": page} for page in pages]
+
+
 DOC_LOADERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
     "arc_easy": lambda root: arc_docs(root, "Easy"),
     "arc_challenge": lambda root: arc_docs(root, "Challenge"),
@@ -185,6 +213,7 @@ DOC_LOADERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
     "winogrande": winogrande_docs,
     "lambada_openai": lambada_docs,
     "boolq": boolq_docs,
+    "wikitext": wikitext_docs,
 }
 
 
@@ -199,7 +228,7 @@ def num_choices(task: str, doc: dict[str, Any]) -> int:
         return len(doc["choices"]["text"])
     if task == "hellaswag":
         return len(doc["choices"])
-    if task == "lambada_openai":
+    if task in ("lambada_openai", "wikitext"):
         return 0
     return 2
 
@@ -241,6 +270,24 @@ def lambada_openai(**kwargs: Any):
 
 def boolq(**kwargs: Any):
     return _dataset("boolq", kwargs)
+
+
+def wikitext(**kwargs: Any):
+    return _dataset("wikitext", kwargs)
+
+
+def wikitext_detokenizer(doc: dict[str, Any]) -> str:
+    """lm-eval's stock wikitext detokenizer (delegated to, not copied)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer as stock
+
+    return stock(doc)
+
+
+def wikitext_process_results(doc: dict[str, Any], results: list[float]) -> dict[str, Any]:
+    """lm-eval's stock wikitext word/byte counting, on the page before detokenization."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results as stock
+
+    return stock(doc, results)
 
 
 # WinoGrande's stock prompt functions (lm_eval/tasks/winogrande/preprocess_winogrande.py), verbatim:

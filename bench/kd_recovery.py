@@ -1,0 +1,113 @@
+"""KD recovery of a 50%-FFN-pruned SmolLM2: which loss buys back the most, for the same tokens.
+
+    flock /tmp/pkdq-heavy.lock python bench/kd_recovery.py --tokens 12288
+
+Student = SmolLM2-135M with half its FFN neurons removed (`tasks.prune`, activation criterion);
+teacher = SmolLM2-135M. Each variant runs the real distill stage (`tasks.distill.distill_stage`:
+bf16 autocast, chunked loss, top-k logit cache shared by the variants that do not need live
+teacher states) for the same token budget, data and seed, then WikiText-2 test perplexity
+(`tasks.evaluate.wikitext_perplexity`, first 8192 tokens, 512-token windows) is measured:
+
+- ce:          alpha 0 (plain fine-tuning on the same text: the baseline KD must beat)
+- fkl:         forward KL (T=2, alpha 0.5)
+- rkl:         reverse KL (MiniLLM)
+- fkl+hidden:  forward KL + hidden-state matching (relative MSE, uniform map, 4 layer pairs)
+
+Output: a table on stdout and `bench/results/kd_recovery.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kd_common import BATCH, SEED, SEQ_LEN, limit_threads, teacher_and_student  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "ce": {"alpha": 0.0},
+    "fkl": {"loss": "forward_kl"},
+    "rkl": {"loss": "reverse_kl"},
+    "fkl+hidden": {"loss": "forward_kl", "hidden_loss": "mse", "hidden_weight": 1.0},
+}
+
+
+def wikitext_ppl(path: Path, tokens: int) -> float:
+    from tasks.common import data_dir
+    from tasks.evaluate import wikitext_perplexity
+    from tasks.model_store import load_model
+
+    model, tok = load_model(path)
+    model.eval()
+    import torch
+
+    with torch.no_grad():
+        result = wikitext_perplexity(model, tok, data_dir() / "wikitext" / "wiki.test.raw",
+                                     tokens, 512)
+    return result["token_perplexity"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=12288, help="KD token budget per variant")
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/pkdq-kd-recovery"))
+    args = parser.parse_args()
+    limit_threads(args.threads)
+    from tasks.common import StageContext
+    from tasks.distill import distill_stage
+    from tasks.recipe import DistillConfig
+
+    teacher, student = teacher_and_student(args.threads)
+    rows: dict[str, dict] = {
+        "teacher": {"wikitext_ppl": wikitext_ppl(teacher.path, args.eval_tokens)},
+        "pruned": {"wikitext_ppl": wikitext_ppl(student.path, args.eval_tokens)},
+    }
+    print(f"teacher ppl {rows['teacher']['wikitext_ppl']:.2f}, pruned "
+          f"{rows['pruned']['wikitext_ppl']:.2f}", file=sys.stderr, flush=True)
+    for name in args.variants:
+        cfg = DistillConfig(**{
+            "tokens": args.tokens, "seq_len": SEQ_LEN, "batch_size": BATCH, "lr": args.lr,
+            "warmup_steps": 2, "temperature": 2.0, "alpha": 0.5, "precision": "bf16-autocast",
+            "loss_chunk": 64, "logit_cache": True, "cache_topk": 64, "eval_blocks": 4,
+            **VARIANTS[name]})
+        ctx = StageContext(out_dir=args.out / name, seed=SEED, threads=args.threads,
+                           teacher=teacher, stage_name=f"kd-{name}")
+        start = time.perf_counter()
+        result = distill_stage(student, cfg, ctx)
+        m = result.metrics
+        rows[name] = {
+            "wikitext_ppl": wikitext_ppl(result.model.path, args.eval_tokens),
+            "heldout_kl_before": m["heldout_kl_before"], "heldout_kl_after": m["heldout_kl_after"],
+            "tokens": m["tokens"], "tokens_per_s": m["tokens_per_s"],
+            "wall_s": time.perf_counter() - start,
+            "logit_cache_reused": m.get("logit_cache_reused"),
+        }
+        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+        out = Path(__file__).resolve().parent / "results" / "kd_recovery.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps({"tokens": args.tokens, "rows": rows}, indent=2))
+
+    before = rows["pruned"]["wikitext_ppl"]
+    print(f"\nSmolLM2-135M, 50% FFN pruned; KD {args.tokens} tokens each (seq {SEQ_LEN} x batch "
+          f"{BATCH}, bf16, lr {args.lr}); WikiText-2 test ppl on {args.eval_tokens} tokens")
+    print(f"teacher {rows['teacher']['wikitext_ppl']:.2f} | pruned, before KD {before:.2f}")
+    print(f"{'variant':<12} {'ppl after':>10} {'recovered':>10} {'held-out KL':>18} {'tok/s':>7}")
+    gap = before - rows["teacher"]["wikitext_ppl"]
+    for name in args.variants:
+        r = rows[name]
+        recovered = (before - r["wikitext_ppl"]) / gap if gap > 0 else float("nan")
+        print(f"{name:<12} {r['wikitext_ppl']:>10.2f} {recovered:>10.1%} "
+              f"{r['heldout_kl_before']:>8.3f} -> {r['heldout_kl_after']:<7.3f} "
+              f"{r['tokens_per_s']:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()
