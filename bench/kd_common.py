@@ -21,8 +21,8 @@ SEQ_LEN, BATCH, SEED = 256, 4, 1234
 def teacher_and_student(threads: int = 1) -> tuple[ModelRef, ModelRef]:
     """(SmolLM2-135M, the same with 50% of FFN neurons removed), both as local folders."""
     set_offline_env()
-    from tasks.model_store import model_ref, resolve_model
-    from tasks.prune import prune_stage
+    from tasks.model_store import load_model, model_ref, resolve_model, save_model
+    from tasks.prune import prune_model
     from tasks.recipe import FfnTarget, PruneConfig, TextSample
 
     teacher = resolve_model("smollm2-135m")
@@ -31,8 +31,27 @@ def teacher_and_student(threads: int = 1) -> tuple[ModelRef, ModelRef]:
         return teacher, model_ref(out / "model")
     cfg = PruneConfig(ffn=FfnTarget(ratio=0.5, criterion="activation"), round_to=64,
                       calibration=TextSample(source="wikipedia", samples=16, seq_len=256))
-    result = prune_stage(teacher, cfg, StageContext(out_dir=out, seed=SEED, threads=threads))
-    return teacher, result.model
+    ctx = StageContext(out_dir=out, seed=SEED, threads=threads)
+    # prune_stage's own save trips over the converted model's stale GGUF quantization_config
+    # (transformers refuses to save "gguf-quantized" models); prune, drop it, then save.
+    import torch
+
+    torch.manual_seed(SEED)
+    torch.set_num_threads(threads)
+    model, tok = load_model(teacher)
+    prune_model(model, tok, cfg, ctx)
+    drop_gguf_config(model)
+    return teacher, save_model(model, tok, out / "model")
+
+
+def drop_gguf_config(model) -> None:
+    """Forget a GGUF source's quantization_config: the weights in memory are plain floats."""
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else \
+        getattr(quant, "quant_method", None)
+    if quant is not None and str(getattr(method, "value", method)) == "gguf":
+        del model.config.quantization_config
+        model.hf_quantizer = None
 
 
 def rss_mb() -> float:

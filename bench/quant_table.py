@@ -84,6 +84,8 @@ def measure(model: str, label: str, path: Path, threads: int, extra: dict[str, A
                                   repeats=2, threads=threads)
     row = {"model": model, "label": label, "ppl": ppl, "ppl_eval_s": ppl_s,
            "weights_bytes": speed["weights_bytes"], "rss_load_bytes": speed["rss_load_bytes"],
+           "rss_after_run_bytes": speed["rss_peak_after_run_bytes"],
+           "torch_compile": speed.get("torch_compile"),
            "prefill_s": speed["prefill_s"], "decode_tokens_per_s": speed["decode_tokens_per_s"],
            "compute_dtype": dtype, "threads": threads, **extra}
     ROWS.mkdir(parents=True, exist_ok=True)
@@ -122,6 +124,12 @@ def float_rows(model: str, ref, threads: int) -> None:
             measure(model, dtype, ref.path, threads, {"method": dtype, "compute_dtype": dtype})
 
 
+def _rss(row: dict) -> str:
+    if "rss_after_run_bytes" in row:
+        return f"{row['rss_after_run_bytes'] / 1e6:.0f}"
+    return f"{row['rss_load_bytes'] / 1e6:.0f}*"
+
+
 def table() -> str:
     """Markdown table from every cached row (fp32/bf16 first, then by method and config)."""
     from tasks.quant_speed import speed_notes
@@ -134,7 +142,10 @@ def table() -> str:
         f"WikiText-2 test perplexity (first {WIKITEXT_TOKENS} tokens, {WINDOW}-token windows); "
         "bytes of the weight files; CPU prefill of 512 tokens and greedy decode, "
         f"{rows[0]['threads'] if rows else '?'} threads, each model in a fresh process "
-        "(quantized models compute in fp32 with dequantized weights).",
+        "(quantized models compute in fp32 with dequantized weights, eager; RSS = resident "
+        "memory growth after load + one run, since safetensors weights are mmapped lazily; "
+        "* = RSS right after load only). The machine's 2 cores were shared with other jobs, "
+        "so latencies are noisy; compare within a column, not across days.",
         "",
         "| model | method | bits | group | ppl | Δppl vs fp32 | weights MB | RSS MB | "
         "prefill 512 s | decode tok/s | quantize wall s |",
@@ -147,11 +158,11 @@ def table() -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {r.get('bits', '')} | {r.get('group_size', '')} | "
             f"{r['ppl']:.2f} | {delta} | {r['weights_bytes'] / 1e6:.0f} | "
-            f"{r['rss_load_bytes'] / 1e6:.0f} | {r['prefill_s']:.2f} | "
+            f"{_rss(r)} | {r['prefill_s']:.2f} | "
             f"{r['decode_tokens_per_s']:.1f} | "
             f"{r['quant_wall_s']:.0f} |" if "quant_wall_s" in r else
             f"| {r['model']} | {r['method']} | | | {r['ppl']:.2f} | | "
-            f"{r['weights_bytes'] / 1e6:.0f} | {r['rss_load_bytes'] / 1e6:.0f} | "
+            f"{r['weights_bytes'] / 1e6:.0f} | {_rss(r)} | "
             f"{r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.1f} | |")
     notes = []
     for model in MODELS:

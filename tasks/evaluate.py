@@ -269,19 +269,27 @@ def wikitext_rolling(model: Any, tokenizer: Any, cfg: EvalConfig, data: Path, se
 # --------------------------------------------------------------------------- speed
 
 
-def speed_section(model: Any, tokenizer: Any, cfg: SpeedEval, data: Path) -> dict[str, Any] | None:
-    """Prefill latency and decode tokens/s on a fixed WikiText prompt (None when disabled)."""
-    from tasks.gen_speed import generation_speed
+def speed_section(model: Any, cfg: SpeedEval) -> dict[str, Any] | None:
+    """Prefill latency and greedy decode tokens/s (None when disabled).
 
+    `tasks.quant_speed.measure_latency`, the measurement the quantization table uses too, so
+    eval.json speeds and bench numbers compare. Prompt + new tokens stay within the model's
+    positions.
+    """
     if not cfg.enabled:
         return None
+    import torch
+
+    from tasks.quant_speed import measure_latency
+
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     prompt_tokens = cfg.prompt_tokens
     if limit:
         prompt_tokens = max(8, min(prompt_tokens, limit - cfg.new_tokens))
-    text = (data / "wikitext" / "wiki.test.raw").read_text(encoding="utf-8")
-    prompt = _prefix_ids(tokenizer, text, prompt_tokens)
-    return generation_speed(model, prompt, cfg.new_tokens, cfg.repeats)
+    speed = measure_latency(model, prompt_tokens, cfg.new_tokens, cfg.repeats)
+    speed.update(threads=torch.get_num_threads(),
+                 dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    return speed
 
 
 # --------------------------------------------------------------------------- size
@@ -361,7 +369,7 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
         wikitext["lm_eval"] = rolling
         _log(f"wikitext (lm-eval rolling, {rolling['n']} pages): word ppl "
              f"{rolling['word_perplexity']:.3f} ({rolling['wall_s']:.1f}s)", start)
-    speed = speed_section(model, tokenizer, cfg.speed, data)
+    speed = speed_section(model, cfg.speed)
     if speed is not None:
         _log(f"speed: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode "
              f"{speed['decode_tokens_per_s']:.1f} tok/s", start)

@@ -60,6 +60,7 @@ def _assembled_gguf(name: str, entry: str) -> Path:
         return target
     print(f"[model-store] joining the {name} GGUF chunks into {target} (once)", flush=True)
     tmp = target.with_name(target.name + ".partial")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     joined = Path(getattr(importlib.import_module(module), func)(tmp, overwrite=True))
     joined.rename(target)
     return target
@@ -168,7 +169,15 @@ def load_model(ref: ModelRef | Path, dtype: Any = None, device: str = "cpu"):
         from tasks.quantize import load_quantized
 
         return load_quantized(path, device=device), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if _quant_method(getattr(config, "quantization_config", None)) == "gguf":
+        # Folders converted by early pkdq builds kept the GGUF tag; loading with it would make
+        # transformers treat the dense weights as quantized and refuse to save them.
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config,
+                                                 dtype=dtype or torch.float32)
     model.to(device).eval()
     return model, tokenizer
 

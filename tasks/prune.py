@@ -130,7 +130,7 @@ def apply_plan(anatomy: Anatomy, plan: PrunePlan, scores: AxisScores) -> dict[st
     layer_ids = list(range(before.layers))
     if scores.depth is not None:
         layer_ids = top(scores.depth, after.layers).tolist()
-        removed["layers"] = sorted(set(range(before.layers)) - set(layer_ids))
+        removed["removed_layers"] = sorted(set(range(before.layers)) - set(layer_ids))
         remove_layers(anatomy, layer_ids)
     if scores.heads is not None:
         per_layer = [scores.heads[i] for i in layer_ids]

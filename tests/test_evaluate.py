@@ -20,7 +20,7 @@ from tasks.evaluate import (
 )
 from tasks.lm_eval_tasks.utils import load_docs, resolve_data_dir
 from tasks.model_store import load_model
-from tasks.recipe import EvalConfig, WikitextEval
+from tasks.recipe import EvalConfig, SpeedEval, WikitextEval
 
 COUNTS = {
     "arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "hellaswag": 10042,
@@ -75,6 +75,38 @@ def test_stock_prompts_and_targets(all_tasks):
     assert task.doc_to_choice(doc) == ["no", "yes"]
 
 
+def test_wikitext_task_is_the_62_test_articles():
+    """Stock `wikitext` (rolling log-likelihood) on pages cut as wikitext_document_level does."""
+    task = task_manager().load(["wikitext"])["tasks"]["wikitext"]
+    docs = list(task.eval_docs)
+    assert len(docs) == 62 == len(load_docs("wikitext"))
+    assert task.OUTPUT_TYPE == "loglikelihood_rolling"
+    assert docs[0]["page"].startswith(" = Robert Boulter = ")
+    raw = (data_dir() / "wikitext" / "wiki.test.raw").read_text()
+    assert "\n".join(d["page"] for d in docs) == raw.split("\n", 1)[1]  # only a blank line cut
+    target = task.doc_to_target(docs[0])  # the stock detokenizer's output
+    assert target.startswith(" = Robert Boulter =\n\nRobert Boulter is an English film, tele")
+    assert "@-@" in docs[0]["page"] and "@-@" not in target
+
+
+def test_pkdq_eval_command_writes_json(tiny_llama_ref, tmp_path):
+    from typer.testing import CliRunner
+
+    from pkdq.cli import app
+
+    out = tmp_path / "tiny.json"
+    result = CliRunner().invoke(app, ["eval", str(tiny_llama_ref.path), "--tasks", "piqa",
+                                      "--samples", "3", "--out", str(out), "--no-speed",
+                                      "--wikitext-tokens", "256", "--wikitext-pages", "0"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["tasks"]["piqa"]["n"] == 3 and metrics["backend"] == "pkdq"
+    assert set(json.loads(out.with_suffix(".samples.json").read_text())) == {"piqa"}
+    assert "piqa" in result.output
+    bad = CliRunner().invoke(app, ["eval", str(tiny_llama_ref.path), "--tasks", "mmlu"])
+    assert bad.exit_code == 2 and "tasks" in bad.output
+
+
 def test_label_quirks_are_mapped():
     boolq = load_docs("boolq")
     assert sum(d["label"] for d in boolq) == 2033  # "true" -> 1
@@ -125,7 +157,8 @@ def test_logged_doc_ids_point_at_the_right_docs(tiny_llama_ref):
 
 def test_evaluate_model_tiny_end_to_end(tiny_llama_ref, tmp_path):
     cfg = EvalConfig(tasks=["arc_easy", "piqa"], samples=5, batch_size=8,
-                     wikitext=WikitextEval(tokens=300, max_length=128))
+                     wikitext=WikitextEval(tokens=300, max_length=128, pages=2),
+                     speed=SpeedEval(repeats=1))
     out = evaluate_model(tiny_llama_ref.path, cfg, tmp_path, seed=7)
 
     assert json.loads((tmp_path / EVAL_JSON).read_text()) == json.loads(json.dumps(out))
@@ -148,16 +181,30 @@ def test_evaluate_model_tiny_end_to_end(tiny_llama_ref, tmp_path):
     assert wt["tokens"] == 300 and wt["predicted_tokens"] == 297 and wt["max_length"] == 128
     assert math.isfinite(wt["token_perplexity"]) and wt["token_perplexity"] > 100  # random model
     assert wt["word_perplexity"] > wt["token_perplexity"]  # fewer words than tokens
+    rolling = wt["lm_eval"]  # lm-eval's stock rolling wikitext on 2 seeded articles
+    assert rolling["n"] == 2 and rolling["doc_ids"] == sample_doc_ids("wikitext", 62, 2, seed=7)
+    assert rolling["max_length"] == 128 and rolling["word_perplexity"] > 1
+    assert 0 < rolling["bits_per_byte"] < 20
+    speed = out["speed"]
+    assert speed["prefill_tokens"] == 448 and speed["decode_tokens"] == 64  # 512 positions - 64
+    assert speed["prefill_s"] > 0 and speed["decode_tokens_per_s"] > 0
+    assert speed["dtype"] == "float32" and speed["threads"] == 1
+    assert out["peak_rss_bytes"] > 50e6 and out["peak_rss_scope"] in ("eval", "process")
+    assert out["backend"] == "pkdq"
     assert out["params"] == count_params(load_model(tiny_llama_ref.path)[0])
     assert out["bytes_on_disk"] > 4 * out["params"] * 0.9  # fp32 safetensors
     assert out["wall_s"] > 0
 
     # pinned doc ids (the baseline's) win over the seed: paired comparison across stages
-    again = evaluate_model(tiny_llama_ref.path, cfg.model_copy(update={"tasks": ["piqa"]}),
-                           tmp_path / "again", seed=999,
+    # (and the stock hf backend gives the same scores, without the extra sections when disabled)
+    quick = cfg.model_copy(update={"tasks": ["piqa"], "backend": "hf",
+                                   "wikitext": WikitextEval(tokens=300, max_length=128, pages=0),
+                                   "speed": SpeedEval(enabled=False)})
+    again = evaluate_model(tiny_llama_ref.path, quick, tmp_path / "again", seed=999,
                            doc_ids={"piqa": out["tasks"]["piqa"]["doc_ids"]})
     assert again["tasks"]["piqa"]["doc_ids"] == out["tasks"]["piqa"]["doc_ids"]
     assert again["tasks"]["piqa"]["acc"] == out["tasks"]["piqa"]["acc"]
+    assert again["speed"] is None and "lm_eval" not in again["wikitext"]
 
 
 def test_count_params_dedupes_tied_embeddings(tiny_llama_ref):
@@ -184,7 +231,8 @@ def test_perplexity_matches_model_loss(tiny_llama_ref, tmp_path):
 
 @pytest.mark.integration
 def test_smollm2_wikitext_perplexity_in_sane_range(smollm2_ref, tmp_path):
-    cfg = EvalConfig(tasks=[], wikitext=WikitextEval(tokens=10240, max_length=512))
+    cfg = EvalConfig(tasks=[], wikitext=WikitextEval(tokens=10240, max_length=512, pages=0),
+                     speed=SpeedEval(enabled=False))
     out = evaluate_model(smollm2_ref.path, cfg, tmp_path)
     ppl = out["wikitext"]["token_perplexity"]
     assert 10 < ppl < 80, ppl

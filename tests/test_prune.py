@@ -411,7 +411,7 @@ def test_prune_stage_saves_a_dense_checkpoint(tiny_llama_ref, tmp_path):
     assert metrics["axes"] == ["depth", "heads", "ffn", "hidden"]
     assert metrics["plan"]["after"] == {"layers": 1, "hidden": 32, "ffn": 64, "heads": 2,
                                         "kv_heads": 1, "head_dim": 16}
-    assert len(metrics["layers"]) == 1
+    assert len(metrics["removed_layers"]) == 1
     reloaded = AutoModelForCausalLM.from_pretrained(str(result.model.path))
     assert reloaded.model.layers[0].mlp.gate_proj.weight.shape == (64, 32)
     assert reloaded.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
