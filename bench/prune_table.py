@@ -134,22 +134,28 @@ def fmt(ppl: float) -> str:
     return f"{ppl:.1f}" if ppl < 1000 else f"{ppl:.2g}"
 
 
-def run_row(base, tokenizer, scores: Scores, cut: Cut, criteria: list[tuple[str, str]],
-            ppl) -> dict:
-    """Cut a copy of the model once per criterion column; returns ppl per column + params."""
+def run_row(base, scores: Scores, cut: Cut, criteria: list[tuple[str, str]], ppl,
+            done: dict[str, tuple[float, int]]) -> dict:
+    """Cut a copy of the model once per criterion column; returns ppl per column + params.
+
+    `done` memoises (ppl, params) by config, so a cut repeated in another table is not rerun.
+    """
     dims = Dims.from_config(base.config)
     result: dict = {"label": cut.label, "ppl": {}}
     for unit, depth in criteria:
         cfg = with_criterion(cut.cfg, unit, depth)
         plan = plan_prune(dims, cfg)
-        model = copy.deepcopy(base)
-        apply_plan(Anatomy.of(model), plan, scores.for_config(cfg))
         column = depth if cut.cfg.axes() == ["depth"] else unit
-        result["ppl"][column] = ppl(model)
-        result["params"] = count_params(model)
+        criteria = {axis: getattr(cfg, axis).criterion for axis in cfg.axes()}
+        key = json.dumps([plan.after.to_json(), plan.heads_mode, criteria], sort_keys=True)
+        if key not in done:
+            model = copy.deepcopy(base)
+            apply_plan(Anatomy.of(model), plan, scores.for_config(cfg))
+            done[key] = (ppl(model), count_params(model))
+            del model
+        result["ppl"][column], result["params"] = done[key]
         result["after"] = plan.after.to_json()
         log(f"{cut.label} / {column}: ppl {result['ppl'][column]:.2f}")
-        del model
     return result
 
 
@@ -199,12 +205,13 @@ def main() -> None:
 
     unit_cols = [(c, "random") for c in UNIT]
     depth_cols = [("random", c) for c in DEPTH]
-    width = [run_row(base, tokenizer, scores, cut, unit_cols, ppl) for cut in width_rows()]
-    depth = [run_row(base, tokenizer, scores, cut, depth_cols, ppl) for cut in depth_rows()]
+    done: dict[str, tuple[float, int]] = {}
+    width = [run_row(base, scores, cut, unit_cols, ppl, done) for cut in width_rows()]
+    depth = [run_row(base, scores, cut, depth_cols, ppl, done) for cut in depth_rows()]
     paired = [("activation", "block_influence"), ("taylor", "ppl_skip"), ("random", "random")]
     budget = []
     for cut in budget_rows():
-        row = run_row(base, tokenizer, scores, cut, paired, ppl)
+        row = run_row(base, scores, cut, paired, ppl, done)
         if cut.cfg.axes() == ["depth"]:  # one column per pairing: informed, second, control
             row["ppl"] = dict(zip(["activation", "taylor", "random"], row["ppl"].values(),
                                   strict=True))

@@ -153,6 +153,8 @@ def table() -> str:
     ]
     base_ppl = {r["model"]: r["ppl"] for r in rows if r["method"] == "fp32"}
     for r in rows:
+        if r.get("torch_compile"):  # an early row timed with GPTQModel's torch.compile on
+            r = dict(r, method=f"{r['method']} (timed compiled)")
         ref = base_ppl.get(r["model"])
         delta = f"{r['ppl'] - ref:+.2f}" if ref and r["method"] != "fp32" else ""
         lines.append(

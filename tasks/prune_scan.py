@@ -110,7 +110,7 @@ def plot(result: dict[str, Any], path: Path, title: str) -> Path:
 
     ax = axes[0][1]
     heads = torch.tensor(result["query_heads"])
-    image = ax.imshow(heads.T, aspect="auto", cmap="viridis", origin="lower")
+    image = ax.imshow(heads.T.numpy(), aspect="auto", cmap="viridis", origin="lower")
     q = result["dims"]["heads"] // result["dims"]["kv_heads"]
     for boundary in range(q, heads.shape[1], q):
         ax.axhline(boundary - 0.5, color="white", linewidth=1.5)

@@ -8,7 +8,7 @@ quantizing before KD throws away precision KD then cannot use.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -244,8 +244,9 @@ def _stage_tag(value: Any) -> str | None:
 
 
 Stage = Annotated[
-    Union[Annotated[PruneStage, Tag("prune")], Annotated[DistillStage, Tag("distill")],
-          Annotated[QuantizeStage, Tag("quantize")]],
+    Annotated[PruneStage, Tag("prune")]
+    | Annotated[DistillStage, Tag("distill")]
+    | Annotated[QuantizeStage, Tag("quantize")],
     Discriminator(_stage_tag),
 ]
 STAGE_MODELS: dict[str, type[BaseModel]] = {
@@ -371,7 +372,8 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
             return []
         ann = field.annotation
         candidates = [ann, *getattr(ann, "__args__", ())]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        models = (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
+        nxt = next(models, None)
         if nxt is None:
             return []
         model = nxt
@@ -380,7 +382,8 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
 
 def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping with name, model, stages, evaluate")
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with name, model, stages, "
+                          "evaluate")
     _stage_kind_error(raw, source)
     try:
         recipe = Recipe.model_validate(raw)
@@ -413,7 +416,8 @@ def load_recipe(name_or_path: str) -> Recipe:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
-        raise RecipeError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", exc)
+        raise RecipeError(f"{path}: {where}: not valid YAML ({problem})") from None
     return parse_recipe(raw, str(path))
 
 
