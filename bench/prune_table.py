@@ -24,7 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tasks.common import StageContext, data_dir, set_offline_env  # noqa: E402
 from tasks.evaluate import wikitext_perplexity  # noqa: E402
 from tasks.model_store import load_model, resolve_model  # noqa: E402
-from tasks.prune import AxisScores, apply_plan, calibration_blocks, score_axes  # noqa: E402
+from tasks.prune import (  # noqa: E402
+    AxisScores,
+    Measurements,
+    apply_plan,
+    calibration_blocks,
+    score_axes,
+)
 from tasks.prune_plan import Dims, plan_prune  # noqa: E402
 from tasks.prune_units import Anatomy, count_params  # noqa: E402
 from tasks.recipe import (  # noqa: E402
@@ -91,36 +97,44 @@ def with_criterion(cfg: PruneConfig, unit: str, depth: str) -> PruneConfig:
 
 
 class Scores:
-    """Importance scores computed once per (criterion, axis kind) on the unpruned model."""
+    """Every score of every (axis, criterion), measured once on the unpruned model.
 
-    def __init__(self, model, blocks, seed: int, calibration: TextSample, grad_samples: int):
-        self.model, self.blocks, self.seed = model, blocks, seed
-        self.calibration, self.grad_samples = calibration, grad_samples
+    One activation pass, one gradient pass and one layer-skip sweep serve all of them; the
+    gradients are released before any cut, so model copies don't carry them.
+    """
+
+    def __init__(self, model, blocks, seed: int, taylor_samples: int, skip_samples: int):
+        measured = Measurements(Anatomy.of(model), blocks, taylor_samples, skip_samples,
+                                stage="prune-table")
         self.cache: dict[tuple[str, str], AxisScores] = {}
+        targets = {
+            ("ffn", ""): lambda c: FfnTarget(ratio=0.5, criterion=c),
+            ("hidden", ""): lambda c: HiddenTarget(ratio=0.5, criterion=c),
+            ("heads", "kv_groups"): lambda c: HeadsTarget(mode="kv_groups", size=1, criterion=c),
+            ("heads", "query"): lambda c: HeadsTarget(mode="query", size=1, criterion=c),
+        }
+        try:
+            for (axis, mode), target in targets.items():
+                for criterion in UNIT:
+                    self._score(axis, mode, criterion, target(criterion), measured, seed)
+            for criterion in DEPTH:
+                self._score("depth", "", criterion, DepthTarget(remove=1, criterion=criterion),
+                            measured, seed)
+        finally:
+            measured.release()
 
-    def get(self, axis: str, criterion: str, heads_mode: str = "") -> AxisScores:
-        key = (f"{axis}:{heads_mode}", criterion)
-        if key not in self.cache:
-            target = {
-                "ffn": lambda: FfnTarget(ratio=0.5, criterion=criterion),
-                "hidden": lambda: HiddenTarget(ratio=0.5, criterion=criterion),
-                "heads": lambda: HeadsTarget(mode=heads_mode, size=1, criterion=criterion),
-                "depth": lambda: DepthTarget(remove=1, criterion=criterion),
-            }[axis]()
-            cfg = PruneConfig(**{axis: target}, calibration=self.calibration,
-                              gradient_samples=self.grad_samples)
-            t0 = time.perf_counter()
-            self.cache[key] = score_axes(Anatomy.of(self.model), cfg, self.blocks, self.seed,
-                                         stage=f"score {axis} {criterion}")
-            log(f"scored {axis} {heads_mode} by {criterion} in {time.perf_counter() - t0:.1f}s")
-        return self.cache[key]
+    def _score(self, axis: str, mode: str, criterion: str, target, measured, seed: int) -> None:
+        t0 = time.perf_counter()
+        cfg = PruneConfig(**{axis: target})
+        self.cache[(f"{axis}:{mode}", criterion)] = score_axes(cfg, measured, seed)
+        log(f"scored {axis} {mode} by {criterion} in {time.perf_counter() - t0:.1f}s")
 
     def for_config(self, cfg: PruneConfig) -> AxisScores:
         out = AxisScores()
         for axis in cfg.axes():
             target = getattr(cfg, axis)
-            mode = target.mode if axis == "heads" else ""
-            out = replace(out, **{axis: getattr(self.get(axis, target.criterion, mode), axis)})
+            key = (f"{axis}:{target.mode if axis == 'heads' else ''}", target.criterion)
+            out = replace(out, **{axis: getattr(self.cache[key], axis)})
         return out
 
 
@@ -177,7 +191,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--samples", type=int, default=32, help="calibration blocks")
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--gradient-samples", type=int, default=8, help="taylor blocks")
+    parser.add_argument("--taylor-samples", type=int, default=8, help="blocks backpropagated")
+    parser.add_argument("--skip-samples", type=int, default=8, help="ppl_skip blocks")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=OUT / "prune_table.md")
@@ -201,7 +216,7 @@ def main() -> None:
                                                        calibration=calibration), ctx)
     base_ppl, base_params = ppl(base), count_params(base)
     log(f"baseline ppl {base_ppl:.2f}, {base_params / 1e6:.1f}M params")
-    scores = Scores(base, blocks, args.seed, calibration, args.gradient_samples)
+    scores = Scores(base, blocks, args.seed, args.taylor_samples, args.skip_samples)
 
     unit_cols = [(c, "random") for c in UNIT]
     depth_cols = [("random", c) for c in DEPTH]
@@ -223,7 +238,8 @@ def main() -> None:
         f"Baseline: perplexity **{fmt(base_ppl)}**, {base_params / 1e6:.1f}M parameters. "
         f"WikiText-2 test, first {args.tokens} tokens, {args.max_length}-token windows. "
         f"Calibration: {args.samples} x {args.seq_len} tokens of `train/wikipedia`; taylor "
-        f"backpropagates {args.gradient_samples} of them. One-shot: scores on the unpruned model. "
+        f"backpropagates {args.taylor_samples} of them, ppl skip scores each layer on "
+        f"{args.skip_samples}. One-shot: scores on the unpruned model. "
         f"{args.threads} threads, {wall / 60:.1f} min.", "",
         *table(width, UNIT, base_params, "Width axes (every layer cut alike)"),
         *table(depth, DEPTH, base_params, "Depth"),

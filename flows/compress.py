@@ -83,9 +83,8 @@ def compress_flow(recipe_file: str, run_dir: str) -> str:
                 current = ModelRef.from_json(record["model"])
             eval_task.with_options(name=f"eval-{stage.folder}")(
                 run_dir, stage.index, recipe_file, current.to_json())
-        report = report_task(run_dir)
     except BaseException as exc:
         mark_run(Path(run_dir), "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     mark_run(Path(run_dir), "finished", final_model=current.to_json())
-    return report
+    return report_task(run_dir)  # after marking, so the report shows the final status

@@ -46,6 +46,7 @@ class AxisScores:
 
 
 def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext) -> torch.Tensor:
+    """Seeded token blocks of training text (never an evaluation split)."""
     calib = cfg.calibration
     texts = load_train_texts(ctx.data, calib.source)
     return token_blocks(tokenizer, texts, calib.seq_len, calib.samples, seed=ctx.seed)
@@ -71,41 +72,75 @@ def _unit_scores(criterion: str, n_layers: int, couplings: Callable[[int], list[
     return [weight_scores(couplings(i), criterion) for i in range(n_layers)]
 
 
-def score_axes(anatomy: Anatomy, cfg: PruneConfig, blocks: torch.Tensor | None, seed: int,
-               stage: str = "prune") -> AxisScores:
+@dataclass
+class Measurements:
+    """The calibration passes behind the data-driven criteria, each run at most once, lazily.
+
+    Scorings that share one object (a benchmark trying every axis and criterion) share one
+    activation pass, one gradient pass and one layer-skip sweep.
+    """
+
+    anatomy: Anatomy
+    blocks: torch.Tensor | None
+    taylor_samples: int = 8
+    skip_samples: int = 8
+    stage: str = "prune"
+    _acts: ActivationScores | None = None
+    _skip: torch.Tensor | None = None
+    _gradients: bool = False
+
+    def activations(self) -> ActivationScores:
+        if self._acts is None:
+            self._acts = activation_scores(self.anatomy, self.blocks, stage=self.stage)
+        return self._acts
+
+    def ensure_gradients(self) -> None:
+        """Fill `.grad` for taylor; call `release()` when done (it holds a model's worth)."""
+        if not self._gradients:
+            accumulate_gradients(self.anatomy, self.blocks[:self.taylor_samples],
+                                 stage=self.stage)
+            self._gradients = True
+
+    def release(self) -> None:
+        release_gradients(self.anatomy)
+        self._gradients = False
+
+    def skip_increase(self) -> torch.Tensor:
+        if self._skip is None:
+            self._skip = skip_layer_ppl_increase(self.anatomy, self.blocks[:self.skip_samples],
+                                                 stage=self.stage)
+        return self._skip
+
+
+def score_axes(cfg: PruneConfig, measured: Measurements, seed: int) -> AxisScores:
     """Score every axis the config prunes, all on the unpruned model."""
-    criteria = _criteria(cfg)
+    anatomy = measured.anatomy
     n = len(anatomy.layers)
-    acts: ActivationScores | None = None
-    if "activation" in criteria.values() or criteria.get("depth") == "block_influence":
-        acts = activation_scores(anatomy, blocks, stage=stage)
-    if "taylor" in criteria.values():
-        accumulate_gradients(anatomy, blocks[:cfg.gradient_samples], stage=stage)
+    if "taylor" in _criteria(cfg).values():
+        measured.ensure_gradients()
     out = AxisScores()
-    try:
-        if cfg.heads:
-            kv = cfg.heads.mode == "kv_groups"
-            out.heads = _unit_scores(
-                cfg.heads.criterion, n,
-                anatomy.kv_group_units if kv else anatomy.query_head_units,
-                lambda: acts.kv_groups(anatomy.q_per_group) if kv else acts.query_heads,
-                anatomy.n_kv if kv else anatomy.n_heads, _generator(seed, "heads"))
-        if cfg.ffn:
-            out.ffn = _unit_scores(cfg.ffn.criterion, n, anatomy.ffn_units, lambda: acts.ffn,
-                                   anatomy.ffn, _generator(seed, "ffn"))
-        if cfg.hidden:
-            out.hidden = _unit_scores(cfg.hidden.criterion, 1,
-                                      lambda _i: anatomy.hidden_units(norms=False),
-                                      lambda: [acts.hidden], anatomy.hidden,
-                                      _generator(seed, "hidden"))[0]
-    finally:
-        release_gradients(anatomy)
+    if cfg.heads:
+        kv = cfg.heads.mode == "kv_groups"
+        out.heads = _unit_scores(
+            cfg.heads.criterion, n, anatomy.kv_group_units if kv else anatomy.query_head_units,
+            lambda: (measured.activations().kv_groups(anatomy.q_per_group) if kv
+                     else measured.activations().query_heads),
+            anatomy.n_kv if kv else anatomy.n_heads, _generator(seed, "heads"))
+    if cfg.ffn:
+        out.ffn = _unit_scores(cfg.ffn.criterion, n, anatomy.ffn_units,
+                               lambda: measured.activations().ffn, anatomy.ffn,
+                               _generator(seed, "ffn"))
+    if cfg.hidden:
+        out.hidden = _unit_scores(cfg.hidden.criterion, 1,
+                                  lambda _i: anatomy.hidden_units(norms=False),
+                                  lambda: [measured.activations().hidden], anatomy.hidden,
+                                  _generator(seed, "hidden"))[0]
     if cfg.depth:
         criterion = cfg.depth.criterion
         if criterion == "block_influence":
-            out.depth = acts.block_influence
+            out.depth = measured.activations().block_influence
         elif criterion == "ppl_skip":
-            out.depth = skip_layer_ppl_increase(anatomy, blocks, stage=stage)
+            out.depth = measured.skip_increase()
         else:
             out.depth = random_scores(n, _generator(seed, "depth"))
     return out
@@ -159,7 +194,12 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
     needs_data = any(c not in {"magnitude", "magnitude_l2", "random"} for c in criteria.values())
     blocks = calibration_blocks(tokenizer, cfg, ctx) if needs_data else None
     params_before = count_params(model)
-    scores = score_axes(anatomy, cfg, blocks, ctx.seed, ctx.stage_name or "prune")
+    measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,
+                            ctx.stage_name or "prune")
+    try:
+        scores = score_axes(cfg, measured, ctx.seed)
+    finally:
+        measured.release()
     removed = apply_plan(anatomy, plan, scores)
     return {
         "axes": cfg.axes(),

@@ -29,8 +29,11 @@ def _slug(spec: str) -> str:
 
 
 def scan(model, tokenizer, calibration: TextSample, *, ppl_skip: bool = False, seed: int = 0,
-         data: Path | None = None) -> dict[str, Any]:
-    """All importance scores of a live model, as plain lists (JSON-ready)."""
+         data: Path | None = None, skip_samples: int = 8) -> dict[str, Any]:
+    """All importance scores of a live model, as plain lists (JSON-ready).
+
+    The layer-skip sweep costs one pass per layer, so it uses the first `skip_samples` blocks.
+    """
     anatomy = Anatomy.of(model)
     cfg = PruneConfig(depth=DepthTarget(remove=1), calibration=calibration)
     ctx = StageContext(out_dir=Path("."), seed=seed, data=data or data_dir())
@@ -49,7 +52,8 @@ def scan(model, tokenizer, calibration: TextSample, *, ppl_skip: bool = False, s
         "hidden": acts.hidden.tolist(),
     }
     if ppl_skip:
-        result["ppl_skip"] = skip_layer_ppl_increase(anatomy, blocks, stage="prune-scan").tolist()
+        result["ppl_skip"] = skip_layer_ppl_increase(anatomy, blocks[:skip_samples],
+                                                     stage="prune-scan").tolist()
     return result
 
 

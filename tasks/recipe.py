@@ -116,8 +116,10 @@ class PruneConfig(Strict):
     hidden: HiddenTarget | None = None
     round_to: int = Field(32, ge=1, le=1024, description="kept sizes are multiples of this")
     calibration: TextSample = TextSample(samples=32, seq_len=256)
-    gradient_samples: int = Field(8, ge=1, le=4096, description="calibration blocks that the "
-                                  "taylor criterion backpropagates (backward is ~3x a forward)")
+    taylor_samples: int = Field(8, ge=1, le=4096, description="calibration blocks that the "
+                                "taylor criterion backpropagates (backward is ~2x a forward)")
+    skip_samples: int = Field(8, ge=1, le=4096, description="calibration blocks that ppl_skip "
+                              "scores each layer on (one pass per layer)")
 
     @model_validator(mode="after")
     def _some_axis(self) -> PruneConfig:

@@ -97,6 +97,7 @@ def test_flow_runs_and_resumes_after_kill(tiny_llama_ref, tmp_path):
     assert quant["size"]["bytes_ratio"] < 1.0
     md = (run_dir / "report.md").read_text()
     assert "03-quantize" in md and "arc_easy" in md
+    assert "status **finished**" in md
 
     # pkdq report rebuilds from the folder alone.
     rebuilt = subprocess.run([sys.executable, "-m", "pkdq", "report", str(run_dir)],

@@ -354,7 +354,7 @@ def test_every_axis_and_criterion_prunes_and_round_trips(
         tiny_llama_ref, tmp_path, axis, target_cls, target, criterion):
     model, tokenizer = _load(tiny_llama_ref)
     cfg = PruneConfig(**{axis: target_cls(**target, criterion=criterion)}, calibration=CALIB,
-                      gradient_samples=2)
+                      taylor_samples=2, skip_samples=2)
     metrics = prune_model(model, tokenizer, cfg, StageContext(out_dir=tmp_path, seed=0))
     assert metrics["params_after"] < metrics["params_before"]
     after = metrics["plan"]["after"]
