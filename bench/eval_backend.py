@@ -158,7 +158,37 @@ def bf16_drift(model_path: Path, fp32_model: Any, tokenizer: Any, tasks: list[st
     return rows
 
 
-def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], bf16: list[dict[str, Any]]) -> str:
+def fp64_reference(model_path: Path, fp32_model: Any, tokenizer: Any, tasks: list[str],
+                   samples: int, seed: int, batch_size: int) -> list[dict[str, Any]]:
+    """Both fp32 backends against stock HFLM in float64 on the same docs: how far each is from
+    the exact log-likelihoods, i.e. whether pkdq-vs-HFLM differences are fp32 rounding."""
+    import torch
+
+    from tasks.evaluate import make_lm, sample_doc_ids, task_manager, task_size
+    from tasks.model_store import load_model
+
+    exact_model, _ = load_model(model_path, dtype=torch.float64)
+    manager = task_manager()
+    rows = []
+    for task in tasks:
+        n_docs = task_size(task)
+        ids = sample_doc_ids(task, n_docs, samples, seed)
+        exact, hf, pk = (run(make_lm(m, tokenizer, backend, batch_size), task, ids, n_docs,
+                             manager, seed)["raw"]
+                         for m, backend in ((exact_model, "hf"), (fp32_model, "hf"),
+                                            (fp32_model, "pkdq")))
+        hf_err, pk_err = compare(exact, hf), compare(exact, pk)
+        row = {"task": task, "docs": len(ids), "requests": hf_err["requests"],
+               "hf_max_abs_error": hf_err["max_abs_delta"], "hf_flips": hf_err["metric_flips"],
+               "pkdq_max_abs_error": pk_err["max_abs_delta"],
+               "pkdq_flips": pk_err["metric_flips"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], bf16: list[dict[str, Any]],
+             floor: list[dict[str, Any]]) -> str:
     out = [
         "# pkdq lm-eval backend vs stock HFLM",
         "",
@@ -168,11 +198,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], bf16: list[dict[s
         "lm-eval's own task building excluded. Δ ll: largest per-request |log-likelihood "
         "difference| (for wikitext one request is a whole article of thousands of tokens). "
         "Flips: per-doc acc/acc_norm values that differ.",
-        "",
-        "| task | docs | requests | max Δ ll | flips | metric | HFLM | pkdq | HFLM s | pkdq s "
-        "| speed-up |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    if rows:
+        out += ["", "| task | docs | requests | max Δ ll | flips | metric | HFLM | pkdq | HFLM s "
+                "| pkdq s | speed-up |",
+                "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         out.append(
             f"| {r['task']} | {r['docs']} | {r['requests']} | {r['max_abs_delta']:.1e} | "
@@ -193,6 +223,15 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], bf16: list[dict[s
                 f"{r['bf16']:.4f} | {r['stderr']:.4f} | {r['drift_in_stderr']:.2f} | "
                 f"{r['max_abs_delta']:.2f} | {r['metric_flips']} | {r['cpu_s_fp32']:.1f} | "
                 f"{r['cpu_s_bf16']:.1f} | {r['speedup']:.2f}x |")
+    if floor:
+        out += ["", "## Distance from exact (float64) log-likelihoods", "",
+                "Stock HFLM with the model in float64 as the reference; both fp32 backends' "
+                "largest per-request error and per-doc metric flips against it.", "",
+                "| task | docs | requests | HFLM fp32 max error | flips | pkdq fp32 max error "
+                "| flips |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        out += [f"| {r['task']} | {r['docs']} | {r['requests']} | {r['hf_max_abs_error']:.1e} | "
+                f"{r['hf_flips']} | {r['pkdq_max_abs_error']:.1e} | {r['pkdq_flips']} |"
+                for r in floor]
     out += ["", f"Total wall time of this benchmark: {meta['wall_s']:.0f} s.", ""]
     return "\n".join(out)
 
@@ -205,6 +244,7 @@ def main() -> None:
     parser.add_argument("--wikitext-pages", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512, help="wikitext window")
     parser.add_argument("--bf16-tasks", default=",".join(BF16_TASKS), help="'' to skip")
+    parser.add_argument("--fp64-tasks", default="", help="errors against float64 HFLM")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1234)
@@ -226,11 +266,15 @@ def main() -> None:
                         args.seed, args.batch_size, args.wikitext_pages, args.max_length)
     bf16 = bf16_drift(ref.path, model, tokenizer, [t for t in args.bf16_tasks.split(",") if t],
                       args.samples, args.seed, args.batch_size)
+    floor = fp64_reference(ref.path, model, tokenizer,
+                           [t for t in args.fp64_tasks.split(",") if t], args.samples, args.seed,
+                           args.batch_size)
     meta = {"model": args.model, "threads": args.threads, "batch_size": args.batch_size,
             "seed": args.seed, "samples": args.samples, "wall_s": time.perf_counter() - start}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(meta, rows, bf16))
-    write_json_atomic(args.out.with_suffix(".json"), {"meta": meta, "rows": rows, "bf16": bf16})
+    args.out.write_text(markdown(meta, rows, bf16, floor))
+    write_json_atomic(args.out.with_suffix(".json"),
+                      {"meta": meta, "rows": rows, "bf16": bf16, "floor": floor})
     print(args.out.read_text())
 
 

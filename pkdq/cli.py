@@ -79,6 +79,17 @@ def run_cmd(
     except ResourceError as exc:
         _fail(str(exc))
     run_dir = (Path(runs_dir) / (run_id or parsed.name)).resolve()
+    if parsed.ordering_experiment:  # a non-production order: run it as a one-order comparison
+        from tasks.orderings import KIND_LETTER
+
+        order = "-".join(KIND_LETTER[kind] for kind, _ in parsed.stage_list())
+        typer.echo(f"pkdq: {parsed.name} is an ordering experiment ({order}); running it as a "
+                   f"comparison of that one order in {run_dir}")
+        from flows.compare import run_compare
+
+        report = run_compare(source, str(run_dir), [order])
+        typer.echo(f"pkdq: finished; report at {report}")
+        return
     typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
     from flows.compress import compress_flow
 
@@ -252,16 +263,83 @@ def eval_cmd(
     typer.echo(f"written: {out}, {out.with_suffix('.samples.json')}")
 
 
+@app.command("compare")
+def compare_cmd(
+    recipe: str = typer.Argument(..., help="recipe name or YAML path (its stages are permuted)"),
+    orders: str = typer.Option("P-KD-Q,KD-P-Q,P-Q-KD,Q-KD-P",
+                               help="comma list of orderings of P (prune), KD, Q (quantize)"),
+    runs_dir: str = typer.Option("runs", help="where the comparison folder is created"),
+    run_id: str = typer.Option(None, help="folder name (default <recipe>-compare); running "
+                                          "again with the same id resumes"),
+    concurrency: int = typer.Option(1, min=1, help="orderings run at once (Prefect thread-pool "
+                                                   "task runner); 1 on small machines"),
+) -> None:
+    """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow."""
+    from tasks.model_store import ModelNotFoundError
+    from tasks.orderings import parse_orders, plan_ordering
+    from tasks.recipe import RecipeError, load_recipe, recipe_path
+    from tasks.resources import ResourceError, check_machine
+
+    try:
+        parsed = load_recipe(recipe)
+        source = str(recipe_path(recipe).resolve())
+        order_list = parse_orders(orders, parsed)
+    except RecipeError as exc:
+        _fail(str(exc))
+    try:
+        check_machine(parsed.resources)
+    except ResourceError as exc:
+        _fail(str(exc))
+    _print_rule_warnings(parsed, order_list)
+    run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-compare")).resolve()
+    typer.echo(f"pkdq: comparing {', '.join(order_list)} of {parsed.name} in {run_dir}")
+    for name in order_list:
+        for i, step in enumerate(plan_ordering(parsed, name).steps, start=1):
+            typer.echo(f"  {name} {i}. {step.label}: {step.note}")
+    from flows.compare import run_compare
+
+    try:
+        report = run_compare(source, str(run_dir), order_list, concurrency)
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"pkdq: finished; report at {report} (and report.html beside it)")
+
+
+def _print_rule_warnings(recipe, order_list: list[str]) -> None:
+    """Rule-check warnings for every ordering, each printed once."""
+    try:
+        from tasks.rules import rule_warnings
+    except ImportError:  # pragma: no cover - rules module arrives separately
+        return
+    from tasks.orderings import LETTERS
+
+    seen: set[str] = set()
+    for name in order_list:
+        kinds = [LETTERS[x] for x in name.split("-")]
+        for warning in rule_warnings(recipe, order=kinds):
+            line = f"warning [{warning.code}]: {warning.message} ({warning.source})"
+            if line not in seen:
+                seen.add(line)
+                typer.echo(f"{name}: {line}", err=True)
+
+
 @app.command("report")
 def report_cmd(
     run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/<run-id>"),
 ) -> None:
-    """(Re)build the report of a run from its folder alone."""
-    from tasks.report import write_report
+    """(Re)build the report of a run or an ordering comparison from its folder alone."""
+    from tasks.compare_run import COMPARE_FILE
 
-    if not (run_dir / "run.json").is_file():
-        _fail(f"{run_dir}: not a run folder (no run.json)")
-    paths = write_report(run_dir)
+    if (run_dir / COMPARE_FILE).is_file():
+        from tasks.compare_report import write_compare_report
+
+        paths = write_compare_report(run_dir)
+    elif (run_dir / "run.json").is_file():
+        from tasks.report import write_report
+
+        paths = write_report(run_dir)
+    else:
+        _fail(f"{run_dir}: not a run folder (no run.json or {COMPARE_FILE})")
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"written: {', '.join(str(p) for p in paths.values())}")
 

@@ -165,11 +165,12 @@ def qat_handle(model: nn.Module) -> QatHandle | None:
     return _HANDLES.get(model)
 
 
-def load_qat_student(path: Path):
-    """(float student ready for QAT, tokenizer) from a GPTQ folder: dequantized weights + STE.
+def load_dequantized(path: Path):
+    """(float model, tokenizer) holding exactly the checkpoint's grid values, as plain linears.
 
     Built from the config without its quantization_config (a stock float model), then loaded
-    with the checkpoint's float tensors and the dequantized linears, then `prepare_qat`.
+    with the checkpoint's float tensors and the dequantized linears. Stages that change shapes
+    (pruning after quantization) start here; QAT starts here and adds the fake-quant wrappers.
     """
     set_offline_env()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -186,12 +187,18 @@ def load_qat_student(path: Path):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise QuantizeError(f"QAT student from {path}: missing {missing[:4]}, "
+        raise QuantizeError(f"dequantized model from {path}: missing {missing[:4]}, "
                             f"unexpected {unexpected[:4]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    prepare_qat(model, path)
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
+
+
+def load_qat_student(path: Path):
+    """(float student ready for QAT, tokenizer) from a GPTQ folder: dequantized weights + STE."""
+    model, tokenizer = load_dequantized(path)
+    prepare_qat(model, Path(path))
+    return model.eval(), tokenizer
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

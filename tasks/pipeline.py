@@ -107,53 +107,77 @@ def mark_run(run_dir: Path, status: str, **extra: Any) -> None:
     write_json_atomic(path, info)
 
 
+def unit_context(folder: Path, name: str, recipe: Recipe,
+                 teacher: ModelRef | None) -> StageContext:
+    return StageContext(out_dir=folder, seed=recipe.seed, threads=recipe.threads,
+                        data=data_dir(), teacher=teacher, stage_name=name)
+
+
 def stage_context(run_dir: Path, stage: PlannedStage, recipe: Recipe,
                   teacher: ModelRef | None) -> StageContext:
-    return StageContext(out_dir=run_dir / stage.folder, seed=recipe.seed, threads=recipe.threads,
-                        data=data_dir(), teacher=teacher, stage_name=stage.folder)
+    return unit_context(run_dir / stage.folder, stage.folder, recipe, teacher)
 
 
-def run_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe, input_ref: ModelRef,
-              teacher: ModelRef | None) -> tuple[dict[str, Any], bool]:
-    """Run one stage unless an identical finished one exists; returns (record, reused)."""
-    folder = run_dir / stage.folder
-    extra = {"teacher": teacher.fingerprint} if (stage.kind == "distill" and teacher) else None
-    key = stage_key(stage.kind, input_ref.fingerprint, stage.config.model_dump(mode="json"),
-                    recipe.seed, extra)
+def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
+             input_ref: ModelRef, teacher: ModelRef | None,
+             extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+    """Run one stage into `folder` unless an identical finished one is there: (record, reused).
+
+    Shared by the compress flow (numbered stage folders) and the ordering comparison (unit
+    folders shared by orderings with a common prefix).
+    """
+    extra = dict(extra or {})
+    if kind == "distill" and teacher:
+        extra["teacher"] = teacher.fingerprint
+    key = stage_key(kind, input_ref.fingerprint, config.model_dump(mode="json"), recipe.seed,
+                    extra or None)
     record = finished_record(folder, key)
     if record is not None:
-        print(f"[{stage.folder}] finished earlier (key {key}): reused", flush=True)
+        print(f"[{name}] finished earlier (key {key}): reused", flush=True)
         return record, True
     begin_stage(folder)
-    print(f"[{stage.folder}] starting", flush=True)
+    print(f"[{name}] starting", flush=True)
     started = time.perf_counter()
-    result = stage_runner(stage.kind, recipe.resources)(input_ref, stage.config,
-                                      stage_context(run_dir, stage, recipe, teacher))
-    metrics = {"stage": stage.kind, "input": input_ref.to_json(), **result.metrics,
+    result = stage_runner(kind, recipe.resources)(input_ref, config,
+                                                  unit_context(folder, name, recipe, teacher))
+    metrics = {"stage": kind, "input": input_ref.to_json(), **result.metrics,
                "stage_wall_s": time.perf_counter() - started}
     write_json_atomic(folder / "metrics.json", metrics)
     return finish_record(folder, key, result.model, metrics), False
 
 
-def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,
-                   model: ModelRef) -> tuple[dict[str, Any], bool]:
-    """Evaluate a stage's model once per (model fingerprint, eval config, seed)."""
+def run_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe, input_ref: ModelRef,
+              teacher: ModelRef | None) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless an identical finished one exists; returns (record, reused)."""
+    return run_unit(run_dir / stage.folder, stage.folder, stage.kind, stage.config, recipe,
+                    input_ref, teacher)
+
+
+def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
+                  baseline: bool = False) -> tuple[dict[str, Any], bool]:
+    """Evaluate a model into `folder` once per (model fingerprint, eval config, seed)."""
     from tasks.evaluate import evaluate_model
 
-    folder = run_dir / stage.folder
     folder.mkdir(parents=True, exist_ok=True)
     key = stage_key("evaluate", model.fingerprint, recipe.evaluate.model_dump(mode="json"),
                     recipe.seed)
     record = finished_record(folder, key, EVAL_FILE + ".done")
     if record is not None and (folder / EVAL_FILE).is_file():
-        print(f"[{stage.folder}] evaluation finished earlier: reused", flush=True)
+        print(f"[{name}] evaluation finished earlier: reused", flush=True)
         return record, True
-    print(f"[{stage.folder}] evaluating {model.path.name}", flush=True)
+    print(f"[{name}] evaluating {model.path.name}", flush=True)
     out_dir = folder / "eval"
     begin_stage(out_dir)
     metrics = evaluate_model(model.path, recipe.evaluate, out_dir, data=data_dir(),
                              seed=recipe.seed, threads=recipe.threads)
     write_json_atomic(folder / EVAL_FILE, metrics)
-    if stage.kind == BASELINE:
+    if baseline:
         write_json_atomic(folder / "metrics.json", {"stage": BASELINE, "model": model.to_json()})
     return finish_record(folder, key, model, {"eval": EVAL_FILE}, EVAL_FILE + ".done"), False
+
+
+def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,
+                   model: ModelRef) -> tuple[dict[str, Any], bool]:
+    """Evaluate a stage's model once per (model fingerprint, eval config, seed)."""
+    return evaluate_unit(run_dir / stage.folder, stage.folder, recipe, model,
+                         baseline=stage.kind == BASELINE)

@@ -27,7 +27,7 @@ from tasks.importance import (
     skip_layer_ppl_increase,
     weight_scores,
 )
-from tasks.model_store import load_model, save_model
+from tasks.model_store import is_quantized, load_model, save_model
 from tasks.prune_plan import Dims, PrunePlan, plan_prune
 from tasks.prune_units import Anatomy, Coupling, count_params
 from tasks.recipe import PruneConfig
@@ -218,8 +218,15 @@ def prune_stage(model_ref: ModelRef, cfg: PruneConfig, ctx: StageContext) -> Sta
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(ctx.threads)
     start = time.perf_counter()
-    model, tokenizer = load_model(model_ref)
+    quantized_input = is_quantized(model_ref.path)
+    if quantized_input:  # an ordering with Q before P: cut the grid weights as plain floats
+        from tasks.fake_quant import load_dequantized
+
+        model, tokenizer = load_dequantized(model_ref.path)
+    else:
+        model, tokenizer = load_model(model_ref)
     metrics = prune_model(model, tokenizer, cfg, ctx)
+    metrics["input_quantized"] = quantized_input
     out = save_model(model, tokenizer, ctx.out_dir / "model")
     metrics["wall_s"] = time.perf_counter() - start
     return StageResult(out, metrics)

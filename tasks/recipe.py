@@ -265,6 +265,9 @@ class Recipe(Strict):
     stages: list[Stage] = Field(min_length=1)
     evaluate: EvalConfig = EvalConfig()
     resources: Resources = Resources()  # processes/devices; not in stage keys
+    ordering_experiment: bool = Field(
+        False, description="allow stage orders other than P-KD-Q (for studying orderings; "
+        "never for a model you ship). `pkdq compare` builds such variants itself")
 
     def stage_list(self) -> list[tuple[str, Strict]]:
         """[(kind, config)] in recipe order."""
@@ -310,9 +313,13 @@ def _check_order(recipe: Recipe, source: str) -> None:
     kinds = [kind for kind, _ in recipe.stage_list()]
     if len(set(kinds)) != len(kinds):
         raise RecipeError(f"{source}: stages: each stage may appear once, got {' -> '.join(kinds)}")
+    if recipe.ordering_experiment:
+        return  # any order of distinct stages; tasks.orderings says what each order means
     ranks = [STAGE_ORDER.index(k) for k in kinds]
     if ranks != sorted(ranks):
-        raise RecipeError(f"{source}: stages: order {' -> '.join(kinds)} breaks the {PKDQ_RULE}")
+        raise RecipeError(f"{source}: stages: order {' -> '.join(kinds)} breaks the {PKDQ_RULE}"
+                          "; to study other orders use `pkdq compare` or set "
+                          "ordering_experiment: true")
     if "distill" in kinds and "prune" not in kinds:
         raise RecipeError(f"{source}: stages: distill without a prune stage has no teacher; "
                           f"add a prune stage before it ({PKDQ_RULE})")

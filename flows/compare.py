@@ -1,0 +1,162 @@
+"""The compare flow: every ordering of a recipe's stages under equal budgets, as one Prefect flow.
+
+Each step of each ordering is one task run; evaluations are task runs too. A step that two
+orderings share (P in P-KD-Q and P-Q-KD) has one unit id, used as the Prefect cache key: the
+second ordering's task run ends in the `Cached` state in the UI, and the run log says which
+ordering computed it. The unit folders on disk (tasks.compare_run) are the source of truth for
+resuming; the Prefect cache only mirrors them within a run folder.
+
+Independent orderings run concurrently when `concurrency` > 1 (a thread-pool task runner);
+steps are submitted in dependency order, so concurrency 1 (the default on a 2-core machine)
+runs everything one after another without deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.common import ModelRef
+from tasks.compare_run import (
+    baseline_folder,
+    evaluate_folder,
+    init_compare,
+    mark_compare,
+    run_ordering_step,
+    unit_folder,
+)
+from tasks.model_store import resolve_model
+from tasks.orderings import plan_ordering, shared_prefixes
+from tasks.recipe import load_recipe
+from tasks.resources import check_machine
+
+
+def _scope(run_dir: str) -> str:
+    return hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+
+
+def _unit_key(context: Any, params: dict[str, Any]) -> str:
+    return f"pkdq-unit-{_scope(params['run_dir'])}-{params['unit']}"
+
+
+def _eval_key(context: Any, params: dict[str, Any]) -> str:
+    eval_cfg = load_recipe(params["recipe_file"]).evaluate.model_dump_json()
+    digest = hashlib.sha256(eval_cfg.encode()).hexdigest()[:8]
+    return f"pkdq-eval-{_scope(params['run_dir'])}-{params['unit']}-{digest}"
+
+
+@task(cache_key_fn=_unit_key, persist_result=True)
+def step_task(run_dir: str, recipe_file: str, order: str, index: int, input_model: dict[str, str],
+              base: dict[str, str], unit: str) -> dict[str, str]:
+    """One step of one ordering; returns the output ModelRef (JSON)."""
+    recipe = load_recipe(recipe_file)
+    ordering = plan_ordering(recipe, order)
+    record, reused = run_ordering_step(Path(run_dir), recipe, ordering, index,
+                                       ModelRef.from_json(input_model), ModelRef.from_json(base))
+    get_run_logger().info("%s step %d (%s): %s", order, index + 1, unit,
+                          "reused from the unit folder" if reused else "done")
+    return record["model"]
+
+
+@task(cache_key_fn=_eval_key, persist_result=True)
+def eval_unit_task(run_dir: str, recipe_file: str, unit: str, model: dict[str, str],
+                   baseline: bool = False) -> str:
+    """Evaluate a unit's model (same doc ids for every unit: same seed and eval config)."""
+    recipe = load_recipe(recipe_file)
+    folder = Path(run_dir) / "units" / unit
+    _, reused = evaluate_folder(folder, recipe, ModelRef.from_json(model), baseline=baseline)
+    get_run_logger().info("eval %s %s", unit, "reused" if reused else "done")
+    return unit
+
+
+@task(name="compare-report", cache_policy=NO_CACHE, persist_result=False)
+def compare_report_task(run_dir: str) -> str:
+    from tasks.compare_report import write_compare_report
+
+    from flows.artifacts import publish_compare
+
+    paths = write_compare_report(Path(run_dir))
+    publish_compare(paths)
+    return str(paths["markdown"])
+
+
+def _ensure_folder(future: Any, run_dir: str) -> None:
+    """A cached result whose unit folder was deleted must not be trusted."""
+    model = future.result()
+    if not (Path(model["path"]) / ".pkdq-fingerprint").is_file():
+        raise RuntimeError(f"{model['path']} vanished after a cache hit; rerun with a fresh "
+                           f"--run-id or delete {run_dir}/compare.json")
+
+
+@flow(name="pkdq-compare", log_prints=True)
+def compare_flow(recipe_file: str, run_dir: str, orders: list[str]) -> str:
+    """Baseline eval, then every ordering's steps and evals, then the comparison report."""
+    recipe = load_recipe(recipe_file)
+    check_machine(recipe.resources)
+    base = resolve_model(recipe.model)
+    orderings = [plan_ordering(recipe, order) for order in orders]
+    root = Path(run_dir)
+    info = init_compare(root, recipe, recipe_file, base, orderings,
+                        concurrency=_concurrency_of_runner())
+    first = shared_prefixes(orderings, base.fingerprint, recipe.seed)
+    futures: list[Any] = [eval_unit_task.with_options(name="eval baseline").submit(
+        run_dir, recipe_file, baseline_folder(root).name, base.to_json(), baseline=True)]
+    by_unit: dict[str, Any] = {}  # unit -> the first step future computing it
+    evals: dict[str, Any] = {}
+    try:
+        for ordering, described in zip(orderings, info["orderings"], strict=True):
+            upstream: Any = base.to_json()
+            ids = ordering.unit_ids(base.fingerprint, recipe.seed)
+            for index, (step, uid) in enumerate(zip(ordering.steps, ids, strict=True)):
+                unit = unit_folder(root, uid, step.role).name
+                name = f"{ordering.name} {index + 1}:{step.label}"
+                earlier = by_unit.get(unit)
+                if earlier is not None:
+                    print(f"[compare] {name}: same unit {unit} as {first[uid]}: Prefect cache "
+                          "hit, not recomputed", flush=True)
+                future = step_task.with_options(name=name).submit(
+                    run_dir, recipe_file, ordering.name, index, upstream, base.to_json(), unit,
+                    wait_for=[earlier] if earlier is not None else None)
+                earlier_eval = evals.get(unit)
+                evaluation = eval_unit_task.with_options(name=f"eval {name}").submit(
+                    run_dir, recipe_file, unit, future,
+                    wait_for=[earlier_eval] if earlier_eval is not None else None)
+                futures += [future, evaluation]
+                by_unit.setdefault(unit, future)
+                evals.setdefault(unit, evaluation)
+                upstream = future
+            assert described["name"] == ordering.name
+        wait(futures)
+        failed = [f for f in futures if f.state.is_failed() or f.state.is_crashed()]
+        for future in by_unit.values():
+            if not future.state.is_failed():
+                _ensure_folder(future, run_dir)
+        if failed:
+            for f in failed:
+                f.result()  # raises the first failure with its own traceback
+    except BaseException as exc:
+        mark_compare(root, "failed", error=f"{type(exc).__name__}: {exc}")
+        compare_report_task(run_dir)  # what finished is still worth reading
+        raise
+    mark_compare(root, "finished")
+    return compare_report_task(run_dir)
+
+
+def _concurrency_of_runner() -> int:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = getattr(ctx, "task_runner", None) if ctx else None
+    return int(getattr(runner, "_max_workers", None) or getattr(runner, "max_workers", 1) or 1)
+
+
+def run_compare(recipe_file: str, run_dir: str, orders: list[str], concurrency: int = 1) -> str:
+    """Run the flow with a task runner sized for `concurrency` orderings at once."""
+    runner = ThreadPoolTaskRunner(max_workers=max(1, concurrency))
+    return compare_flow.with_options(task_runner=runner)(recipe_file, run_dir, orders)
