@@ -79,11 +79,37 @@ def eval_unit_task(run_dir: str, recipe_file: str, unit: str, model: dict[str, s
 def compare_report_task(run_dir: str) -> str:
     from tasks.compare_report import write_compare_report
 
-    from flows.artifacts import publish_compare
-
     paths = write_compare_report(Path(run_dir))
-    publish_compare(paths)
+    publish_compare_artifacts(paths)
     return str(paths["markdown"])
+
+
+def publish_compare_artifacts(paths: dict[str, Path]) -> None:
+    """The headline table, the key plot and the full Markdown report, shown in the Prefect UI."""
+    import base64
+
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks import plots
+    from tasks.common import read_json
+    from tasks.compare_report import summary_rows
+
+    data = read_json(paths["json"])
+    columns, rows = summary_rows(data)
+    create_table_artifact(key="pkdq-orderings", table=[dict(zip(columns, r, strict=True))
+                                                       for r in rows],
+                          description="final model of each ordering (pkdq compare)")
+    base_ppl = data["baseline"]["ppl"]
+    series = {o["name"]: [("baseline", base_ppl)] + [
+        (s["label"], s["ppl"]) for s in o["steps"] if s["ppl"] is not None]
+        for o in data["orderings"]}
+    if base_ppl is not None:
+        png = plots.quality_per_stage(series, "WikiText-2 perplexity", base_ppl)
+        create_markdown_artifact(key="pkdq-orderings-plot", markdown=(
+            f"![perplexity per step](data:image/png;base64,{base64.b64encode(png).decode()})"),
+            description="WikiText-2 perplexity after each step, one line per ordering")
+    create_markdown_artifact(key="pkdq-orderings-report", markdown=paths["markdown"].read_text(),
+                             description=f"full comparison report ({paths['html']})")
 
 
 def _ensure_folder(future: Any, run_dir: str) -> None:

@@ -55,11 +55,16 @@ def eval_task(run_dir: str, index: int, recipe_file: str, model: dict[str, str])
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)
 def report_task(run_dir: str) -> str:
+    from flows.artifacts import publish_report_artifacts
+    from tasks.common import read_json
     from tasks.report import write_report
+    from tasks.report_page import quality_figures
 
     paths = write_report(Path(run_dir))
     create_markdown_artifact(key="pkdq-retention", markdown=paths["markdown"].read_text(),
                              description=f"pkdq retention report for {Path(run_dir).name}")
+    data = read_json(paths["json"])
+    publish_report_artifacts(data, quality_figures({data["run"]["run_id"]: data}))
     return str(paths["markdown"])
 
 

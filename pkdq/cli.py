@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from pkdq.env import configure_environment
+
+if TYPE_CHECKING:
+    from tasks.recipe import Recipe
 
 configure_environment()
 
@@ -32,11 +36,31 @@ def recipes_cmd() -> None:
         typer.echo(f"{name:28s} {description}")
 
 
+def _echo_rule_warnings(recipe: Recipe) -> int:
+    """Print the rule check (tasks.rules) on stderr, one line each; returns the warning count.
+
+    Info lines are printed but not counted: they never call for a change to the recipe.
+    """
+    from tasks.rules import rule_warnings
+
+    found = rule_warnings(recipe)
+    for finding in found:
+        typer.echo(finding.line(), err=True)
+    return sum(finding.level == "warning" for finding in found)
+
+
 @app.command("validate")
 def validate_cmd(
     recipe: str = typer.Argument(..., help="recipe name or path to a YAML file"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when a rule warns (info lines "
+                                                        "do not count)"),
 ) -> None:
-    """Check a recipe: exit 0, or one line saying what is wrong and where."""
+    """Check a recipe: exit 0, or one line saying what is wrong and where.
+
+    A valid recipe is also checked against rules backed by published results (one-shot prune
+    over 50%, stage order, quantization groups on the pruned shapes); each finding is one line
+    on stderr and does not change the exit code unless --strict.
+    """
     from tasks.recipe import RecipeError, load_recipe
 
     try:
@@ -45,6 +69,8 @@ def validate_cmd(
         _fail(str(exc))
     stages = " -> ".join(kind for kind, _ in parsed.stage_list())
     typer.echo(f"ok: {parsed.name}: {stages} on {parsed.model}")
+    if _echo_rule_warnings(parsed) and strict:
+        raise typer.Exit(1)
 
 
 @app.command("run")
@@ -70,6 +96,7 @@ def run_cmd(
         source = str(recipe_path(recipe).resolve())
     except RecipeError as exc:
         _fail(str(exc))
+    _echo_rule_warnings(parsed)  # advice only: the run goes ahead
     if pool:
         _run_on_pool(Path(source), f"{runs_dir.rstrip('/')}/{run_id or parsed.name}", pool,
                      api_url, wait)

@@ -13,7 +13,8 @@ from typing import Any
 from tasks.common import read_json, write_json_atomic
 from tasks.compare_run import COMPARE_FILE, baseline_folder
 from tasks.orderings import PRODUCTION_ORDER
-from tasks.report import SAMPLES_FILE, _pm
+from tasks.report import SAMPLES_FILE
+from tasks.report_format import pm as _pm
 from tasks.retention import retention
 
 STUDY = ("arXiv 2511.19495 (2025 ordering study): P-KD-Q gives the best quality; orders that "

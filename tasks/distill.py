@@ -11,6 +11,7 @@ on text it never saw. Outputs: `model/`, `loss_curve.json`, `loss_curve.png` in 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -170,12 +171,16 @@ def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext) -> torch.Te
 
 @torch.no_grad()  # not inference_mode: FSDP2 reuses the unsharded buffers in training later
 def heldout_metrics(
-    student, teacher, blocks: torch.Tensor, batch_size: int, precision: str = "fp32"
+    student, teacher, blocks: torch.Tensor, batch_size: int, precision: str = "fp32",
+    chunk: int = 0,
 ) -> dict[str, float]:
     """Token-mean KL(teacher || student) at T=1 and perplexities on held-out blocks.
 
     T=1 (not the training temperature) and fp32 by default (whatever the training precision) so
-    the number means the same across recipes.
+    the number means the same across recipes. `chunk` > 0 runs both LM heads and the scores on
+    that many positions at a time from the final hidden states, so the [batch, seq, vocab]
+    logits of the two models (and their log-softmaxes) never exist at once: the same numbers up
+    to summation order, without the eval's full-vocabulary transients raising the stage's peak.
     """
     was_training = student.training
     student.eval()
@@ -184,14 +189,19 @@ def heldout_metrics(
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size]
         with compute_context(precision, ids.device.type):
-            s_logits = student(input_ids=ids, use_cache=False).logits
-            t_logits = teacher(input_ids=ids, use_cache=False).logits
-        kl_sum += float(forward_kl(s_logits, t_logits, 1.0).sum())
+            if chunk:
+                kl, ce, t_ce = _chunked_scores(student, teacher, ids, chunk)
+            else:
+                s_logits = student(input_ids=ids, use_cache=False).logits
+                t_logits = teacher(input_ids=ids, use_cache=False).logits
+                n_targets = ids[:, 1:].numel()
+                kl = float(forward_kl(s_logits, t_logits, 1.0).sum())
+                ce = float(next_token_ce(s_logits, ids)) * n_targets
+                t_ce = float(next_token_ce(t_logits, ids)) * n_targets
+                del s_logits, t_logits
+        kl_sum, ce_sum, t_ce_sum = kl_sum + kl, ce_sum + ce, t_ce_sum + t_ce
         kl_n += ids.numel()
-        n_targets = ids[:, 1:].numel()
-        ce_sum += float(next_token_ce(s_logits, ids)) * n_targets
-        t_ce_sum += float(next_token_ce(t_logits, ids)) * n_targets
-        ce_n += n_targets
+        ce_n += ids[:, 1:].numel()
     student.train(was_training)
     return {
         "kl": kl_sum / kl_n,
@@ -199,6 +209,30 @@ def heldout_metrics(
         "teacher_ppl": math.exp(t_ce_sum / ce_n),
         "tokens": kl_n,
     }
+
+
+def _chunked_scores(student, teacher, ids: torch.Tensor, chunk: int) -> tuple[float, ...]:
+    """(KL sum, student CE sum, teacher CE sum) of one batch, LM heads run `chunk` rows at once."""
+    import torch.nn.functional as F
+
+    from tasks.kd_sparse import next_token_targets
+
+    def final_hidden(model):
+        out = model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
+
+    s_h, t_h = final_hidden(student), final_hidden(teacher)
+    s_head = getattr(student, "module", student).get_output_embeddings()
+    t_head = getattr(teacher, "module", teacher).get_output_embeddings()
+    targets = next_token_targets(ids).reshape(-1)
+    kl = ce = t_ce = 0.0
+    for lo in range(0, s_h.shape[0], chunk):
+        sl = slice(lo, lo + chunk)
+        s_logits, t_logits = s_head(s_h[sl]).float(), t_head(t_h[sl]).float()
+        kl += float(forward_kl(s_logits, t_logits, 1.0).sum())
+        ce += float(F.cross_entropy(s_logits, targets[sl], ignore_index=-100, reduction="sum"))
+        t_ce += float(F.cross_entropy(t_logits, targets[sl], ignore_index=-100, reduction="sum"))
+    return kl, ce, t_ce
 
 
 # --------------------------------------------------------------------------- training loop
@@ -216,11 +250,22 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def make_optimizer(student, cfg: DistillConfig, steps: int, extra=()):
     """AdamW over trainable params (+ `extra`, e.g. KD projections), warmup+cosine LambdaLR."""
     params = [p for p in student.parameters() if p.requires_grad] + list(extra)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            **({"fused": True} if cfg.fused_adamw and fused_ok(params) else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, steps, cfg.min_lr_ratio)
     )
     return opt, sched
+
+
+def fused_ok(params) -> bool:
+    """Whether AdamW's fused kernel takes these tensors: plain (not sharded DTensor) floating
+    parameters, all on one device type that has the kernel (CPU or CUDA)."""
+    from torch.distributed.tensor import DTensor
+
+    kinds = {p.device.type for p in params}
+    return (len(kinds) == 1 and kinds <= {"cpu", "cuda"}
+            and all(p.is_floating_point() and not isinstance(p, DTensor) for p in params))
 
 
 def micro_step(student, teacher, ids: torch.Tensor, cfg: DistillConfig,
@@ -259,8 +304,42 @@ def train_loop(
     caller measures that). Each curve row averages its micro-batches. Under torchrun each rank
     trains on its rows of every global batch and logs the loss averaged over ranks (`runtime`).
     """
-    rt = runtime or Runtime()
-    engine = engine or KDEngine(cfg, steps)
+    with activation_checkpointing(student, cfg.activation_checkpointing):
+        return _train_steps(student, teacher, blocks, cfg, steps, on_eval, stage,
+                            runtime or Runtime(), engine or KDEngine(cfg, steps), checkpoints)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model, enabled: bool = True) -> Iterator[None]:
+    """Recompute the student's decoder layers in backward (non-reentrant checkpoints) while on.
+
+    Only a training-mode forward checkpoints, so held-out evals inside the loop run as usual.
+    Saves the layers' activations (~0.6 GB at 4x256 tokens on SmolLM2-135M) for one extra
+    forward of the layers per step.
+    """
+    base = getattr(model, "module", model)
+    if not enabled:
+        yield
+        return
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"distill: activation_checkpointing: {type(base).__name__} does not "
+                         "support it; set activation_checkpointing: false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        disable = base.activation_checkpointing_disable
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        disable = base.gradient_checkpointing_disable
+    try:
+        yield
+    finally:
+        disable()
+
+
+def _train_steps(student, teacher, blocks: torch.Tensor, cfg: DistillConfig, steps: int,
+                 on_eval, stage: str, rt: Runtime, engine: KDEngine,
+                 checkpoints: Checkpointer | None) -> list[dict[str, float]]:
     opt, sched = make_optimizer(student, cfg, steps, engine.parameters())
     student.train()
     progress = Progress(stage, steps)
@@ -312,24 +391,10 @@ def train_loop(
 
 def plot_curve(curve: list[dict[str, float]], heldout: list[dict[str, float]], path: Path) -> None:
     """Training loss parts per step and held-out KL; written via a temp file, then renamed."""
-    import matplotlib
+    from tasks.plots import loss_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_train, ax_held) = plt.subplots(1, 2, figsize=(10, 3.8))
-    steps = [row["step"] for row in curve]
-    for key, label in (("loss", "loss"), ("kl", "KL at T"), ("ce", "CE")):
-        ax_train.plot(steps, [row[key] for row in curve], label=label)
-    ax_train.set(xlabel="step", ylabel="training loss", title="KD training (per step)")
-    ax_train.legend()
-    ax_held.plot([h["step"] for h in heldout], [h["kl"] for h in heldout], "o-", label="KL")
-    ax_held.set(xlabel="step", ylabel="KL(teacher || student), T=1", title="held-out")
-    ax_held.legend()
-    fig.tight_layout()
     tmp = path.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    tmp.write_bytes(loss_curve({"steps": curve, "heldout": heldout}))
     os.replace(tmp, path)
 
 
@@ -429,6 +494,8 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     cache, cache_stats = build_logit_cache(teacher, tokenizer, train, cfg, ctx, rt)
     model, teacher = rt.wrap(model, teacher)
     engine = KDEngine.for_models(cfg, plan.steps, model, teacher, cache)
+    teachers = TeacherHolder(teacher, ctx.teacher, offload=teacher_idle(cfg, rt))
+    del teacher  # the holder owns it: offloaded, nothing else may keep it alive
     ckpt_dir = Path(ctx.out_dir) / "checkpoint"
     keep_best = cfg.keep_best and cfg.eval_every > 0 and rt.world == 1
     monitor = PlateauMonitor(cfg.early_stop_patience, cfg.early_stop_min_delta,
@@ -441,7 +508,9 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
 
     def evaluate(step: int, tokens: int) -> bool:
         # Every rank scores all held-out blocks (FSDP needs all ranks in each forward anyway).
-        row = heldout_metrics(rt.unwrap(model), teacher, held, cfg.batch_size)  # fp32
+        with teachers.loaded() as teacher:  # fp32; chunked heads when training chunks them
+            row = heldout_metrics(rt.unwrap(model), teacher, held, cfg.batch_size,
+                                  chunk=cfg.loss_chunk if rt.world == 1 else 0)
         heldout.append({"step": step, "train_tokens": tokens, **row})
         if rt.is_main:
             print(f"[{stage}] held-out step {step}: KL {row['kl']:.4f} ppl {row['ppl']:.2f} "
@@ -451,7 +520,8 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     if not checkpoints.matches():  # a resumed run restores its held-out rows instead
         evaluate(0, 0)
     train_start = time.perf_counter()
-    curve = train_loop(model, teacher, train, cfg, plan.steps, on_eval=evaluate, stage=stage,
+    curve = train_loop(model, teachers.resident(), train, cfg, plan.steps, on_eval=evaluate,
+                       stage=stage,
                        runtime=rt, engine=engine, checkpoints=checkpoints)
     train_s = time.perf_counter() - train_start
     final_step, final_tokens = curve[-1]["step"], curve[-1]["tokens"]
@@ -481,6 +551,47 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     metrics.update(cache_stats)
     metrics.update(qat_metrics)
     return StageResult(model_ref(out_dir / "model"), metrics)
+
+
+def teacher_idle(cfg: DistillConfig, rt: Runtime) -> bool:
+    """Whether the training step never runs the teacher, so it may leave memory while training:
+    the logit cache serves its distribution and no hidden/attention state is matched."""
+    return (cfg.teacher_offload and cfg.logit_cache and cfg.hidden_loss == "none"
+            and not cfg.attention_match and rt.world == 1)
+
+
+class TeacherHolder:
+    """The frozen teacher, kept resident or (offload) dropped after each use and reloaded.
+
+    With the logit cache the teacher only scores held-out KL (before, every `eval_every`, after),
+    so keeping its fp32 weights through training costs their whole size in peak memory for
+    nothing; a reload from its folder costs a second or two per eval.
+    """
+
+    def __init__(self, teacher, ref: ModelRef, offload: bool) -> None:
+        self._teacher, self.ref, self.offload = teacher, ref, offload
+        self.reloads = 0
+
+    def resident(self):
+        """The teacher for the training step (None when offloaded: the step never calls it)."""
+        self._drop()
+        return self._teacher
+
+    def _drop(self) -> None:
+        if self.offload and self._teacher is not None:
+            self._teacher = None
+            gc.collect()  # a model may sit in reference cycles: free its weights now
+
+    @contextlib.contextmanager
+    def loaded(self) -> Iterator[Any]:
+        if self._teacher is None:
+            self._teacher, _ = load_model(self.ref)
+            freeze(self._teacher)
+            self.reloads += 1
+        try:
+            yield self._teacher
+        finally:
+            self._drop()
 
 
 def build_logit_cache(teacher, tokenizer, blocks: torch.Tensor, cfg: DistillConfig,

@@ -55,7 +55,7 @@ def _assembled_gguf(name: str, entry: str) -> Path:
     import importlib
 
     module, func = entry.split(":")
-    target = cache_dir() / "gguf" / f"{name}.gguf"
+    target = _joined_gguf_path(name)
     if target.is_file():
         return target
     print(f"[model-store] joining the {name} GGUF chunks into {target} (once)", flush=True)
@@ -64,6 +64,30 @@ def _assembled_gguf(name: str, entry: str) -> Path:
     joined = Path(getattr(importlib.import_module(module), func)(tmp, overwrite=True))
     joined.rename(target)
     return target
+
+
+def _joined_gguf_path(name: str) -> Path:
+    return cache_dir() / "gguf" / f"{name}.gguf"
+
+
+def _builtin_gguf_on_disk(name: str) -> Path | None:
+    """The built-in model's GGUF if it is already a file (nothing installed, joined or read)."""
+    dist_name, rel = BUILTIN_MODELS[name]
+    if ":" in rel:
+        path = _joined_gguf_path(name)
+    else:
+        try:
+            path = Path(str(metadata.distribution(dist_name).locate_file(rel)))
+        except metadata.PackageNotFoundError:
+            return None
+    return path if path.is_file() else None
+
+
+def _local_ggufs(path: Path) -> list[Path]:
+    """A .gguf file itself, or the .gguf files in a folder (callers check config.json first)."""
+    if path.is_file() and path.suffix == ".gguf":
+        return [path]
+    return sorted(path.glob("*.gguf")) if path.is_dir() else []
 
 
 def _hf_cache_snapshot(repo_id: str) -> Path | None:
@@ -125,9 +149,7 @@ def resolve_model(spec: str) -> ModelRef:
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return model_ref(path)
-    ggufs = [path] if path.is_file() and path.suffix == ".gguf" else []
-    if path.is_dir() and not ggufs:
-        ggufs = sorted(path.glob("*.gguf"))
+    ggufs = _local_ggufs(path)
     if len(ggufs) == 1:
         return model_ref(convert_gguf(ggufs[0], converted_dir(ggufs[0])))
     if "/" in spec and not path.exists():
@@ -143,6 +165,39 @@ def resolve_model(spec: str) -> ModelRef:
 
 def read_config(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def cached_config(spec: str) -> dict[str, Any] | None:
+    """config.json of a model spec when it is already on disk, else None; never raises.
+
+    For checks before a run (`tasks.rules`), which must stay cheap: unlike `resolve_model` this
+    never converts a GGUF, joins chunks or fingerprints weights, so a built-in model that was
+    not converted yet (or a spec that does not resolve) gives None and the caller skips what
+    needs shapes.
+    """
+    folder = _folder_on_disk(spec)
+    try:
+        return read_config(folder) if folder is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _folder_on_disk(spec: str) -> Path | None:
+    """The folder `resolve_model` would return, if it exists now without any work."""
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS:
+        gguf = _builtin_gguf_on_disk(spec)
+        ggufs = [gguf] if gguf is not None else []
+    elif path.is_dir() and (path / "config.json").is_file():
+        return path
+    else:
+        ggufs = _local_ggufs(path)
+    if len(ggufs) == 1:
+        folder = converted_dir(ggufs[0])
+        return folder if (folder / FINGERPRINT_FILE).is_file() else None
+    if "/" in spec and not path.exists():
+        return _hf_cache_snapshot(spec)
+    return None
 
 
 def _quant_method(quant: Any) -> str | None:

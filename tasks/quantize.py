@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
@@ -44,13 +44,16 @@ from tasks.common import (
     set_offline_env,
 )
 from tasks.model_store import FINGERPRINT_FILE, model_ref
+from tasks.quant_layout import (
+    MARLIN_K_MULTIPLE,
+    MARLIN_N_MULTIPLE,
+    group_size_hint,
+    marlin_k_note,
+)
 from tasks.recipe import QuantizeConfig
 from tasks.textdata import load_train_texts, token_blocks
 
 STAGE = "quantize"
-ALLOWED_GROUP_SIZES: tuple[int, ...] = get_args(
-    QuantizeConfig.model_fields["group_size"].annotation
-)
 PACK_BITS = 32  # GPTQ packs codes into int32 words
 SAVE_DTYPE = torch.float16  # unquantized tensors on disk; GPTQ scales are fp16 too
 CPU_CALIBRATION_DTYPE = torch.float32  # GPTQModel's CPU default would be bf16
@@ -120,11 +123,6 @@ def quantizable_linears(model_path_or_config: Any) -> dict[str, tuple[int, int]]
     return linears
 
 
-def _working_group_sizes(in_features: list[int]) -> list[int]:
-    """Recipe group sizes that divide every in_features (empty when none does)."""
-    return [g for g in ALLOWED_GROUP_SIZES if all(n % g == 0 for n in in_features)]
-
-
 def _index_ranges(indices: list[int]) -> str:
     """[0, 1, 2, 3, 7] -> "0-3,7": every index stays named, runs of 3+ shortened."""
     runs: list[list[int]] = []
@@ -171,17 +169,12 @@ def check_group_size(model_path_or_config: Any, group_size: int) -> None:
     if not bad:
         return
     listed = ", ".join(f"{name} (in_features {n})" for name, n in _compact_names(bad).items())
-    working = _working_group_sizes([dims[0] for dims in linears.values()])
-    hint = (f"group sizes that would work: {', '.join(map(str, working))}" if working else
-            f"none of {', '.join(map(str, ALLOWED_GROUP_SIZES))} works; prune with round_to "
-            "a multiple of the group size")
+    hint = group_size_hint(dims[0] for dims in linears.values())
     raise ValueError(f"group_size {group_size} does not divide in_features of {len(bad)} "
                      f"layer(s): {listed}; {hint}")
 
 
 AWQ_OUT_MULTIPLE = 64  # GPTQModel's AWQ clip search walks output rows in batches of 64 (or 256)
-MARLIN_K_MULTIPLE = 128  # vLLM's Marlin kernels tile in_features by 128
-MARLIN_N_MULTIPLE = 64  # ... and out_features by 64
 
 
 def check_awq_shapes(model_path_or_config: Any) -> None:
@@ -207,9 +200,7 @@ def serving_notes(model_path_or_config: Any, cfg: QuantizeConfig) -> dict[str, A
     bad_k = {n: d[0] for n, d in linears.items() if d[0] % MARLIN_K_MULTIPLE}
     bad_n = {n: d[1] for n, d in linears.items() if d[1] % MARLIN_N_MULTIPLE}
     if bad_k:
-        names = ", ".join(f"{n} ({v})" for n, v in _compact_names(bad_k).items())
-        warnings.append(f"vLLM Marlin kernels need in_features divisible by {MARLIN_K_MULTIPLE}; "
-                        f"not: {names}; vLLM would use its slower non-Marlin kernel")
+        warnings.append(marlin_k_note(_compact_names(bad_k)))
     if bad_n:
         names = ", ".join(f"{n} ({v})" for n, v in _compact_names(bad_n).items())
         warnings.append(f"vLLM Marlin kernels need out_features divisible by "

@@ -178,6 +178,15 @@ class DistillConfig(Strict):
     precision: Literal["fp32", "bf16-autocast"] = Field(
         "fp32", description="compute precision; weights and the saved model stay fp32"
     )
+    fused_adamw: bool = Field(True, description="AdamW's fused kernel (CPU/CUDA): one pass per "
+                              "tensor and no full-size foreach temporaries; same update within "
+                              "float rounding")
+    activation_checkpointing: bool = Field(
+        False, description="recompute the student's decoder layers in backward instead of "
+        "keeping their activations: less peak memory, a slower step")
+    teacher_offload: bool = Field(
+        True, description="with logit_cache and no state matching the step never runs the "
+        "teacher: free it while training, reload it for held-out evals")
 
     @model_validator(mode="after")
     def _early_stop_needs_evals(self) -> DistillConfig:

@@ -1,4 +1,4 @@
-"""Build the run report from the run folder alone: report.json (every number) and report.md.
+"""The run report from the run folder alone: report.json (every number), report.md, report.html.
 
 Nothing here reads live state: a report can be rebuilt on another machine from a copied folder.
 """
@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import read_json, write_json_atomic
+from tasks.report_format import RETENTION_NOTE
+from tasks.report_format import fmt as _fmt  # old private names: other modules import them here
+from tasks.report_format import pm as _pm
 from tasks.retention import retention
 
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
@@ -58,16 +61,6 @@ def warnings(stages: list[dict[str, Any]]) -> list[str]:
     return sorted(set(out), key=out.index)
 
 
-def _pm(value: float | None, err: float | None, pct: bool = False) -> str:
-    if value is None:
-        return "–"
-    scale, suffix = (100.0, "%") if pct else (1.0, "")
-    if err is None:
-        return f"{value * scale:.1f}{suffix}" if pct else f"{value:.3f}"
-    return (f"{value * scale:.1f} ± {err * scale:.1f}{suffix}" if pct
-            else f"{value:.3f} ± {err:.3f}")
-
-
 def _stage_rows(data: dict[str, Any]) -> list[str]:
     rows = ["| stage | params | bytes on disk | WikiText-2 ppl | ppl ratio | size ratio "
             "| wall time |",
@@ -88,10 +81,6 @@ def _stage_rows(data: dict[str, Any]) -> list[str]:
             f"{wall:,.0f} s" if wall else "–",
         ))
     return rows
-
-
-def _fmt(value: float | None) -> str:
-    return f"{value:.3f}" if value is not None else "–"
 
 
 def _retention_rows(data: dict[str, Any]) -> list[str]:
@@ -138,9 +127,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         "## Retention per benchmark",
         "",
-        "Score ± standard error; retention = stage / baseline; chance-normalised = "
-        "(s − chance) / (b − chance); paired Δ = s − b over the same doc ids, its error from "
-        "the per-doc differences.",
+        RETENTION_NOTE,
         "",
         *_retention_rows(data),
         "",
@@ -161,9 +148,12 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: Path) -> dict[str, Path]:
+    """report.json, report.md and the self-contained report.html (plots inline)."""
+    from tasks.report_page import write_html  # matplotlib: only when a page is written
+
     run_dir = Path(run_dir)
     data = collect(run_dir)
     json_path, md_path = run_dir / "report.json", run_dir / "report.md"
     write_json_atomic(json_path, data)
     md_path.write_text(render_markdown(data))
-    return {"markdown": md_path, "json": json_path}
+    return {"markdown": md_path, "json": json_path, "html": write_html(run_dir, data)}

@@ -23,7 +23,7 @@ UNINFORMATIVE_SIGMAS = 2.0
 PerDoc = dict[str, float]
 
 
-def _metric(task: dict[str, Any]) -> str:
+def primary_metric(task: dict[str, Any]) -> str:
     """The task's primary metric as recorded by evaluate, else acc_norm when present, else acc."""
     if task.get("metric"):
         return str(task["metric"])
@@ -78,7 +78,7 @@ def ratio_stderr(s: float, ss: float, b: float, sb: float, cov: float = 0.0) -> 
 def benchmark_retention(base: dict[str, Any], stage: dict[str, Any],
                         paired: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scores, ratios and differences of one benchmark (see module docstring)."""
-    metric = _metric(base)
+    metric = primary_metric(base)
     b, s = float(base[metric]), float(stage[metric])
     sb = float(base.get(f"{metric}_stderr") or 0.0)
     ss = float(stage.get(f"{metric}_stderr") or 0.0)
@@ -160,7 +160,7 @@ def retention(baseline: dict[str, Any], stage: dict[str, Any],
     for task in base_tasks:
         if task not in stage_tasks:
             continue
-        metric = _metric(base_tasks[task])
+        metric = primary_metric(base_tasks[task])
         bdocs = _per_doc(baseline_samples, task, metric)
         sdocs = _per_doc(stage_samples, task, metric)
         paired = paired_stats(bdocs, sdocs) if bdocs and sdocs else None

@@ -8,34 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
+from tiny_recipes import tiny_recipe
 
 from tasks.common import REPO_ROOT, read_json
 from tasks.pipeline import plan, run_stage
 from tasks.recipe import load_recipe
-
-
-def tiny_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-run") -> Path:
-    raw = {
-        "name": name,
-        "model": str(model_path),
-        "seed": 7,
-        "threads": 1,
-        "stages": [
-            {"prune": {"ffn": {"ratio": 0.5}, "calibration": {"samples": 4, "seq_len": 32}}},
-            {"distill": {"tokens": 256, "seq_len": 32, "batch_size": 2, "lr": 1e-3}},
-            {"quantize": {"method": "rtn", "bits": 4, "group_size": 32,
-                          "calibration": {"source": "c4", "samples": 2, "seq_len": 32}}},
-        ],
-        "evaluate": {"tasks": ["arc_easy", "piqa"], "samples": 4, "batch_size": 4,
-                     "wikitext": {"tokens": 512, "max_length": 128}},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def test_partial_stage_folder_is_redone_and_finished_one_reused(tiny_llama_ref, tmp_path):

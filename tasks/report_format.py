@@ -1,0 +1,29 @@
+"""Number formats and wording shared by the markdown and HTML reports, so both read the same."""
+
+from __future__ import annotations
+
+RETENTION_NOTE = (
+    "Score ± standard error; retention = stage / baseline; chance-normalised = "
+    "(s − chance) / (b − chance); paired Δ = s − b over the same doc ids, its error from "
+    "the per-doc differences.")
+
+
+def pm(value: float | None, err: float | None, pct: bool = False) -> str:
+    """value ± err, as a percentage for scores or to 3 decimals for ratios; – when missing."""
+    if value is None:
+        return "–"
+    scale, suffix = (100.0, "%") if pct else (1.0, "")
+    if err is None:
+        return f"{value * scale:.1f}{suffix}" if pct else f"{value:.3f}"
+    return (f"{value * scale:.1f} ± {err * scale:.1f}{suffix}" if pct
+            else f"{value:.3f} ± {err:.3f}")
+
+
+def fmt(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "–"
+
+
+def short_stage(folder: str) -> str:
+    """"02-distill" -> "distill": stage folders are numbered, plot labels need not be."""
+    head, _, rest = folder.partition("-")
+    return rest if head.isdigit() and rest else folder

@@ -1,0 +1,164 @@
+"""Issue #5, speed and peak memory of the distill stage: fused AdamW, activation checkpointing,
+chunked held-out scoring and the teacher offloaded while the logit cache trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.common import StageContext
+from tasks.distill import (
+    TeacherHolder,
+    distill_stage,
+    freeze,
+    heldout_metrics,
+    make_optimizer,
+    teacher_idle,
+    train_loop,
+)
+from tasks.distributed import Runtime
+from tasks.model_store import load_model, save_model
+from tasks.recipe import DistillConfig
+
+SEQ = 32
+
+
+def cfg(**overrides) -> DistillConfig:
+    base = dict(tokens=SEQ * 2 * 4, seq_len=SEQ, batch_size=2, lr=3e-3, warmup_steps=1,
+                temperature=2.0, alpha=0.5, eval_blocks=2)
+    return DistillConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def student_ref(tiny_llama_ref, tmp_path_factory):
+    model, tok = load_model(tiny_llama_ref)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.add_(torch.randn(param.shape, generator=gen) * param.std() * 0.7)
+    return save_model(model, tok, tmp_path_factory.mktemp("student") / "student")
+
+
+def _blocks(n: int = 4) -> torch.Tensor:
+    return torch.randint(0, 1000, (n, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def _trained(tiny_llama_ref, student_ref, **overrides):
+    teacher, _ = load_model(tiny_llama_ref)
+    student, _ = load_model(student_ref)
+    freeze(teacher)
+    curve = train_loop(student, teacher, _blocks(), cfg(**overrides), steps=3)
+    return student, curve
+
+
+def test_defaults_are_the_fast_lean_ones():
+    c = DistillConfig()
+    assert c.fused_adamw and c.teacher_offload and not c.activation_checkpointing
+
+
+def test_fused_adamw_is_used_and_matches_the_default_kernel(tiny_llama_ref, student_ref):
+    student, _ = load_model(student_ref)
+    opt, _ = make_optimizer(student, cfg(), 3)
+    assert opt.defaults["fused"] is True
+    opt, _ = make_optimizer(student, cfg(fused_adamw=False), 3)
+    assert not opt.defaults["fused"]
+
+    fused, f_curve = _trained(tiny_llama_ref, student_ref, weight_decay=0.01)
+    plain, p_curve = _trained(tiny_llama_ref, student_ref, weight_decay=0.01, fused_adamw=False)
+    assert [r["loss"] for r in f_curve] == pytest.approx([r["loss"] for r in p_curve], rel=1e-4)
+    for a, b in zip(fused.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    original, _ = load_model(student_ref)
+    assert any(not torch.equal(a, b) for a, b in zip(fused.parameters(), original.parameters(),
+                                                     strict=True))
+
+
+def test_activation_checkpointing_recomputes_layers_with_the_same_result(
+        tiny_llama_ref, student_ref, monkeypatch):
+    import torch.utils.checkpoint as ckpt
+    import transformers.modeling_utils as mu
+
+    calls = []
+    real = ckpt.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(fn, *args, **kwargs)
+
+    # transformers binds torch.utils.checkpoint.checkpoint when checkpointing is enabled
+    monkeypatch.setattr(mu, "checkpoint", counting)
+    on, on_curve = _trained(tiny_llama_ref, student_ref, activation_checkpointing=True)
+    n_layers = on.config.num_hidden_layers
+    assert calls.count(False) == 3 * n_layers  # every decoder layer, every step, non-reentrant
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in on.modules())  # undone
+    calls.clear()
+    off, off_curve = _trained(tiny_llama_ref, student_ref)
+    assert calls == []
+    assert [r["loss"] for r in on_curve] == pytest.approx([r["loss"] for r in off_curve],
+                                                          rel=1e-5)
+    for a, b in zip(on.parameters(), off.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_chunked_heldout_metrics_equal_full_logits(tiny_llama_ref, student_ref, precision):
+    teacher, _ = load_model(tiny_llama_ref)
+    student, _ = load_model(student_ref)
+    blocks = _blocks(5)
+    full = heldout_metrics(student, teacher, blocks, 2, precision)
+    chunked = heldout_metrics(student, teacher, blocks, 2, precision, chunk=7)
+    assert chunked["tokens"] == full["tokens"] == 5 * SEQ
+    for key in ("kl", "ppl", "teacher_ppl"):
+        assert chunked[key] == pytest.approx(full[key], rel=1e-4 if precision == "fp32" else 2e-2)
+    assert full["kl"] > 0
+
+
+def test_teacher_holder_offloads_and_reloads(tiny_llama_ref):
+    teacher, _ = load_model(tiny_llama_ref)
+    kept = TeacherHolder(teacher, tiny_llama_ref, offload=False)
+    assert kept.resident() is teacher
+    with kept.loaded() as t:
+        assert t is teacher
+    assert kept.reloads == 0
+
+    holder = TeacherHolder(teacher, tiny_llama_ref, offload=True)
+    del teacher
+    assert holder.resident() is None
+    with holder.loaded() as t:
+        assert not t.training and not any(p.requires_grad for p in t.parameters())
+    assert holder.resident() is None and holder.reloads == 1
+
+
+def test_teacher_idle_only_when_the_step_never_runs_it():
+    rt = Runtime()
+    assert teacher_idle(cfg(logit_cache=True), rt)
+    assert not teacher_idle(cfg(), rt)  # live teacher
+    assert not teacher_idle(cfg(logit_cache=True, teacher_offload=False), rt)
+    assert not teacher_idle(cfg(logit_cache=True, hidden_loss="mse"), rt)
+    assert not teacher_idle(cfg(logit_cache=True, attention_match=True), rt)
+
+
+def test_stage_with_offloaded_teacher_equals_resident(student_ref, tiny_llama_ref, tmp_path,
+                                                      monkeypatch):
+    import tasks.distill as distill
+
+    monkeypatch.setenv("PKDQ_CACHE_DIR", str(tmp_path / "cache"))
+    seen = []
+    real = distill.train_loop
+
+    def spy(student, teacher, *args, **kwargs):
+        seen.append(teacher)
+        return real(student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "train_loop", spy)
+    metrics = {}
+    for offload in (True, False):
+        c = cfg(logit_cache=True, cache_topk=8, loss_chunk=16, eval_every=2,
+                teacher_offload=offload)
+        metrics[offload] = distill_stage(student_ref, c, StageContext(
+            out_dir=tmp_path / str(offload), seed=3, teacher=tiny_llama_ref)).metrics
+    assert seen[0] is None and seen[1] is not None
+    for key in ("heldout_kl_before", "heldout_kl_after", "final_loss", "heldout_ppl_after"):
+        assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-6)
+    assert metrics[True]["heldout_kl_after"] < metrics[True]["heldout_kl_before"]
