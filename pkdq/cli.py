@@ -333,21 +333,16 @@ def compare_cmd(
 
 
 def _print_rule_warnings(recipe, order_list: list[str]) -> None:
-    """Rule-check warnings for every ordering, each printed once."""
-    try:
-        from tasks.rules import rule_warnings
-    except ImportError:  # pragma: no cover - rules module arrives separately
-        return
+    """Rule-check findings for every ordering; one shared by several orderings prints once."""
     from tasks.orderings import LETTERS
+    from tasks.rules import rule_warnings
 
-    seen: set[str] = set()
+    seen: dict[str, list[str]] = {}
     for name in order_list:
-        kinds = [LETTERS[x] for x in name.split("-")]
-        for warning in rule_warnings(recipe, order=kinds):
-            line = f"warning [{warning.code}]: {warning.message} ({warning.source})"
-            if line not in seen:
-                seen.add(line)
-                typer.echo(f"{name}: {line}", err=True)
+        for warning in rule_warnings(recipe, order=[LETTERS[x] for x in name.split("-")]):
+            seen.setdefault(warning.line(), []).append(name)
+    for line, names in seen.items():
+        typer.echo(f"{','.join(names)}: {line}", err=True)
 
 
 @app.command("report")

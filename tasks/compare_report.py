@@ -17,8 +17,9 @@ from tasks.report import SAMPLES_FILE
 from tasks.report_format import pm as _pm
 from tasks.retention import retention
 
-STUDY = ("arXiv 2511.19495 (2025 ordering study): P-KD-Q gives the best quality; orders that "
-         "quantize before distilling are worst (perplexity up by an order of magnitude)")
+STUDY = ("arXiv 2511.19495 (2025 ordering study): P-KD-Q ranks best; orders that quantize "
+         "before distilling degrade most (the issue tracker summarises it as perplexity up by "
+         "an order of magnitude)")
 
 
 def _maybe(path: Path) -> Any:
