@@ -243,4 +243,23 @@ def write_compare_report(run_dir: Path) -> dict[str, Path]:
     write_json_atomic(paths["json"], data)
     paths["markdown"].write_text(render_markdown(data))
     paths["html"].write_text(render_compare_html(data, run_dir))
+    shot = screenshot_if_possible(paths["html"], run_dir / "report.png")
+    if shot is not None:
+        paths["screenshot"] = shot
     return paths
+
+
+def screenshot_if_possible(html: Path, png: Path) -> Path | None:
+    """A PNG of the page as headless Chromium renders it, for people who won't open HTML.
+
+    Best effort: without Debian's chromium the report is complete, just without the picture.
+    """
+    from tasks.browser import find_chromium, screenshot
+
+    if find_chromium() is None:
+        return None
+    try:
+        return screenshot(html, png, width=1280, height=3200)
+    except RuntimeError as exc:
+        print(f"[report] no screenshot: {exc}", flush=True)
+        return None

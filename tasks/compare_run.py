@@ -11,15 +11,13 @@ resumes exactly like a run: finished units are kept, a half-written one is redon
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.common import ModelRef, data_dir, read_json, write_json_atomic
+from tasks.common import ModelRef
 from tasks.orderings import Ordering
-from tasks.pipeline import evaluate_unit, run_unit
+from tasks.pipeline import evaluate_unit, mark_run_file, run_unit, write_run_file
 from tasks.recipe import Recipe
-from tasks.run_folder import data_fingerprint, package_versions
 
 COMPARE_FILE = "compare.json"
 BASELINE_UNIT = "baseline"
@@ -49,35 +47,13 @@ def describe(orderings: list[Ordering], base: ModelRef, seed: int,
 def init_compare(run_dir: Path, recipe: Recipe, source: str, base: ModelRef,
                  orderings: list[Ordering], concurrency: int) -> dict[str, Any]:
     """Write compare.json: everything needed to read the folder and to reproduce it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / COMPARE_FILE
-    previous = read_json(path) if path.is_file() else {}
-    data = data_dir()
-    info = {
-        "run_id": run_dir.name,
-        "kind": "compare",
-        "recipe_source": source,
-        "recipe": recipe.model_dump(mode="json"),
-        "seed": recipe.seed,
-        "threads": recipe.threads,
-        "concurrency": concurrency,
-        "model": {"spec": recipe.model, **base.to_json()},
-        "data": {"path": str(data), "fingerprint": data_fingerprint(data)},
-        "versions": package_versions(),
-        "orderings": describe(orderings, base, recipe.seed, run_dir),
-        "created": previous.get("created", datetime.now(UTC).isoformat()),
-        "attempts": previous.get("attempts", 0) + 1,
-        "status": "running",
-    }
-    write_json_atomic(path, info)
-    return info
+    return write_run_file(Path(run_dir) / COMPARE_FILE, recipe, source, base, kind="compare",
+                          concurrency=concurrency,
+                          orderings=describe(orderings, base, recipe.seed, Path(run_dir)))
 
 
 def mark_compare(run_dir: Path, status: str, **extra: Any) -> None:
-    path = Path(run_dir) / COMPARE_FILE
-    info = read_json(path)
-    info.update(status=status, **extra)
-    write_json_atomic(path, info)
+    mark_run_file(Path(run_dir) / COMPARE_FILE, status, **extra)
 
 
 def run_ordering_step(run_dir: Path, recipe: Recipe, ordering: Ordering, index: int,

@@ -76,14 +76,15 @@ def stage_runner(kind: str, resources: Resources | None = None
     raise ValueError(f"unknown stage kind '{kind}'")
 
 
-def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict[str, Any]:
-    """Write run.json: what a reader needs to reproduce the run (recipe, versions, fingerprints)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "run.json"
+def write_run_file(path: Path, recipe: Recipe, source: str, base: ModelRef,
+                   **fields: Any) -> dict[str, Any]:
+    """Write a run's JSON header: what a reader needs to reproduce it (recipe, versions,
+    fingerprints), counting attempts so a resumed run says so. Used by runs and comparisons."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     previous = read_json(path) if path.is_file() else {}
     data = data_dir()
     info = {
-        "run_id": run_dir.name,
+        "run_id": path.parent.name,
         "recipe_source": source,
         "recipe": recipe.model_dump(mode="json"),
         "seed": recipe.seed,
@@ -91,7 +92,7 @@ def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict
         "model": {"spec": recipe.model, **base.to_json()},
         "data": {"path": str(data), "fingerprint": data_fingerprint(data)},
         "versions": package_versions(),
-        "stages": [s.folder for s in plan(recipe)],
+        **fields,
         "created": previous.get("created", datetime.now(UTC).isoformat()),
         "attempts": previous.get("attempts", 0) + 1,
         "status": "running",
@@ -100,11 +101,20 @@ def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict
     return info
 
 
-def mark_run(run_dir: Path, status: str, **extra: Any) -> None:
-    path = run_dir / "run.json"
+def mark_run_file(path: Path, status: str, **extra: Any) -> None:
     info = read_json(path)
     info.update(status=status, **extra)
     write_json_atomic(path, info)
+
+
+def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict[str, Any]:
+    """Write run.json (see `write_run_file`) with the run's stage folders."""
+    return write_run_file(run_dir / "run.json", recipe, source, base,
+                          stages=[s.folder for s in plan(recipe)])
+
+
+def mark_run(run_dir: Path, status: str, **extra: Any) -> None:
+    mark_run_file(run_dir / "run.json", status, **extra)
 
 
 def unit_context(folder: Path, name: str, recipe: Recipe,
