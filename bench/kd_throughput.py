@@ -1,26 +1,34 @@
 """KD step throughput and peak memory: pkdq's step vs the tutorial loop, side by side.
 
-    flock /tmp/pkdq-heavy.lock python bench/kd_throughput.py --steps 3
+    flock /tmp/pkdq-heavy.lock python bench/kd_throughput.py --steps 3 --threads 2
 
 Same teacher (SmolLM2-135M), student (50% FFN pruned by `tasks.prune`), training blocks,
-seq_len, batch and thread count. Variants, each in its own child process so RSS high-water
-marks never mix:
+seq_len, batch and thread count. Each variant runs in its own child process (RSS high-water marks
+never mix) the way the distill stage does: load teacher and student, score held-out KL on
+`EVAL_BLOCKS` blocks, train, score held-out KL again with the optimizer state still alive (as an
+`eval_every` eval does). The peak column is the whole child's high-water mark, evals included.
 
 - tutorial: teacher forward every step, full fp32 [B, L, V] logits for both models,
-  `F.kl_div(log_softmax(s/T), softmax(t/T), "batchmean") * T^2` mixed with CE, AdamW.
-- pkdq-live: `KDEngine` with bf16 autocast and the chunked LM head + loss, teacher live.
-- pkdq: the same plus the top-k teacher-logit cache (k=64): the teacher does not run.
-- pkdq-lean: pkdq without the teacher in memory (the cached step never calls it).
+  `F.kl_div(log_softmax(s/T), softmax(t/T), "batchmean") * T^2` mixed with CE, default AdamW,
+  teacher resident, full-logit held-out eval.
+- pkdq-live: `KDEngine` with bf16 autocast, the chunked LM head + loss and a live teacher.
+- pkdq-prev: the distill stage before these memory changes: top-k logit cache (k=64), bf16
+  autocast, chunked head + loss, but foreach AdamW, the fp32 teacher resident through training
+  and the full-logit held-out eval.
+- pkdq: `DistillConfig` defaults on top of cache + bf16 autocast + chunks, i.e. what a recipe
+  with `logit_cache: true, loss_chunk: 64, precision: bf16-autocast` runs: fused AdamW, the
+  teacher offloaded while training (reloaded for each held-out eval; its reload is in `eval s`)
+  and the chunked held-out eval.
+- pkdq-ckpt: pkdq plus `activation_checkpointing: true` (recompute the decoder layers in
+  backward): less memory, a slower step.
 
 Chunks are 64 positions: their [64, V] fp32 temporaries (12.5 MB) stay under glibc's mmap
 threshold, so they are reused from the heap without `keep_freed_memory` (which, with chunks,
 only inflated the resident high-water mark).
 
 The cache is built first (its own child; the cost is paid once per teacher+data and reused by
-every later run, so it is reported separately, not inside the step). Both pkdq variants keep the
-teacher loaded, as the distill stage does (it scores held-out KL), so peak memory is not flattered
-by leaving it out. Timing skips one warm-up step. Output: a table on stdout and
-`bench/results/kd_throughput.json`.
+every later run, so it is reported separately, not inside the step). Timing skips one warm-up
+step. Output: a table on stdout, `bench/results/kd_throughput.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -45,23 +53,31 @@ from kd_common import (  # noqa: E402
     teacher_and_student,
 )
 
-VARIANTS = ("tutorial", "pkdq-live", "pkdq", "pkdq-lean")
+EVAL_BLOCKS = 8  # DistillConfig.eval_blocks' default
+
+VARIANTS = ("tutorial", "pkdq-live", "pkdq-prev", "pkdq", "pkdq-ckpt")
 TOPK, CHUNK, TEMPERATURE, ALPHA = 64, 64, 2.0, 0.5
 
 
-def _blocks(tokenizer, n: int):
+def _blocks(tokenizer, n: int, heldout: bool = False):
     from tasks.common import data_dir
     from tasks.textdata import load_train_texts, token_blocks
 
-    return token_blocks(tokenizer, load_train_texts(data_dir(), "wikipedia"), SEQ_LEN, n, SEED)
+    texts = load_train_texts(data_dir(), heldout=True) if heldout else \
+        load_train_texts(data_dir(), "wikipedia")
+    return token_blocks(tokenizer, texts, SEQ_LEN, n, SEED)
 
 
 def _cfg(variant: str):
+    """The DistillConfig a recipe would hold for this variant (defaults = the recommended ones)."""
     from tasks.recipe import DistillConfig
 
+    prev = variant == "pkdq-prev"
     return DistillConfig(seq_len=SEQ_LEN, batch_size=BATCH, temperature=TEMPERATURE, alpha=ALPHA,
                          lr=1e-4, precision="bf16-autocast", loss_chunk=CHUNK,
-                         logit_cache=variant != "pkdq-live", cache_topk=TOPK)
+                         logit_cache=variant != "pkdq-live", cache_topk=TOPK,
+                         fused_adamw=not prev, teacher_offload=not prev,
+                         activation_checkpointing=variant == "pkdq-ckpt")
 
 
 def _cache(teacher_ref, tokenizer, blocks):
@@ -78,16 +94,20 @@ def child(variant: str, steps: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tasks.distill import freeze
+    from tasks.distill import (
+        TeacherHolder,
+        activation_checkpointing,
+        freeze,
+        heldout_metrics,
+        make_optimizer,
+        teacher_idle,
+    )
+    from tasks.distributed import Runtime
     from tasks.model_store import load_model
 
     teacher_ref, student_ref = teacher_and_student(threads)
-    if variant == "pkdq-lean":
-        student, tok = load_model(student_ref)
-        teacher = None
-    else:
-        teacher, tok = load_model(teacher_ref)
-        freeze(teacher)
+    teacher, tok = load_model(teacher_ref)  # the stage loads both (check_vocab, cache build)
+    freeze(teacher)
     blocks = _blocks(tok, BATCH * (steps + 1))
     if variant == "cache":
         cache = _cache(teacher_ref, tok, blocks)
@@ -96,14 +116,34 @@ def child(variant: str, steps: int, threads: int) -> dict:
         return {"variant": "cache-build", "seconds": time.perf_counter() - start,
                 "tokens": blocks.numel(), "bytes": cache.nbytes(), **stats,
                 "peak_rss_mb": peak_rss_mb()}
-    if teacher is not None:
-        student, _ = load_model(student_ref)
+    student, _ = load_model(student_ref)
+    held = _blocks(tok, EVAL_BLOCKS, heldout=True)
+    cfg = _cfg(variant)
+    tutorial = variant == "tutorial"
+    holder = TeacherHolder(teacher, teacher_ref, offload=not tutorial and teacher_idle(cfg,
+                                                                                     Runtime()))
+    teacher = None
+    eval_s: list[float] = []
+
+    def evaluate() -> float:
+        start = time.perf_counter()
+        with holder.loaded() as t:  # tutorial and pkdq-prev: full-logit eval
+            kl = heldout_metrics(student, t, held, BATCH,
+                                 chunk=0 if variant in ("tutorial", "pkdq-prev") else CHUNK)["kl"]
+        eval_s.append(time.perf_counter() - start)
+        return kl
+
+    kl_before = evaluate()  # the stage scores held-out KL before training
+    teacher = holder.resident()  # None once offloaded: the cached step never calls it
     student.train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    if tutorial:
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    else:
+        opt, _ = make_optimizer(student, cfg, steps + 1)
     loaded_mb = rss_mb()
     times: list[float] = []
 
-    if variant == "tutorial":
+    if tutorial:
         def step(ids, rows):
             with torch.no_grad():
                 t = teacher(input_ids=ids).logits
@@ -114,12 +154,11 @@ def child(variant: str, steps: int, threads: int) -> dict:
                           reduction="batchmean") * TEMPERATURE**2
             ce = F.cross_entropy(s[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
             return ALPHA * kd + (1 - ALPHA) * ce
-        context = torch.enable_grad()
+        context = contextlib.nullcontext()
     else:
         from tasks.kd_engine import KDEngine
 
-        cfg = _cfg(variant)
-        cache = _cache(teacher_ref, tok, blocks) if variant != "pkdq-live" else None
+        cache = _cache(teacher_ref, tok, blocks) if cfg.logit_cache else None
         if cache is not None and not cache.complete:
             raise SystemExit("logit cache missing: run the 'cache' child first")
         engine = KDEngine(cfg, steps + 1, cache=cache)
@@ -127,7 +166,7 @@ def child(variant: str, steps: int, threads: int) -> dict:
         def step(ids, rows):
             return engine.micro_step(student, teacher, ids, rows).loss
         # The stage skips keep_freed_memory when loss_chunk > 0 (see tasks.distill).
-        context = contextlib.nullcontext()
+        context = activation_checkpointing(student, cfg.activation_checkpointing)
 
     with context:
         for i in range(steps + 1):
@@ -143,11 +182,16 @@ def child(variant: str, steps: int, threads: int) -> dict:
                 times.append(time.perf_counter() - start)
             print(f"[{variant}] step {i}: {time.perf_counter() - start:.1f}s loss "
                   f"{float(loss):.3f}", file=sys.stderr, flush=True)
+    train_peak = peak_rss_mb()
+    teacher = None  # the holder's reference is the one evaluate() uses (and drops when offloaded)
+    kl_after = evaluate()  # as with eval_every: optimizer state still alive
     tokens = BATCH * SEQ_LEN * len(times)
     return {"variant": variant, "steps_timed": len(times), "tokens_per_s": tokens / sum(times),
             "step_s": sum(times) / len(times), "peak_rss_mb": peak_rss_mb(),
-            "rss_after_load_mb": loaded_mb, "peak_over_load_mb": peak_rss_mb() - loaded_mb,
-            "threads": threads}
+            "train_peak_rss_mb": train_peak, "rss_after_load_mb": loaded_mb,
+            "peak_over_load_mb": peak_rss_mb() - loaded_mb, "eval_s": eval_s,
+            "heldout_kl": [kl_before, kl_after], "teacher_reloads": holder.reloads,
+            "threads": threads, "config": cfg.model_dump() if not tutorial else None}
 
 
 def run_child(variant: str, steps: int, threads: int) -> dict:
@@ -170,24 +214,35 @@ def main() -> None:
     rows = {"cache": run_child("cache", args.steps, args.threads)}
     for variant in VARIANTS:
         rows[variant] = run_child(variant, args.steps, args.threads)
-    base = rows["tutorial"]
-    print(f"\nKD step, SmolLM2-135M -> 50% FFN student, seq {SEQ_LEN} x batch {BATCH}, "
-          f"{args.threads} thread(s), {args.steps} timed steps each")
-    print(f"{'variant':<10} {'tok/s':>8} {'x':>6} {'step s':>8} {'peak MiB':>9} {'x':>6} "
-          f"{'peak-load MiB':>14}")
-    for variant in VARIANTS:
-        r = rows[variant]
-        print(f"{variant:<10} {r['tokens_per_s']:>8.1f} "
-              f"{r['tokens_per_s'] / base['tokens_per_s']:>6.2f} {r['step_s']:>8.2f} "
-              f"{r['peak_rss_mb']:>9.0f} {r['peak_rss_mb'] / base['peak_rss_mb']:>6.2f} "
-              f"{r['peak_over_load_mb']:>14.0f}")
-    c = rows["cache"]
-    print(f"logit cache: {c['tokens']} tokens in {c['seconds']:.1f}s "
-          f"({c['tokens'] / max(c['seconds'], 1e-9):.0f} tok/s, once per teacher+data), "
-          f"{c['bytes'] / 2**20:.1f} MiB on disk, reused={bool(c['reused'])}")
+    lines = table(rows, args)
+    print("\n" + "\n".join(lines))
     out = Path(__file__).resolve().parent / "results" / "kd_throughput.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def table(rows: dict, args) -> list[str]:
+    """The markdown table (also printed): speed and peak memory relative to the tutorial."""
+    base = rows["tutorial"]
+    lines = [f"KD step, SmolLM2-135M -> 50% FFN student, seq {SEQ_LEN} x batch {BATCH}, "
+             f"{args.threads} thread(s), {args.steps} timed steps each; peak = whole child "
+             f"(held-out eval of {EVAL_BLOCKS} blocks before and after training included)", "",
+             "| variant | tok/s | x | step s | peak MiB | x | train peak MiB | eval s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant in VARIANTS:
+        r = rows[variant]
+        lines.append(
+            f"| {variant} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} | {r['step_s']:.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f} | "
+            f"{r['train_peak_rss_mb']:.0f} | "
+            f"{' + '.join(f'{t:.1f}' for t in r['eval_s'])} |")
+    c = rows["cache"]
+    lines += ["", f"logit cache: {c['tokens']} tokens in {c['seconds']:.1f}s "
+              f"({c['tokens'] / max(c['seconds'], 1e-9):.0f} tok/s, once per teacher+data), "
+              f"{c['bytes'] / 2**20:.1f} MiB on disk, reused={bool(c['reused'])}"]
+    return lines
 
 
 if __name__ == "__main__":

@@ -314,8 +314,8 @@ def activation_checkpointing(model, enabled: bool = True) -> Iterator[None]:
     """Recompute the student's decoder layers in backward (non-reentrant checkpoints) while on.
 
     Only a training-mode forward checkpoints, so held-out evals inside the loop run as usual.
-    Saves the layers' activations (~0.6 GB at 4x256 tokens on SmolLM2-135M) for one extra
-    forward of the layers per step.
+    Trades the layers' saved activations for one extra forward of the layers per step
+    (`bench/kd_throughput.py`, variant pkdq-ckpt, measures both).
     """
     base = getattr(model, "module", model)
     if not enabled:

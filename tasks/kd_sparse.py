@@ -4,7 +4,10 @@ Why chunks: on a 49k vocabulary, [batch*seq, vocab] fp32 logits are ~200 MB per 
 naive KD step holds several (student logits, their softmax, the teacher's, the gradient). Here
 the student's LM head and the loss run on `chunk` positions at a time inside
 `torch.utils.checkpoint`, so only one chunk's logits exist at once; backward recomputes that
-chunk's logits (one extra head matmul per chunk) instead of keeping all of them.
+chunk's logits (one extra head matmul per chunk) instead of keeping all of them. With a plain
+Linear head (the usual case) `_FusedHeadLoss` does better: each chunk's gradients w.r.t. its
+hidden states and the head weight are taken right in the forward, so nothing is recomputed and
+the weight is cast to the autocast dtype once per step, not twice per chunk.
 
 Why buckets: a cached teacher keeps only its top-k logits and the log-sum-exp of the full
 vocabulary (at the training temperature). Its distribution is exact on the k ids, and the
@@ -142,6 +145,14 @@ def chunked_kd_loss(
     flat_t = teacher.flat()
     n = flat_h.shape[0]
     chunk = max(1, min(chunk, n))
+    n_ce = max(int((targets != -100).sum()), 1)
+    if _fusable(head, flat_h):
+        coef = (alpha * temperature**2 / n, (1 - alpha) / n_ce)
+        parts = [_chunk_fn(None, flat_t.rows(slice(lo, lo + chunk)),
+                           targets[lo : lo + chunk], name, temperature, params)
+                 for lo in range(0, n, chunk)]
+        loss, kd, ce = _FusedHeadLoss.apply(flat_h, head.weight, parts, chunk, coef)
+        return LossParts(loss=loss, kd=float(kd) / n, ce=float(ce) / n_ce)
     kd_sum: torch.Tensor | float = 0.0
     ce_sum: torch.Tensor | float = 0.0
     for start in range(0, n, chunk):
@@ -154,7 +165,7 @@ def chunked_kd_loss(
         kd_sum = kd_sum + kd_c
         ce_sum = ce_sum + ce_c
     kd = kd_sum / n
-    ce = ce_sum / max(int((targets != -100).sum()), 1)
+    ce = ce_sum / n_ce
     loss = alpha * temperature**2 * kd + (1 - alpha) * ce
     return LossParts(loss=loss, kd=float(kd.detach()), ce=float(ce.detach()))
 
@@ -165,7 +176,7 @@ def _chunk_fn(head: torch.nn.Module, teacher: Teacher, targets: torch.Tensor, na
     """The (KD sum, CE sum) of one chunk as a function of its hidden states (for checkpoint)."""
 
     def run(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = head(h)
+        logits = head(h) if head is not None else h  # head=None: h are the logits already
         if isinstance(teacher, SparseTeacher):
             per_pos = sparse_divergence(name, logits, teacher, **params)
         else:
@@ -178,3 +189,60 @@ def _chunk_fn(head: torch.nn.Module, teacher: Teacher, targets: torch.Tensor, na
         return upcast(per_pos).sum(), upcast(ce)
 
     return run
+
+
+def _fusable(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
+    """The fused path needs a plain bias-free Linear head (not a fake-quant or sharded one)
+    and a backward to feed."""
+    from torch.distributed.tensor import DTensor
+
+    return (type(head) is torch.nn.Linear and head.bias is None
+            and not isinstance(head.weight, DTensor) and torch.is_grad_enabled()
+            and (hidden.requires_grad or head.weight.requires_grad))
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The chunked head + loss with its gradients taken chunk by chunk during the forward.
+
+    Same value and gradients as the checkpointed chunks (same matmul precisions: under bf16
+    autocast the head runs in bf16 and each chunk's weight gradient is added to an fp32 sum), but
+    the weight is cast once per step instead of once per chunk twice, backward does not recompute
+    any chunk's logits (one head matmul per chunk less), and the per-chunk weight-gradient casts
+    and accumulations of autograd are one in-place fp32 add each. Stored for backward: the
+    gradients of the combined loss w.r.t. the hidden states ([n, H]) and the head weight.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, parts, chunk, coef):
+        dtype = torch.get_autocast_dtype(hidden.device.type) \
+            if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.detach().to(dtype)
+            d_hidden = torch.empty_like(hidden, dtype=hidden.dtype)
+            d_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+            acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            kd_sum = torch.zeros((), dtype=acc)
+            ce_sum = torch.zeros((), dtype=acc)
+            for i, run in enumerate(parts):
+                sl = slice(i * chunk, (i + 1) * chunk)
+                h = hidden[sl].detach().to(dtype)
+                with torch.enable_grad():
+                    logits = (h @ w.T).requires_grad_(True)
+                    kd_c, ce_c = run(logits)
+                    (grad,) = torch.autograd.grad(coef[0] * kd_c + coef[1] * ce_c, logits)
+                kd_sum += kd_c.detach()
+                ce_sum += ce_c.detach()
+                grad = grad.to(dtype)
+                d_hidden[sl] = grad @ w
+                if d_weight is not None:
+                    d_weight += (grad.T @ h).to(d_weight.dtype)
+        ctx.save_for_backward(d_hidden, d_weight)
+        loss = coef[0] * kd_sum + coef[1] * ce_sum
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return loss, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _kd, _ce):
+        d_hidden, d_weight = ctx.saved_tensors
+        return (d_hidden * grad_loss if ctx.needs_input_grad[0] else None,
+                d_weight * grad_loss if d_weight is not None else None, None, None, None)
