@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,12 @@ def _row_path(model: str, label: str) -> Path:
     return ROWS / f"{model}-{label}.json"
 
 
-def measure(model: str, label: str, path: Path, threads: int, extra: dict[str, Any]) -> dict:
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def measure(model: str, label: str, path: Path, threads: int, extra: dict[str, Any],
+            speed_timeout: float = 900) -> dict:
     """Perplexity + size + prefill latency of one folder; cached as a JSON row."""
     from tasks.quant_speed import profile_in_subprocess
 
@@ -80,11 +86,18 @@ def measure(model: str, label: str, path: Path, threads: int, extra: dict[str, A
     t0 = time.perf_counter()
     ppl = perplexity(path, dtype)
     ppl_s = time.perf_counter() - t0
-    speed = profile_in_subprocess(path, dtype=dtype, prefill_tokens=512, decode_tokens=16,
-                                  repeats=2, threads=threads)
+    try:
+        speed = profile_in_subprocess(path, dtype=dtype, prefill_tokens=512, decode_tokens=16,
+                                      repeats=2, threads=threads, timeout_s=speed_timeout)
+    except subprocess.TimeoutExpired:  # e.g. AWQ's torch kernel on CPU: say so, keep the row
+        speed = {"weights_bytes": _weights_bytes(path), "rss_load_bytes": None,
+                 "rss_peak_after_run_bytes": None, "prefill_s": None,
+                 "decode_tokens_per_s": None,
+                 "speed_error": f"prefill+decode did not finish in {speed_timeout:.0f} s"}
     row = {"model": model, "label": label, "ppl": ppl, "ppl_eval_s": ppl_s,
            "weights_bytes": speed["weights_bytes"], "rss_load_bytes": speed["rss_load_bytes"],
            "rss_after_run_bytes": speed["rss_peak_after_run_bytes"],
+           "speed_error": speed.get("speed_error"),
            "torch_compile": speed.get("torch_compile"),
            "prefill_s": speed["prefill_s"], "decode_tokens_per_s": speed["decode_tokens_per_s"],
            "compute_dtype": dtype, "threads": threads, **extra}
@@ -124,8 +137,14 @@ def float_rows(model: str, ref, threads: int) -> None:
             measure(model, dtype, ref.path, threads, {"method": dtype, "compute_dtype": dtype})
 
 
+def _opt(value: float | None, fmt: str) -> str:
+    return "timed out" if value is None else format(value, fmt)
+
+
 def _rss(row: dict) -> str:
-    if "rss_after_run_bytes" in row:
+    if row.get("rss_after_run_bytes") is None and row.get("rss_load_bytes") is None:
+        return "–"
+    if row.get("rss_after_run_bytes") is not None:
         return f"{row['rss_after_run_bytes'] / 1e6:.0f}"
     return f"{row['rss_load_bytes'] / 1e6:.0f}*"
 
@@ -160,8 +179,8 @@ def table() -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {r.get('bits', '')} | {r.get('group_size', '')} | "
             f"{r['ppl']:.2f} | {delta} | {r['weights_bytes'] / 1e6:.0f} | "
-            f"{_rss(r)} | {r['prefill_s']:.2f} | "
-            f"{r['decode_tokens_per_s']:.1f} | "
+            f"{_rss(r)} | {_opt(r['prefill_s'], '.2f')} | "
+            f"{_opt(r['decode_tokens_per_s'], '.1f')} | "
             f"{r['quant_wall_s']:.0f} |" if "quant_wall_s" in r else
             f"| {r['model']} | {r['method']} | | | {r['ppl']:.2f} | | "
             f"{r['weights_bytes'] / 1e6:.0f} | {_rss(r)} | "
@@ -184,9 +203,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the quantized folders")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--remeasure", nargs=2, metavar=("LABEL", "FOLDER"),
+                        help="measure an already quantized folder left by an interrupted cell, "
+                             "e.g. awq-w4-g64 ~/.cache/pkdq/bench-quant/base/awq-w4-g64/model")
+    parser.add_argument("--quant-wall-s", type=float, help="with --remeasure: the quantize "
+                        "wall time read from that run's log")
+    parser.add_argument("--speed-timeout", type=float, default=900)
     args = parser.parse_args(argv)
     set_offline_env()
-    if not args.table_only:
+    if args.remeasure:
+        label, folder = args.remeasure
+        method, bits, group = label.split("-")
+        measure(args.models.split(",")[0], label, Path(folder), args.threads,
+                {"method": method, "bits": int(bits[1:]), "group_size": int(group[1:]),
+                 "quant_wall_s": args.quant_wall_s, "remeasured": True},
+                speed_timeout=args.speed_timeout)
+    elif not args.table_only:
         configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
         for model in args.models.split(","):
             ref = model_folder(model, args.threads)

@@ -82,9 +82,11 @@ def _plots(data: dict[str, Any]) -> list[dict[str, Any]]:
     ret_series = {o["name"]: [("baseline", 1.0)] + [
         (s["label"], s["retention"]["average_retention"]["mean"]) for s in o["steps"]
         if (s.get("retention") or {}).get("average_retention")] for o in data["orderings"]}
-    points = [{"label": "baseline", "series": "baseline", "bytes": base["bytes"],
-               "value": base["ppl"], "baseline": True}] if base["ppl"] else []
-    for o in data["orderings"]:
+    points = []
+    for i, o in enumerate(data["orderings"]):
+        if base["ppl"] and base["bytes"]:  # every ordering's path starts at the baseline star
+            points.append({"label": "baseline" if i == 0 else "", "series": o["name"],
+                           "bytes": base["bytes"], "value": base["ppl"], "baseline": True})
         points += [{"label": f"{o['name']}:{s['label']}", "series": o["name"], "bytes": s["bytes"],
                     "value": s["ppl"]} for s in o["steps"] if s["ppl"] and s["bytes"]]
     out = [{"kind": "image", "title": "Perplexity after each step",

@@ -156,11 +156,14 @@ def speed_notes(rows: dict[str, dict[str, Any]], reference: str = "fp32") -> lis
         if name == reference or row["weights_bytes"] >= ref["weights_bytes"]:
             continue
         ratio = ref["weights_bytes"] / row["weights_bytes"]
-        slower = [what for what, key, better in (
-            ("prefill", "prefill_s", row["prefill_s"] < ref["prefill_s"]),
-            ("decode", "decode_tokens_per_s",
-             row["decode_tokens_per_s"] > ref["decode_tokens_per_s"]),
-        ) if not better]
+        if row.get("prefill_s") is None:  # the latency run timed out: slower by definition
+            slower = ["prefill", "decode"]
+        else:
+            slower = [what for what, key, better in (
+                ("prefill", "prefill_s", row["prefill_s"] < ref["prefill_s"]),
+                ("decode", "decode_tokens_per_s",
+                 row["decode_tokens_per_s"] > ref["decode_tokens_per_s"]),
+            ) if not better]
         if slower:
             notes.append(f"{name}: {ratio:.1f}x smaller on disk than {reference} but not faster "
                          f"at {' or '.join(slower)} on this CPU (weight-only quantized kernels "
