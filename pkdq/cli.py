@@ -203,6 +203,8 @@ def quantize_cmd(
     out: Path = typer.Option(None, help="output stage folder (default: runs/quantize-<...>)"),
     threads: int = typer.Option(2, help="CPU threads"),
     seed: int = typer.Option(0),
+    gguf: str = typer.Option("none", help="also write OUT/model.gguf for llama.cpp: none, f16, "
+                                          "q8_0 or q4_0 (Llama models)"),
 ) -> None:
     """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
     from pydantic import ValidationError
@@ -214,7 +216,7 @@ def quantize_cmd(
 
     try:
         cfg = QuantizeConfig(method=method, bits=bits, group_size=group, desc_act=desc_act,
-                             damp_percent=damp,
+                             damp_percent=damp, gguf=gguf,
                              calibration={"source": "c4", "samples": samples, "seq_len": seq_len})
         ref = resolve_model(model)
     except ValidationError as exc:
@@ -233,6 +235,51 @@ def quantize_cmd(
                f"{size['input_weights'] / 1e6:.1f} MB; {result.metrics['wall_s']:.0f}s)")
     for warning in result.metrics["serving"]["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
+    if "gguf" in result.metrics:
+        _echo_gguf(result.metrics["gguf"])
+
+
+def _echo_gguf(metrics: dict) -> None:
+    """One line: where the GGUF went, its size, and what reloading it showed."""
+    line = (f"pkdq: gguf {metrics['qtype']} -> {metrics['file']} ({metrics['bytes'] / 1e6:.1f} MB"
+            f", {metrics['tensor_count']} tensors)")
+    check = metrics.get("verification")
+    if check:
+        line += (f"; transformers reload: top-1 agreement {check['top1_agreement']:.3f}, "
+                 f"max |logit diff| {check['max_abs_logit_diff']:.3g}")
+    typer.echo(line + "; llama.cpp not run (not installed here)")
+
+
+@app.command("export-gguf")
+def export_gguf_cmd(
+    model: str = typer.Argument(..., help="built-in name, HF folder (float or GPTQ), .gguf, or "
+                                          "cached HF id; Llama architecture"),
+    out: Path = typer.Argument(..., help="the .gguf file to write"),
+    qtype: str = typer.Option("q8_0", help="f16, q8_0 or q4_0 (llama.cpp's block grids)"),
+    reference: Path = typer.Option(None, help="GGUF whose tokenizer.* keys are copied (default: "
+                                              "one with the same vocabulary, e.g. SmolLM2's)"),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="reload with transformers and compare logits"),
+    metrics_out: Path = typer.Option(None, "--metrics", help="write the metrics JSON here"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+) -> None:
+    """Write a model as a GGUF file for llama.cpp (a GPTQ folder exports its grid values)."""
+    import torch
+
+    from tasks.common import write_json_atomic
+    from tasks.gguf_export import GgufExportError, export_gguf
+    from tasks.gguf_verify import GgufVerifyError
+    from tasks.model_store import ModelNotFoundError, resolve_model
+
+    torch.set_num_threads(threads)
+    try:
+        ref = resolve_model(model)
+        metrics = export_gguf(ref.path, out, qtype, reference, verify=verify)
+    except (ModelNotFoundError, GgufExportError, GgufVerifyError) as exc:
+        _fail(str(exc))
+    if metrics_out is not None:
+        write_json_atomic(metrics_out, metrics)
+    _echo_gguf(metrics)
 
 
 @app.command("eval")

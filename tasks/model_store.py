@@ -83,6 +83,16 @@ def _builtin_gguf_on_disk(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def builtin_ggufs_on_disk() -> list[Path]:
+    """The built-in models' GGUF files already on disk, in BUILTIN_MODELS order.
+
+    The GGUF export (`tasks.gguf_export`) looks here for a file whose tokenizer matches a model
+    folder, to copy its tokenizer metadata; nothing is installed, joined or converted.
+    """
+    found = (_builtin_gguf_on_disk(name) for name in BUILTIN_MODELS)
+    return [path for path in found if path is not None]
+
+
 def _local_ggufs(path: Path) -> list[Path]:
     """A .gguf file itself, or the .gguf files in a folder (callers check config.json first)."""
     if path.is_file() and path.suffix == ".gguf":

@@ -58,6 +58,7 @@ PACK_BITS = 32  # GPTQ packs codes into int32 words
 SAVE_DTYPE = torch.float16  # unquantized tensors on disk; GPTQ scales are fp16 too
 CPU_CALIBRATION_DTYPE = torch.float32  # GPTQModel's CPU default would be bf16
 VERIFY_TOKENS = 256  # one short training-text block for the post-save sanity forward
+GGUF_FILE = "model.gguf"  # with `gguf:` set, written beside the stage's model folder
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
 
@@ -705,8 +706,36 @@ def _stage_metrics(src: Path, final: Path, cfg: QuantizeConfig, ctx: StageContex
     }
 
 
+def _gguf_preflight(src: Path, qtype: str) -> Path | None:
+    """Refuse a GGUF request that cannot succeed before quantizing (architecture, tokenizer
+    reference); the export itself runs on the finished checkpoint. Returns the reference."""
+    if qtype == "none":
+        return None
+    from tasks.gguf_export import GgufExportError, preflight
+
+    try:
+        return preflight(src, qtype)
+    except GgufExportError as exc:
+        raise QuantizeError(f"gguf: {qtype}: {exc}") from exc
+
+
+def _export_gguf(final: Path, out_file: Path, qtype: str, reference: Path) -> dict[str, Any]:
+    """GGUF export of the finished checkpoint, its failures as one-line QuantizeErrors."""
+    from tasks.gguf_export import GgufExportError, export_gguf
+    from tasks.gguf_verify import GgufVerifyError
+
+    try:
+        return export_gguf(final, out_file, qtype, reference)
+    except (GgufExportError, GgufVerifyError) as exc:
+        raise QuantizeError(f"gguf {qtype} export of {final} failed: {exc}") from exc
+
+
 def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
-    """Quantize `model` with GPTQ, AWQ or RTN into `ctx.out_dir/model` plus metrics."""
+    """Quantize `model` with GPTQ, AWQ or RTN into `ctx.out_dir/model` plus metrics.
+
+    With `cfg.gguf` set, the finished checkpoint is also exported to `ctx.out_dir/model.gguf`
+    (`tasks.gguf_export`; its metrics under "gguf").
+    """
     set_offline_env()
     _configure_threads(ctx.threads)
     _import_gptqmodel()
@@ -716,6 +745,9 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     check_group_size(src, cfg.group_size)
     if cfg.method == "awq":
         check_awq_shapes(src)
+    # getattr: a long-running process may hold a QuantizeConfig from before the field existed
+    gguf = getattr(cfg, "gguf", "none")
+    gguf_reference = _gguf_preflight(src, gguf)
     device = _device()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     calib = _calibration_blocks(tokenizer, cfg, ctx) if cfg.method != "rtn" else None
@@ -734,5 +766,8 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
           file=sys.stderr, flush=True)
     run = {"device": device, "wall_s": wall_s, "quantized": quantized, "entries": entries,
            "verified": verified}
-    return StageResult(model=model_ref(final),
-                       metrics=_stage_metrics(src, final, cfg, ctx, calib, run))
+    metrics = _stage_metrics(src, final, cfg, ctx, calib, run)
+    if gguf != "none":
+        metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, gguf,
+                                       gguf_reference)
+    return StageResult(model=model_ref(final), metrics=metrics)

@@ -16,8 +16,10 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    SerializerFunctionWrapHandler,
     Tag,
     ValidationError,
+    model_serializer,
     model_validator,
 )
 
@@ -205,6 +207,20 @@ class QuantizeConfig(Strict):
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0, lt=1)
     calibration: TextSample = TextSample(source="c4", samples=16, seq_len=512)
+    gguf: Literal["none", "f16", "q8_0", "q4_0"] = Field(
+        "none", description="also write the stage's model as model.gguf beside it, for "
+        "llama.cpp (Llama models); q8_0/q4_0 re-quantize the GPTQ grid onto llama.cpp's "
+        "32-wide blocks, f16 keeps it up to fp16 rounding")
+
+    @model_serializer(mode="wrap")
+    def _omit_gguf_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `gguf` out while it is "none": stage keys hash this dump, and a recipe that
+        does not ask for a GGUF must keep the key it had before the field existed (finished
+        quantize stages are reused, not quantized again)."""
+        data = handler(self)
+        if data.get("gguf") == "none":
+            del data["gguf"]
+        return data
 
 
 class WikitextEval(Strict):
