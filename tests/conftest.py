@@ -53,3 +53,19 @@ def tiny_llama_ref(tmp_path_factory, smollm2_ref):
     )
     model = LlamaForCausalLM(config)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+def noisy_copy(ref, out_dir, seed: int, scale: float):
+    """The model at `ref` with Gaussian noise (scale x each matrix's std) on every matrix, saved
+    to `out_dir`: a stand-in for a damaged (pruned) student that KD has something to recover."""
+    import torch
+
+    from tasks.model_store import load_model, save_model
+
+    model, tok = load_model(ref)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.add_(torch.randn(param.shape, generator=gen) * param.std() * scale)
+    return save_model(model, tok, out_dir)

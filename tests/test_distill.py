@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import noisy_copy
 
 from tasks.common import StageContext
 from tasks.distill import (
@@ -34,13 +35,8 @@ def tiny_cfg(**overrides) -> DistillConfig:
 @pytest.fixture(scope="module")
 def noised_ref(tiny_llama_ref, tmp_path_factory):
     """The tiny teacher with Gaussian noise on every weight: a stand-in for a damaged student."""
-    model, tok = load_model(tiny_llama_ref)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.add_(torch.randn(param.shape, generator=gen) * param.std() * 0.7)
-    return save_model(model, tok, tmp_path_factory.mktemp("noised") / "student")
+    return noisy_copy(tiny_llama_ref, tmp_path_factory.mktemp("noised") / "student",
+                      seed=1, scale=0.7)
 
 
 def test_plan_rounds_budget_up_to_whole_steps():

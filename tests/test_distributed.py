@@ -12,12 +12,12 @@ import math
 import time
 
 import pytest
-import torch
+from conftest import noisy_copy
 
 from tasks.common import StageContext
 from tasks.distill import distill_stage
 from tasks.launch import launch_distill
-from tasks.model_store import load_model, save_model
+from tasks.model_store import load_model
 from tasks.recipe import DistillConfig
 from tasks.resources import StageResources
 
@@ -34,13 +34,8 @@ def kd_cfg() -> DistillConfig:
 @pytest.fixture(scope="module")
 def student_ref(tiny_llama_ref, tmp_path_factory):
     """The tiny teacher plus noise: a student with something to learn."""
-    model, tok = load_model(tiny_llama_ref)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.add_(torch.randn(param.shape, generator=gen) * param.std() * 0.5)
-    return save_model(model, tok, tmp_path_factory.mktemp("student") / "student")
+    return noisy_copy(tiny_llama_ref, tmp_path_factory.mktemp("student") / "student",
+                      seed=1, scale=0.5)
 
 
 @pytest.fixture(scope="module")

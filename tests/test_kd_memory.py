@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import noisy_copy
 
 from tasks.common import StageContext
 from tasks.distill import (
@@ -17,7 +18,7 @@ from tasks.distill import (
     train_loop,
 )
 from tasks.distributed import Runtime
-from tasks.model_store import load_model, save_model
+from tasks.model_store import load_model
 from tasks.recipe import DistillConfig
 
 SEQ = 32
@@ -31,13 +32,8 @@ def cfg(**overrides) -> DistillConfig:
 
 @pytest.fixture(scope="module")
 def student_ref(tiny_llama_ref, tmp_path_factory):
-    model, tok = load_model(tiny_llama_ref)
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.add_(torch.randn(param.shape, generator=gen) * param.std() * 0.7)
-    return save_model(model, tok, tmp_path_factory.mktemp("student") / "student")
+    return noisy_copy(tiny_llama_ref, tmp_path_factory.mktemp("student") / "student",
+                      seed=2, scale=0.7)
 
 
 def _blocks(n: int = 4) -> torch.Tensor:

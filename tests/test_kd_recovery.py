@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import noisy_copy
 
 from tasks.common import StageContext
 from tasks.distill import distill_stage, freeze, train_loop
@@ -11,7 +12,7 @@ from tasks.kd_checkpoint import Checkpointer
 from tasks.kd_engine import KDEngine
 from tasks.kd_hidden import layer_map
 from tasks.logit_cache import LogitCache
-from tasks.model_store import load_model, save_model
+from tasks.model_store import load_model
 from tasks.recipe import DistillConfig
 
 SEQ = 32
@@ -26,13 +27,8 @@ def cfg(**overrides) -> DistillConfig:
 @pytest.fixture(scope="module")
 def student_ref(tiny_llama_ref, tmp_path_factory):
     """The tiny teacher with noise on every matrix: a stand-in for a pruned student."""
-    model, tok = load_model(tiny_llama_ref)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.add_(torch.randn(param.shape, generator=gen) * param.std() * 0.7)
-    return save_model(model, tok, tmp_path_factory.mktemp("student") / "student")
+    return noisy_copy(tiny_llama_ref, tmp_path_factory.mktemp("student") / "student",
+                      seed=1, scale=0.7)
 
 
 @pytest.fixture()
