@@ -82,6 +82,20 @@ def compare(ref: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return {"requests": n_req, "max_abs_delta": worst, "metric_flips": flips}
 
 
+def paired_stderr(ref: dict[str, Any], new: dict[str, Any], metric: str) -> float:
+    """Standard error of the mean per-doc difference new - ref (same docs): the error bar of a
+    comparison between two evaluations of the same docs, smaller than either score's own."""
+    import math
+
+    a, b = per_doc(ref), per_doc(new)
+    diffs = [float(b[d][metric]) - float(a[d][metric]) for d in a]
+    n = len(diffs)
+    if n < 2:
+        return float("nan")
+    mean = sum(diffs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n)
+
+
 def run(lm: Any, task: str, ids: list[int], n_docs: int, manager: Any, seed: int) -> dict[str, Any]:
     from tasks.evaluate import run_task, summarise_task
 
@@ -148,9 +162,12 @@ def bf16_drift(model_path: Path, fp32_model: Any, tokenizer: Any, tasks: list[st
                  seed)
         metric, fp_score, stderr = _score(fp["summary"], task)
         bf_score = _score(bf["summary"], task)[1]
+        paired = paired_stderr(fp["raw"], bf["raw"], metric) if task != "wikitext" else \
+            float("nan")
         row = {"task": task, "docs": len(ids), "metric": metric, "fp32": fp_score,
                "bf16": bf_score, "stderr": stderr, "drift_in_stderr": abs(bf_score - fp_score)
-               / stderr if stderr else float("nan"), **compare(fp["raw"], bf["raw"]),
+               / stderr if stderr else float("nan"), "paired_stderr": paired,
+               **compare(fp["raw"], bf["raw"]),
                "cpu_s_fp32": fp["model_cpu_s"], "cpu_s_bf16": bf["model_cpu_s"],
                "speedup": fp["model_cpu_s"] / bf["model_cpu_s"]}
         print(json.dumps(row, default=str), flush=True)
@@ -212,15 +229,18 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], bf16: list[dict[s
             f"{r['cpu_ratio']:.2f}x ({r['wall_ratio']:.2f}x) |")
     if bf16:
         out += ["", "## bfloat16 vs float32 (pkdq backend)", "",
-                "Drift: |bf16 − fp32| of the primary metric in standard errors of the fp32 score.",
-                "", "| task | docs | metric | fp32 | bf16 | stderr | drift | max Δ ll | flips "
-                "| fp32 s | bf16 s | speed-up |",
+                "Drift: |bf16 − fp32| of the primary metric in standard errors of the fp32 score; "
+                "paired se: the standard error of the per-doc bf16 − fp32 difference (what a "
+                "stage-vs-stage comparison on the same docs resolves).",
+                "", "| task | docs | metric | fp32 | bf16 | stderr | drift | paired se | max Δ ll "
+                "| flips | fp32 s | bf16 s | speed-up |",
                 "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-                "| ---: |"]
+                "| ---: | ---: |"]
         for r in bf16:
             out.append(
                 f"| {r['task']} | {r['docs']} | {r['metric']} | {r['fp32']:.4f} | "
                 f"{r['bf16']:.4f} | {r['stderr']:.4f} | {r['drift_in_stderr']:.2f} | "
+                f"{r['paired_stderr']:.4f} | "
                 f"{r['max_abs_delta']:.2f} | {r['metric_flips']} | {r['cpu_s_fp32']:.1f} | "
                 f"{r['cpu_s_bf16']:.1f} | {r['speedup']:.2f}x |")
     if floor:
