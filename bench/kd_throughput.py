@@ -12,15 +12,20 @@ never mix) the way the distill stage does: load teacher and student, score held-
   `F.kl_div(log_softmax(s/T), softmax(t/T), "batchmean") * T^2` mixed with CE, default AdamW,
   teacher resident, full-logit held-out eval.
 - pkdq-live: `KDEngine` with bf16 autocast, the chunked LM head + loss and a live teacher.
-- pkdq-prev: the distill stage before these memory changes: top-k logit cache (k=64), bf16
-  autocast, chunked head + loss, but foreach AdamW, the fp32 teacher resident through training
-  and the full-logit held-out eval.
+- pkdq-prev: the distill stage's options before the memory changes: top-k logit cache (k=64),
+  bf16 autocast, chunked head + loss, but foreach AdamW, the fp32 teacher resident through
+  training, the full RMSNorm graph (`lean_norm: false`) and the full-logit held-out eval.
 - pkdq: `DistillConfig` defaults on top of cache + bf16 autocast + chunks, i.e. what a recipe
   with `logit_cache: true, loss_chunk: 64, precision: bf16-autocast` runs: fused AdamW, the
-  teacher offloaded while training (reloaded for each held-out eval; its reload is in `eval s`)
-  and the chunked held-out eval.
+  teacher offloaded while training (reloaded for each held-out eval; its reload is in `eval s`),
+  the lean RMSNorm (`tasks.kd_norm`) and the chunked held-out eval.
 - pkdq-ckpt: pkdq plus `activation_checkpointing: true` (recompute the decoder layers in
   backward): less memory, a slower step.
+
+Every pkdq variant runs the same code for the head: the student's decoder without its LM head,
+then `tasks.kd_sparse`'s fused chunk loop, which for forward KL against the cache writes each
+chunk's logit gradient in closed form (no autograd over [64, V] tensors) and takes the head
+weight's gradient in 256-position matmuls (not one [V, H] product and fp32 cast per chunk).
 
 Chunks are 64 positions: their [64, V] fp32 temporaries (12.5 MB) stay under glibc's mmap
 threshold, so they are reused from the heap without `keep_freed_memory` (which, with chunks,
@@ -76,7 +81,7 @@ def _cfg(variant: str):
     return DistillConfig(seq_len=SEQ_LEN, batch_size=BATCH, temperature=TEMPERATURE, alpha=ALPHA,
                          lr=1e-4, precision="bf16-autocast", loss_chunk=CHUNK,
                          logit_cache=variant != "pkdq-live", cache_topk=TOPK,
-                         fused_adamw=not prev, teacher_offload=not prev,
+                         fused_adamw=not prev, teacher_offload=not prev, lean_norm=not prev,
                          activation_checkpointing=variant == "pkdq-ckpt")
 
 
@@ -96,11 +101,11 @@ def child(variant: str, steps: int, threads: int) -> dict:
 
     from tasks.distill import (
         TeacherHolder,
-        activation_checkpointing,
         freeze,
         heldout_metrics,
         make_optimizer,
         teacher_idle,
+        training_context,
     )
     from tasks.distributed import Runtime
     from tasks.model_store import load_model
@@ -166,7 +171,7 @@ def child(variant: str, steps: int, threads: int) -> dict:
         def step(ids, rows):
             return engine.micro_step(student, teacher, ids, rows).loss
         # The stage skips keep_freed_memory when loss_chunk > 0 (see tasks.distill).
-        context = activation_checkpointing(student, cfg.activation_checkpointing)
+        context = training_context(student, cfg)
 
     with context:
         for i in range(steps + 1):

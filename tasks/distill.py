@@ -304,9 +304,21 @@ def train_loop(
     caller measures that). Each curve row averages its micro-batches. Under torchrun each rank
     trains on its rows of every global batch and logs the loss averaged over ranks (`runtime`).
     """
-    with activation_checkpointing(student, cfg.activation_checkpointing):
+    with training_context(student, cfg):
         return _train_steps(student, teacher, blocks, cfg, steps, on_eval, stage,
                             runtime or Runtime(), engine or KDEngine(cfg, steps), checkpoints)
+
+
+@contextlib.contextmanager
+def training_context(student, cfg: DistillConfig) -> Iterator[None]:
+    """What the student's training forward runs under: activation checkpointing and the lean
+    RMSNorm (`tasks.kd_norm`), each as the config asks. Held-out evals inside it are unchanged
+    (no-grad forwards save nothing either way)."""
+    from tasks.kd_norm import lean_norm
+
+    with activation_checkpointing(student, cfg.activation_checkpointing), \
+            lean_norm(student, cfg.lean_norm):
+        yield
 
 
 @contextlib.contextmanager

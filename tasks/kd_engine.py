@@ -32,6 +32,20 @@ def _base(model):
     return getattr(model, "module", model)
 
 
+def _decoder(model):
+    """The model's decoder stack without its LM head, or None where it cannot be run alone.
+
+    The chunked loss applies the head itself, so running the full model (even with
+    `logits_to_keep=1`) would cast the head weight ([V, H], 54 MB in bf16 on SmolLM2) for one
+    useless position and keep that copy saved for a backward that never reaches it. Only for an
+    unwrapped model: DDP/FSDP hooks live on the wrapper's forward.
+    """
+    if _base(model) is not model:
+        return None
+    body = getattr(model, "base_model", model)
+    return body if body is not model else None
+
+
 class KDEngine:
     """Loss schedule + teacher source + state matching for one distillation run."""
 
@@ -121,9 +135,13 @@ class KDEngine:
                 with torch.no_grad(), t_cap as t_attn:
                     t_out = teacher(input_ids=ids, use_cache=False,
                                     output_hidden_states=want_states, logits_to_keep=keep)
+            body = _decoder(student) if self.chunked else None
             with s_cap as s_attn:
-                s_out = student(input_ids=ids, use_cache=False,
-                                output_hidden_states=want_states, logits_to_keep=keep)
+                if body is not None:  # hidden_states[-1] below: the final (post-norm) state
+                    s_out = body(input_ids=ids, use_cache=False, output_hidden_states=True)
+                else:
+                    s_out = student(input_ids=ids, use_cache=False,
+                                    output_hidden_states=want_states, logits_to_keep=keep)
             if self.chunked:
                 if self.cache is not None:
                     target = self.cache.get(rows.cpu()).to_device(ids.device)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tasks.kd_losses import LossParts, divergence_logp, upcast
+from tasks.kd_losses import LossParts, _finite, divergence_logp, kl_logp, upcast
 
 
 @dataclass
@@ -148,11 +148,19 @@ def chunked_kd_loss(
     n_ce = max(int((targets != -100).sum()), 1)
     if _fusable(head, flat_h):
         coef = (alpha * temperature**2 / n, (1 - alpha) / n_ce)
-        parts = [_chunk_fn(None, flat_t.rows(slice(lo, lo + chunk)),
-                           targets[lo : lo + chunk], name, temperature, params)
-                 for lo in range(0, n, chunk)]
-        loss, kd, ce = _FusedHeadLoss.apply(flat_h, head.weight, parts, chunk, coef)
-        return LossParts(loss=loss, kd=float(kd) / n, ce=float(ce) / n_ce)
+        closed = closed_form_ok(name, flat_t, params)
+        steps = []
+        for lo in range(0, n, chunk):
+            sl = slice(lo, lo + chunk)
+            if closed:
+                steps.append(_closed_form_step(flat_t.rows(sl), targets[sl], temperature, coef))
+            else:
+                steps.append(_autograd_step(
+                    _chunk_fn(None, flat_t.rows(sl), targets[sl], name, temperature, params),
+                    coef))
+        loss, kd, ce = _FusedHeadLoss.apply(flat_h, head.weight, steps, chunk, coef)
+        kd_f, ce_f = float(kd), float(ce)
+        return LossParts(loss=loss, kd=kd_f / n, ce=ce_f / n_ce)
     kd_sum: torch.Tensor | float = 0.0
     ce_sum: torch.Tensor | float = 0.0
     for start in range(0, n, chunk):
@@ -191,6 +199,104 @@ def _chunk_fn(head: torch.nn.Module, teacher: Teacher, targets: torch.Tensor, na
     return run
 
 
+# (KD sum, CE sum, d loss / d logits) of one chunk, given its logits (no graph).
+ChunkStep = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _autograd_step(run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   coef: tuple[float, float]) -> ChunkStep:
+    """Any divergence: its logit gradient taken by autograd through the chunk's loss graph."""
+
+    def step(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            logits = logits.detach().requires_grad_(True)
+            kd_c, ce_c = run(logits)
+            (grad,) = torch.autograd.grad(coef[0] * kd_c + coef[1] * ce_c, logits)
+        return kd_c.detach(), ce_c.detach(), grad
+
+    return step
+
+
+def closed_form_ok(name: str, teacher: Teacher, params: dict[str, float]) -> bool:
+    """Whether `_closed_form_step` applies: forward KL against the top-k cached teacher (the
+    logit-cache recipe), with a fixed target (TAID's target depends on the student)."""
+    return (name == "forward_kl" and isinstance(teacher, SparseTeacher)
+            and params.get("taid_lambda") is None)
+
+
+def _closed_form_step(teacher: SparseTeacher, targets: torch.Tensor, temperature: float,
+                      coef: tuple[float, float]) -> ChunkStep:
+    """Bucketed forward KL + CE of one chunk with its logit gradient written out, no autograd.
+
+    With z the logits, p = softmax(z / T) and q_b the teacher's bucket probabilities (top-k ids,
+    then the rest), KL = sum_b q_b log(q_b / s_b) where s_b is the student's bucket mass, so
+
+        d KL / d z_j = (Q p_j - q_b(j) p_j / s_b(j)) / T,     Q = sum_b q_b (1 up to rounding)
+
+    which is (Q p_j - q_j) / T on a top-k id and p_j (Q - q_rest / s_rest) / T elsewhere; CE's is
+    softmax(z) - onehot(target). Autograd through `sparse_divergence` + `cross_entropy` walks the
+    [chunk, V] tensors ~30 times (two log-sum-exps, a scatter copy, their backwards, casts and
+    sums); this walks them ~10 times, in place. Same numbers up to float rounding, except that a
+    student rest mass under fp32's smallest normal (never seen on real logits) gives a zero
+    instead of a tiny rest gradient.
+    """
+    log_t = _finite(teacher_buckets(teacher))
+    q = log_t.exp()
+    q_sum = q.sum(-1, keepdim=True)  # Q
+    q_rest = q[:, -1:]
+    valid = targets != -100
+    tgt = targets.clamp_min(0).unsqueeze(-1)
+    inv_t = 1.0 / temperature
+
+    def step(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        ids = teacher.ids
+        k_ce = valid.unsqueeze(-1).to(acc) * coef[1]  # CE weight per row: 0 without a target
+        z_top = logits.gather(-1, ids).to(acc)
+        z_tgt = logits.gather(-1, tgt).to(acc)
+        m = logits.amax(-1, keepdim=True).to(acc)
+        e = torch.sub(logits, m, out=torch.empty(logits.shape, dtype=acc))  # z - max, fp32
+        if temperature != 1.0:
+            e.mul_(inv_t)
+        e.exp_()  # exp((z - max) / T)
+        e_top = e.gather(-1, ids)
+        if temperature == 1.0:
+            e1 = None  # softmax(z) is softmax(z / T)
+        elif temperature == 2.0:
+            e1 = e.square()  # exp(z - max), one multiply instead of an exp
+        else:
+            e1 = e.pow(temperature)
+        e.scatter_(-1, ids, 0.0)  # rest ids only: their sum is exact, not 1 - sum(top)
+        rest_sum = e.sum(-1, keepdim=True)
+        s_t = rest_sum + e_top.sum(-1, keepdim=True)
+        lse_t = m * inv_t + s_t.log()
+        s_rest = rest_sum / s_t
+        log_s = torch.cat([z_top * inv_t - lse_t, s_rest.log()], -1)
+        kd = kl_logp(log_t.to(acc), log_s).sum()
+        ratio = torch.where(s_rest > 0, q_rest.to(acc) / s_rest.clamp_min(torch.finfo(acc).tiny),
+                            torch.zeros((), dtype=acc))
+        k_kd = coef[0] * inv_t
+        p_top = e_top / s_t
+        if e1 is None:
+            s_1, p1_top = s_t, p_top
+            e.mul_((k_kd * (q_sum.to(acc) - ratio) + k_ce) / s_t)  # KD + CE, rest ids
+        else:
+            s_1 = e1.sum(-1, keepdim=True)
+            p1_top = None
+            e.mul_(k_kd * (q_sum.to(acc) - ratio) / s_t)  # KD, rest ids (top ids are 0)
+            e.addcmul_(e1, k_ce / s_1)  # CE softmax term, every id
+        lse_1 = m + s_1.log()
+        ce = ((lse_1 - z_tgt) * valid.unsqueeze(-1)).sum()
+        top = k_kd * (q_sum.to(acc) * p_top - q[:, :-1].to(acc))
+        if p1_top is not None:
+            top = top + k_ce * p1_top
+        e.scatter_add_(-1, ids, top)
+        e.scatter_add_(-1, tgt, -k_ce)
+        return kd, ce, e
+
+    return step
+
+
 def _fusable(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
     """The fused path needs a plain bias-free Linear head (not a fake-quant or sharded one)
     and a backward to feed."""
@@ -201,21 +307,29 @@ def _fusable(head: torch.nn.Module, hidden: torch.Tensor) -> bool:
             and (hidden.requires_grad or head.weight.requires_grad))
 
 
+WEIGHT_GRAD_ROWS = 256  # positions per head-weight-gradient matmul (see _FusedHeadLoss)
+WEIGHT_GRAD_VOCAB = 8192  # vocabulary rows per such matmul: bounds its bf16 product buffer
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """The chunked head + loss with its gradients taken chunk by chunk during the forward.
 
     Same value and gradients as the checkpointed chunks (same matmul precisions: under bf16
-    autocast the head runs in bf16 and each chunk's weight gradient is added to an fp32 sum), but
-    the weight is cast once per step instead of once per chunk twice, backward does not recompute
-    any chunk's logits (one head matmul per chunk less), and the per-chunk weight-gradient casts
-    and accumulations of autograd are one in-place fp32 add each. Stored for backward: the
+    autocast the head runs in bf16 and the weight gradient is summed in fp32), but the weight is
+    cast once per step instead of once per chunk twice, and backward recomputes no chunk's
+    logits (one head matmul per chunk less). The weight gradient [V, H] is one matmul per
+    `WEIGHT_GRAD_ROWS` positions over their logit gradients kept in a [rows, V] buffer, added
+    into the fp32 sum a `WEIGHT_GRAD_VOCAB` block at a time (a small bf16 product buffer instead
+    of a [V, H] product and its fp32 copy): per 64-position chunk that product and its cast were
+    as much memory traffic as the chunk's whole loss. Stored for backward: the
     gradients of the combined loss w.r.t. the hidden states ([n, H]) and the head weight.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, parts, chunk, coef):
+    def forward(ctx, hidden, weight, steps, chunk, coef):
         dtype = torch.get_autocast_dtype(hidden.device.type) \
             if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        n, vocab = hidden.shape[0], weight.shape[0]
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.detach().to(dtype)
             d_hidden = torch.empty_like(hidden, dtype=hidden.dtype)
@@ -223,19 +337,40 @@ class _FusedHeadLoss(torch.autograd.Function):
             acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
             kd_sum = torch.zeros((), dtype=acc)
             ce_sum = torch.zeros((), dtype=acc)
-            for i, run in enumerate(parts):
-                sl = slice(i * chunk, (i + 1) * chunk)
-                h = hidden[sl].detach().to(dtype)
-                with torch.enable_grad():
-                    logits = (h @ w.T).requires_grad_(True)
-                    kd_c, ce_c = run(logits)
-                    (grad,) = torch.autograd.grad(coef[0] * kd_c + coef[1] * ce_c, logits)
-                kd_sum += kd_c.detach()
-                ce_sum += ce_c.detach()
-                grad = grad.to(dtype)
-                d_hidden[sl] = grad @ w
+            group = max(chunk, WEIGHT_GRAD_ROWS // chunk * chunk)
+            grads = torch.empty((min(group, n), vocab), dtype=dtype, device=hidden.device)
+            v_block = min(WEIGHT_GRAD_VOCAB, vocab)
+            product = (torch.empty((v_block, weight.shape[1]), dtype=dtype, device=hidden.device)
+                       if d_weight is not None and dtype != weight.dtype else None)
+            logits = torch.empty((min(chunk, n), vocab), dtype=dtype, device=hidden.device)
+            for g_lo in range(0, n, group):
+                g_hi = min(g_lo + group, n)
+                h_group = hidden[g_lo:g_hi].detach().to(dtype)
+                for lo in range(g_lo, g_hi, chunk):
+                    hi = min(lo + chunk, g_hi)
+                    out = logits[: hi - lo]
+                    torch.mm(h_group[lo - g_lo : hi - g_lo], w.T, out=out)
+                    kd_c, ce_c, grad = steps[lo // chunk](out)
+                    kd_sum += kd_c
+                    ce_sum += ce_c
+                    g = grads[lo - g_lo : hi - g_lo]
+                    g.copy_(grad)
+                    del grad
+                    if d_hidden.dtype == dtype:
+                        torch.mm(g, w, out=d_hidden[lo:hi])
+                    else:
+                        d_hidden[lo:hi] = g @ w
                 if d_weight is not None:
-                    d_weight += (grad.T @ h).to(d_weight.dtype)
+                    g_all = grads[: g_hi - g_lo].T
+                    if product is None:
+                        d_weight.addmm_(g_all, h_group)
+                    else:  # low-precision product, summed in fp32 a vocabulary block at a time
+                        for v_lo in range(0, vocab, v_block):
+                            v_hi = min(v_lo + v_block, vocab)
+                            out = product[: v_hi - v_lo]
+                            torch.mm(g_all[v_lo:v_hi], h_group, out=out)
+                            d_weight[v_lo:v_hi].add_(out)
+            del grads, product, logits, w
         ctx.save_for_backward(d_hidden, d_weight)
         loss = coef[0] * kd_sum + coef[1] * ce_sum
         ctx.mark_non_differentiable(kd_sum, ce_sum)
@@ -244,5 +379,14 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _kd, _ce):
         d_hidden, d_weight = ctx.saved_tensors
-        return (d_hidden * grad_loss if ctx.needs_input_grad[0] else None,
-                d_weight * grad_loss if d_weight is not None else None, None, None, None)
+        # The usual upstream gradient is exactly 1 (loss.backward()): hand the stored gradients
+        # over as they are rather than allocating scaled copies ([V, H] fp32 is 113 MB on
+        # SmolLM2) while every activation of the step is still alive.
+        one = grad_loss.numel() == 1 and float(grad_loss) == 1.0
+        d_h = None
+        if ctx.needs_input_grad[0]:
+            d_h = d_hidden if one else d_hidden * grad_loss
+        d_w = None
+        if d_weight is not None:
+            d_w = d_weight if one else d_weight * grad_loss
+        return d_h, d_w, None, None, None

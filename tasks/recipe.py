@@ -189,6 +189,10 @@ class DistillConfig(Strict):
     teacher_offload: bool = Field(
         True, description="with logit_cache and no state matching the step never runs the "
         "teacher: free it while training, reload it for held-out evals")
+    lean_norm: bool = Field(
+        True, description="RMSNorm layers save only their input and 1/rms for backward (the "
+        "normalized input is recomputed): same forward, one [batch, seq, hidden] fp32 tensor "
+        "less per norm held through the step")
 
     @model_validator(mode="after")
     def _early_stop_needs_evals(self) -> DistillConfig:

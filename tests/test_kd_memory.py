@@ -50,7 +50,7 @@ def _trained(tiny_llama_ref, student_ref, **overrides):
 
 def test_defaults_are_the_fast_lean_ones():
     c = DistillConfig()
-    assert c.fused_adamw and c.teacher_offload and not c.activation_checkpointing
+    assert c.fused_adamw and c.teacher_offload and c.lean_norm and not c.activation_checkpointing
 
 
 def test_fused_adamw_is_used_and_matches_the_default_kernel(tiny_llama_ref, student_ref):
@@ -91,6 +91,53 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_result(
     calls.clear()
     off, off_curve = _trained(tiny_llama_ref, student_ref)
     assert calls == []
+    assert [r["loss"] for r in on_curve] == pytest.approx([r["loss"] for r in off_curve],
+                                                          rel=1e-5)
+    for a, b in zip(on.parameters(), off.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_norm_same_forward_and_gradients_and_training(tiny_llama_ref, student_ref):
+    """The swapped RMSNorm: bit-identical forward, autograd's gradients (fp64), the same
+    training curve, undone afterwards; a norm with another formula is left alone."""
+    from tasks.kd_norm import _RMSNorm, lean_norm
+
+    model, _ = load_model(student_ref)
+    model.double().train()
+    ids = _blocks(2)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, use_cache=False).logits
+        out.pow(2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ref_out, ref_grads = run()
+    with lean_norm(model) as swapped:
+        assert swapped == 2 * model.config.num_hidden_layers + 1
+        out, grads = run()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(out, ref_out)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-6), (x, w))
+
+    class GemmaLikeRMSNorm(torch.nn.Module):  # (1 + weight): not the formula, not swapped
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, h):
+            return (1 + self.weight) * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    with lean_norm(GemmaLikeRMSNorm()) as swapped:
+        assert swapped == 0
+
+    on, on_curve = _trained(tiny_llama_ref, student_ref)
+    off, off_curve = _trained(tiny_llama_ref, student_ref, lean_norm=False)
     assert [r["loss"] for r in on_curve] == pytest.approx([r["loss"] for r in off_curve],
                                                           rel=1e-5)
     for a, b in zip(on.parameters(), off.parameters(), strict=True):
@@ -174,9 +221,13 @@ class _WrappedHead(torch.nn.Module):
 
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_fused_head_loss_equals_checkpointed_chunks(autocast, sparse):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_fused_head_loss_equals_checkpointed_chunks(autocast, sparse, blocks, monkeypatch):
     import tasks.kd_sparse as ks
 
+    if blocks:  # weight gradient in several position groups and vocabulary blocks
+        monkeypatch.setattr(ks, "WEIGHT_GRAD_ROWS", 12)
+        monkeypatch.setattr(ks, "WEIGHT_GRAD_VOCAB", 64)
     gen = torch.Generator().manual_seed(0)
     V, H, B, L = 300, 24, 2, 10
     head = torch.nn.Linear(H, V, bias=False)

@@ -90,3 +90,54 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk, sparse):
     assert abs(out.kd - ref.kd) < 1e-9 and abs(out.ce - ref.ce) < 1e-9
     torch.testing.assert_close(grad_x, y.grad)
     torch.testing.assert_close(grad_w, s_head.weight.grad)
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("k", [4, V])
+def test_closed_form_forward_kl_gradient_equals_autograd(temp, k):
+    """The written-out logit gradient (forward KL over buckets + CE) is autograd's, in fp64."""
+    import tasks.kd_sparse as ks
+
+    n = 9
+    logits, t = _rand(n, V, seed=7), _rand(n, V, seed=8)
+    teacher = SparseTeacher.from_logits(t, k, temp)
+    targets = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(9))
+    targets[[2, 8]] = -100  # rows without a next token: KD only
+    coef = (0.3 * temp**2 / n, 0.7 / 7)
+    want = ks._autograd_step(ks._chunk_fn(None, teacher, targets, "forward_kl", temp, {}),
+                             coef)(logits)
+    got = ks._closed_form_step(teacher, targets, temp, coef)(logits.clone())
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ks.closed_form_ok("forward_kl", teacher, {})
+    assert not ks.closed_form_ok("forward_kl", teacher, {"taid_lambda": 0.5})
+    assert not ks.closed_form_ok("reverse_kl", teacher, {})
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize("grad_rows", [2, 256])
+def test_fused_closed_form_loss_equals_full_logits(chunk, grad_rows, monkeypatch):
+    """forward KL from a k = V cache through the fused head: the full-logit kd_loss and its
+    gradients, whether the weight gradient is one matmul or several (WEIGHT_GRAD_ROWS)."""
+    import tasks.kd_sparse as ks
+
+    monkeypatch.setattr(ks, "WEIGHT_GRAD_ROWS", grad_rows)
+    s_head, t_head = _head(2), _head(3)
+    h_s, h_t = _rand(B, L, H, seed=4), _rand(B, L, H, seed=5)
+    ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(6))
+    temp, alpha = 2.0, 0.4
+    with torch.no_grad():
+        t_logits = t_head(h_t)
+    x = h_s.clone().requires_grad_(True)
+    out = chunked_kd_loss(x, s_head, ids, SparseTeacher.from_logits(t_logits, V, temp),
+                          temperature=temp, alpha=alpha, chunk=chunk)
+    out.loss.backward()
+    grad_x, grad_w = x.grad.clone(), s_head.weight.grad.clone()
+    s_head.weight.grad = None
+    y = h_s.clone().requires_grad_(True)
+    ref = kd_loss(s_head(y), t_logits, ids, temperature=temp, alpha=alpha)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    assert abs(out.kd - ref.kd) < 1e-9 and abs(out.ce - ref.ce) < 1e-9
+    torch.testing.assert_close(grad_x, y.grad)
+    torch.testing.assert_close(grad_w, s_head.weight.grad)
