@@ -142,7 +142,9 @@ class DistillConfig(Strict):
     lr: float = Field(1e-4, gt=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
-    temperature: float = Field(2.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="softens both distributions; the KD term "
+                               "is scaled by T^2. 1.0: at T=2 KD trailed plain CE on WikiText "
+                               "ppl (bench/kd_recovery.py)")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1-alpha for CE")
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"] = Field(
         "forward_kl", description="divergence: forward KL (Hinton), reverse KL (MiniLLM), "
