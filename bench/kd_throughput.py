@@ -17,7 +17,8 @@ never mix) the way the distill stage does: load teacher and student, score held-
   training, the full RMSNorm graph (`lean_norm: false`) and the full-logit held-out eval.
 - pkdq: `DistillConfig` defaults on top of cache + bf16 autocast + chunks, i.e. what a recipe
   with `logit_cache: true, loss_chunk: 64, precision: bf16-autocast` runs: fused AdamW, the
-  teacher offloaded while training (reloaded for each held-out eval; its reload is in `eval s`),
+  teacher offloaded while training (reloaded for each held-out eval, after the training heap is
+  handed back to the OS; its reload is in `eval s`),
   the lean RMSNorm (`tasks.kd_norm`) and the chunked held-out eval.
 - pkdq-ckpt: pkdq plus `activation_checkpointing: true` (recompute the decoder layers in
   backward): less memory, a slower step.

@@ -37,10 +37,13 @@ def _decoder(model):
 
     The chunked loss applies the head itself, so running the full model (even with
     `logits_to_keep=1`) would cast the head weight ([V, H], 54 MB in bf16 on SmolLM2) for one
-    useless position and keep that copy saved for a backward that never reaches it. Only for an
-    unwrapped model: DDP/FSDP hooks live on the wrapper's forward.
+    useless position and keep that copy saved for a backward that never reaches it. Only for a
+    plain model: DDP's hooks live on its wrapper's forward, FSDP2's root (embeddings, head) on
+    the model's own.
     """
-    if _base(model) is not model:
+    from torch.distributed.fsdp import FSDPModule
+
+    if _base(model) is not model or isinstance(model, FSDPModule):
         return None
     body = getattr(model, "base_model", model)
     return body if body is not model else None

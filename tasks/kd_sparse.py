@@ -379,14 +379,15 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _kd, _ce):
         d_hidden, d_weight = ctx.saved_tensors
-        # The usual upstream gradient is exactly 1 (loss.backward()): hand the stored gradients
-        # over as they are rather than allocating scaled copies ([V, H] fp32 is 113 MB on
-        # SmolLM2) while every activation of the step is still alive.
+        # Scale the stored gradients in place (or not at all for the usual upstream 1) rather
+        # than allocate scaled copies ([V, H] fp32 is 113 MB on SmolLM2) while every activation
+        # of the step is still alive. A second backward through a retained graph would see
+        # them changed: autograd's saved-tensor version check refuses that loudly.
         one = grad_loss.numel() == 1 and float(grad_loss) == 1.0
         d_h = None
         if ctx.needs_input_grad[0]:
-            d_h = d_hidden if one else d_hidden * grad_loss
+            d_h = d_hidden if one else d_hidden.mul_(grad_loss)
         d_w = None
         if d_weight is not None:
-            d_w = d_weight if one else d_weight * grad_loss
+            d_w = d_weight if one else d_weight.mul_(grad_loss)
         return d_h, d_w, None, None, None

@@ -98,12 +98,13 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_result(
 
 
 def test_lean_norm_same_forward_and_gradients_and_training(tiny_llama_ref, student_ref):
-    """The swapped RMSNorm: bit-identical forward, autograd's gradients (fp64), the same
-    training curve, undone afterwards; a norm with another formula is left alone."""
+    """The swapped RMSNorm: bit-identical forward, autograd's gradients, the same training
+    curve, undone afterwards; a norm with another formula is left alone (HF's norm computes in
+    fp32 even for fp64 inputs, so an fp64 model keeps its own: the probe sees the difference)."""
     from tasks.kd_norm import _RMSNorm, lean_norm
 
     model, _ = load_model(student_ref)
-    model.double().train()
+    model.train()
     ids = _blocks(2)
 
     def run():
@@ -119,7 +120,9 @@ def test_lean_norm_same_forward_and_gradients_and_training(tiny_llama_ref, stude
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert torch.equal(out, ref_out)
     for a, b in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with lean_norm(model.double()) as swapped:
+        assert swapped == 0
     x = torch.randn(3, 4, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _RMSNorm.apply(a, b, 1e-6), (x, w))
@@ -140,8 +143,10 @@ def test_lean_norm_same_forward_and_gradients_and_training(tiny_llama_ref, stude
     off, off_curve = _trained(tiny_llama_ref, student_ref, lean_norm=False)
     assert [r["loss"] for r in on_curve] == pytest.approx([r["loss"] for r in off_curve],
                                                           rel=1e-5)
+    # Adam divides by sqrt(v): a near-zero gradient's rounding-level difference becomes a
+    # visible fraction of lr (3e-3) on a handful of the 3M weights.
     for a, b in zip(on.parameters(), off.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
@@ -157,7 +162,11 @@ def test_chunked_heldout_metrics_equal_full_logits(tiny_llama_ref, student_ref, 
     assert full["kl"] > 0
 
 
-def test_teacher_holder_offloads_and_reloads(tiny_llama_ref):
+def test_teacher_holder_offloads_and_reloads(tiny_llama_ref, monkeypatch):
+    import tasks.distill as distill
+
+    trims, real = [], distill.release_free_heap
+    monkeypatch.setattr(distill, "release_free_heap", lambda: trims.append(1))
     teacher, _ = load_model(tiny_llama_ref)
     kept = TeacherHolder(teacher, tiny_llama_ref, offload=False)
     assert kept.resident() is teacher
@@ -171,6 +180,8 @@ def test_teacher_holder_offloads_and_reloads(tiny_llama_ref):
     with holder.loaded() as t:
         assert not t.training and not any(p.requires_grad for p in t.parameters())
     assert holder.resident() is None and holder.reloads == 1
+    assert trims == [1]  # the training heap goes back to the OS before each reload
+    real()  # and the real one is harmless to call (a no-op off glibc)
 
 
 def test_teacher_idle_only_when_the_step_never_runs_it():

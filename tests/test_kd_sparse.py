@@ -141,3 +141,21 @@ def test_fused_closed_form_loss_equals_full_logits(chunk, grad_rows, monkeypatch
     assert abs(out.kd - ref.kd) < 1e-9 and abs(out.ce - ref.ce) < 1e-9
     torch.testing.assert_close(grad_x, y.grad)
     torch.testing.assert_close(grad_w, s_head.weight.grad)
+
+
+def test_fused_loss_second_backward_is_right_or_refused():
+    """The fused head scales its stored gradients in place: a retained graph's second backward
+    is exact for an unscaled loss and an error (never a silently wrong gradient) otherwise."""
+    head = _head(2)
+    x = _rand(B, L, H, seed=4).requires_grad_(True)
+    ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(6))
+    teacher = SparseTeacher.from_logits(_rand(B, L, V, seed=1), 4, 2.0)
+    out = chunked_kd_loss(x, head, ids, teacher, chunk=3)
+    out.loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    out.loss.backward()
+    torch.testing.assert_close(x.grad, 2 * once)
+    out = chunked_kd_loss(x, head, ids, teacher, chunk=3)
+    (out.loss * 0.5).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (out.loss * 0.5).backward()
