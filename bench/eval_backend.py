@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,20 +142,29 @@ def side_by_side(model: Any, tokenizer: Any, tasks: list[str], samples: int, see
     return rows
 
 
+def seeded_tasks(tasks: list[str], samples: int,
+                 seed: int) -> Iterator[tuple[str, int, list[int], Any]]:
+    """(task, split size, seeded doc ids, task manager) per task: every comparison scores the
+    same docs."""
+    from tasks.evaluate import sample_doc_ids, task_manager, task_size
+
+    manager = task_manager()
+    for task in tasks:
+        n_docs = task_size(task)
+        yield task, n_docs, sample_doc_ids(task, n_docs, samples, seed), manager
+
+
 def bf16_drift(model_path: Path, fp32_model: Any, tokenizer: Any, tasks: list[str], samples: int,
                seed: int, batch_size: int) -> list[dict[str, Any]]:
     """pkdq backend in bfloat16 vs float32 on the same docs: drift and speed."""
     import torch
 
-    from tasks.evaluate import make_lm, sample_doc_ids, task_manager, task_size
+    from tasks.evaluate import make_lm
     from tasks.model_store import load_model
 
     bf16_model, _ = load_model(model_path, dtype=torch.bfloat16)
-    manager = task_manager()
     rows = []
-    for task in tasks:
-        n_docs = task_size(task)
-        ids = sample_doc_ids(task, n_docs, samples, seed)
+    for task, n_docs, ids, manager in seeded_tasks(tasks, samples, seed):
         fp = run(make_lm(fp32_model, tokenizer, "pkdq", batch_size), task, ids, n_docs, manager,
                  seed)
         bf = run(make_lm(bf16_model, tokenizer, "pkdq", batch_size), task, ids, n_docs, manager,
@@ -181,15 +190,12 @@ def fp64_reference(model_path: Path, fp32_model: Any, tokenizer: Any, tasks: lis
     the exact log-likelihoods, i.e. whether pkdq-vs-HFLM differences are fp32 rounding."""
     import torch
 
-    from tasks.evaluate import make_lm, sample_doc_ids, task_manager, task_size
+    from tasks.evaluate import make_lm
     from tasks.model_store import load_model
 
     exact_model, _ = load_model(model_path, dtype=torch.float64)
-    manager = task_manager()
     rows = []
-    for task in tasks:
-        n_docs = task_size(task)
-        ids = sample_doc_ids(task, n_docs, samples, seed)
+    for task, n_docs, ids, manager in seeded_tasks(tasks, samples, seed):
         exact, hf, pk = (run(make_lm(m, tokenizer, backend, batch_size), task, ids, n_docs,
                              manager, seed)["raw"]
                          for m, backend in ((exact_model, "hf"), (fp32_model, "hf"),
