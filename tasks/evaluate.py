@@ -13,11 +13,15 @@ measured the same way for every stage.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import sys
+import threading
 import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -135,17 +139,54 @@ def task_manager(data: Path | None = None):
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=meta)
 
 
+_print_lock = threading.Lock()
+_print_depth = 0
+_print_saved: Any = None
+
+
+@contextmanager
+def builtin_print() -> Iterator[None]:
+    """Run lm-eval with Python's own `print`, not Prefect's `log_prints` patch.
+
+    datasets fingerprints the offline task data with dill, and dill finds a function's globals by
+    swapping `sys.stdout` for a buffer and calling `dis.dis`. Under Prefect's patch those prints go
+    to the run log instead (a bytecode listing per task in every run log) and dill's buffer stays
+    empty. Nesting-safe across threads (compare runs units side by side): the first entry swaps,
+    the last exit restores.
+    """
+    global _print_depth, _print_saved
+    try:
+        from prefect.logging.loggers import print as real_print  # imported before any patch
+    except ImportError:
+        yield
+        return
+    with _print_lock:
+        if _print_depth == 0:
+            _print_saved = builtins.print
+            builtins.print = real_print
+        _print_depth += 1
+    try:
+        yield
+    finally:
+        with _print_lock:
+            _print_depth -= 1
+            if _print_depth == 0:
+                builtins.print = _print_saved
+                _print_saved = None
+
+
 def run_task(lm: Any, task: str, doc_ids: list[int], n_docs: int, manager: Any,
              seed: int) -> dict[str, Any]:
     """One task through lm-eval's `simple_evaluate`; returns its results and logged samples."""
     from lm_eval import simple_evaluate
 
     subset = None if len(doc_ids) == n_docs else {task: doc_ids}
-    out = simple_evaluate(
-        model=lm, tasks=[task], task_manager=manager, samples=subset, log_samples=True,
-        bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with builtin_print():
+        out = simple_evaluate(
+            model=lm, tasks=[task], task_manager=manager, samples=subset, log_samples=True,
+            bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed,
+        )
     return {"results": out["results"][task], "samples": out["samples"][task],
             "output_type": out["configs"][task].get("output_type", "multiple_choice")}
 

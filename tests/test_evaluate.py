@@ -242,3 +242,46 @@ def test_smollm2_wikitext_perplexity_in_sane_range(smollm2_ref, tmp_path):
 def test_default_data_dir_needs_no_hard_coded_path():
     """The YAML hook resolves the same default folder as the rest of pkdq (PKDQ_DATA_DIR aware)."""
     assert resolve_data_dir() == data_dir()
+
+
+def test_builtin_print_undoes_prefects_patch_and_nests_across_threads():
+    """dill captures `dis.dis` through sys.stdout; under Prefect's log_prints patch that output
+    would go to the run log instead. Inside `builtin_print` the real print is back."""
+    import builtins
+    import threading
+
+    from prefect.logging.loggers import print as real_print
+
+    from tasks.evaluate import builtin_print
+
+    def patched(*args, **kwargs):  # stands in for prefect's print_as_log
+        raise AssertionError("patched print called")
+
+    original = builtins.print
+    builtins.print = patched
+    try:
+        inside: list[object] = []
+        gate = threading.Barrier(2)
+
+        def worker():
+            with builtin_print():
+                gate.wait()
+                inside.append(builtins.print)
+                gate.wait()
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert inside == [real_print, real_print]
+        assert builtins.print is patched  # restored once the last user left
+        with builtin_print():
+            from dill.temp import capture
+
+            with capture("stdout") as out:
+                print("seen by dill")
+            assert out.getvalue() == "seen by dill\n"
+        assert builtins.print is patched
+    finally:
+        builtins.print = original
