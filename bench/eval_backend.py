@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.common import REPO_ROOT, set_offline_env, write_json_atomic
+from tasks.core.common import REPO_ROOT, set_offline_env, write_json_atomic
 
 RESULTS = REPO_ROOT / "bench" / "results"
 TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "lambada_openai",
@@ -97,7 +97,7 @@ def paired_stderr(ref: dict[str, Any], new: dict[str, Any], metric: str) -> floa
 
 
 def run(lm: Any, task: str, ids: list[int], n_docs: int, manager: Any, seed: int) -> dict[str, Any]:
-    from tasks.evaluate import run_task, summarise_task
+    from tasks.evaluate.stage import run_task, summarise_task
 
     watch = instrument(lm)
     start = time.perf_counter()
@@ -116,7 +116,7 @@ def _score(summary: dict[str, Any], task: str) -> tuple[str, float, float]:
 
 def side_by_side(model: Any, tokenizer: Any, tasks: list[str], samples: int, seed: int,
                  batch_size: int, wikitext_pages: int, max_length: int) -> list[dict[str, Any]]:
-    from tasks.evaluate import make_lm, sample_doc_ids, task_manager, task_size
+    from tasks.evaluate.stage import make_lm, sample_doc_ids, task_manager, task_size
 
     manager = task_manager()
     rows = []
@@ -146,7 +146,7 @@ def seeded_tasks(tasks: list[str], samples: int,
                  seed: int) -> Iterator[tuple[str, int, list[int], Any]]:
     """(task, split size, seeded doc ids, task manager) per task: every comparison scores the
     same docs."""
-    from tasks.evaluate import sample_doc_ids, task_manager, task_size
+    from tasks.evaluate.stage import sample_doc_ids, task_manager, task_size
 
     manager = task_manager()
     for task in tasks:
@@ -159,8 +159,8 @@ def bf16_drift(model_path: Path, fp32_model: Any, tokenizer: Any, tasks: list[st
     """pkdq backend in bfloat16 vs float32 on the same docs: drift and speed."""
     import torch
 
-    from tasks.evaluate import make_lm
-    from tasks.model_store import load_model
+    from tasks.core.model_store import load_model
+    from tasks.evaluate.stage import make_lm
 
     bf16_model, _ = load_model(model_path, dtype=torch.bfloat16)
     rows = []
@@ -190,8 +190,8 @@ def fp64_reference(model_path: Path, fp32_model: Any, tokenizer: Any, tasks: lis
     the exact log-likelihoods, i.e. whether pkdq-vs-HFLM differences are fp32 rounding."""
     import torch
 
-    from tasks.evaluate import make_lm
-    from tasks.model_store import load_model
+    from tasks.core.model_store import load_model
+    from tasks.evaluate.stage import make_lm
 
     exact_model, _ = load_model(model_path, dtype=torch.float64)
     rows = []
@@ -280,8 +280,8 @@ def main() -> None:
     set_offline_env()
     import torch
 
-    from tasks.evaluate import quiet_lm_eval
-    from tasks.model_store import load_model, resolve_model
+    from tasks.core.model_store import load_model, resolve_model
+    from tasks.evaluate.stage import quiet_lm_eval
 
     torch.set_num_threads(args.threads)
     quiet_lm_eval()

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tasks.common import REPO_ROOT, set_offline_env
+from tasks.core.common import REPO_ROOT, set_offline_env
 
 RESULTS = REPO_ROOT / "bench" / "results"
 ALL_TASKS = ["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "lambada_openai",
@@ -74,9 +74,9 @@ def main() -> None:
     args = parser.parse_args()
 
     set_offline_env()
-    from tasks.evaluate import evaluate_model
-    from tasks.model_store import resolve_model
-    from tasks.recipe import EvalConfig
+    from tasks.core.model_store import resolve_model
+    from tasks.core.recipe import EvalConfig
+    from tasks.evaluate.stage import evaluate_model
 
     cfg = EvalConfig(tasks=ALL_TASKS, samples=args.samples or None, dtype=args.dtype,
                      wikitext={"pages": args.wikitext_pages})

@@ -1,6 +1,6 @@
 """Shared setup for the KD benchmarks: the SmolLM2 teacher and its 50%-FFN-pruned student.
 
-The pruned student is built once with `tasks.prune.prune_stage` (activation criterion, round_to
+The pruned student is built once with `tasks.prune.stage.prune_stage` (activation criterion, round_to
 64) and kept under `<pkdq cache>/bench/`, so re-running a benchmark measures KD, not pruning.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.common import ModelRef, StageContext, cache_dir, set_offline_env  # noqa: E402
+from tasks.core.common import ModelRef, StageContext, cache_dir, set_offline_env  # noqa: E402
 
 SEQ_LEN, BATCH, SEED = 256, 4, 1234
 
@@ -21,9 +21,10 @@ SEQ_LEN, BATCH, SEED = 256, 4, 1234
 def teacher_and_student(threads: int = 1) -> tuple[ModelRef, ModelRef]:
     """(SmolLM2-135M, the same with 50% of FFN neurons removed), both as local folders."""
     set_offline_env()
-    from tasks.model_store import load_model, model_ref, resolve_model, save_model
-    from tasks.prune import prune_model
-    from tasks.recipe import FfnTarget, PruneConfig, TextSample
+    from tasks.core.model_folder import model_ref
+    from tasks.core.model_store import load_model, resolve_model, save_model
+    from tasks.core.recipe import FfnTarget, PruneConfig, TextSample
+    from tasks.prune.stage import prune_model
 
     teacher = resolve_model("smollm2-135m")
     out = cache_dir() / "bench" / f"smollm2-ffn50-{teacher.fingerprint}"

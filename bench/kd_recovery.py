@@ -2,11 +2,11 @@
 
     flock /tmp/pkdq-heavy.lock python bench/kd_recovery.py --tokens 12288
 
-Student = SmolLM2-135M with half its FFN neurons removed (`tasks.prune`, activation criterion);
-teacher = SmolLM2-135M. Each variant runs the real distill stage (`tasks.distill.distill_stage`:
+Student = SmolLM2-135M with half its FFN neurons removed (`tasks.prune.stage`, activation criterion);
+teacher = SmolLM2-135M. Each variant runs the real distill stage (`tasks.distill.stage.distill_stage`:
 bf16 autocast, chunked loss, top-k logit cache shared by the variants that do not need live
 teacher states) for the same token budget, data and seed, then WikiText-2 test perplexity
-(`tasks.evaluate.wikitext_perplexity`, first 8192 tokens, 512-token windows) is measured:
+(`tasks.evaluate.stage.wikitext_perplexity`, first 8192 tokens, 512-token windows) is measured:
 
 - ce:          alpha 0 (plain fine-tuning on the same text: the baseline KD must beat)
 - fkl:         forward KL (T=1, alpha 1: pure KD)
@@ -59,9 +59,9 @@ def result_path(tokens: int) -> Path:
 
 
 def wikitext_ppl(path: Path, tokens: int) -> float:
-    from tasks.common import data_dir
-    from tasks.evaluate import wikitext_perplexity
-    from tasks.model_store import load_model
+    from tasks.core.common import data_dir
+    from tasks.core.model_store import load_model
+    from tasks.evaluate.stage import wikitext_perplexity
 
     model, tok = load_model(path)
     model.eval()
@@ -85,9 +85,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/pkdq-kd-recovery"))
     args = parser.parse_args()
     limit_threads(args.threads)
-    from tasks.common import StageContext
-    from tasks.distill import distill_stage
-    from tasks.recipe import DistillConfig
+    from tasks.core.common import StageContext
+    from tasks.core.recipe import DistillConfig
+    from tasks.distill.stage import distill_stage
 
     teacher, student = teacher_and_student(args.threads)
     result_file = result_path(args.tokens)

@@ -2,7 +2,7 @@
 
     flock /tmp/pkdq-heavy.lock python bench/kd_throughput.py --steps 3 --threads 2
 
-Same teacher (SmolLM2-135M), student (50% FFN pruned by `tasks.prune`), training blocks,
+Same teacher (SmolLM2-135M), student (50% FFN pruned by `tasks.prune.stage`), training blocks,
 seq_len, batch and thread count. Each variant runs in its own child process (RSS high-water marks
 never mix) the way the distill stage does: load teacher and student, score held-out KL on
 `EVAL_BLOCKS` blocks, train, score held-out KL again with the optimizer state still alive (as an
@@ -19,12 +19,12 @@ never mix) the way the distill stage does: load teacher and student, score held-
   with `logit_cache: true, loss_chunk: 64, precision: bf16-autocast` runs: fused AdamW, the
   teacher offloaded while training (reloaded for each held-out eval, after the training heap is
   handed back to the OS; its reload is in `eval s`),
-  the lean RMSNorm (`tasks.kd_norm`) and the chunked held-out eval.
+  the lean RMSNorm (`tasks.distill.lean_norm`) and the chunked held-out eval.
 - pkdq-ckpt: pkdq plus `activation_checkpointing: true` (recompute the decoder layers in
   backward): less memory, a slower step.
 
 Every pkdq variant runs the same code for the head: the student's decoder without its LM head,
-then `tasks.kd_sparse`'s fused chunk loop, which for forward KL against the cache writes each
+then `tasks.distill.sparse`'s fused chunk loop, which for forward KL against the cache writes each
 chunk's logit gradient in closed form (no autograd over [64, V] tensors) and takes the head
 weight's gradient in 256-position matmuls (not one [V, H] product and fp32 cast per chunk).
 
@@ -66,8 +66,8 @@ TOPK, CHUNK, TEMPERATURE, ALPHA = 64, 64, 2.0, 0.5
 
 
 def _blocks(tokenizer, n: int, heldout: bool = False):
-    from tasks.common import data_dir
-    from tasks.textdata import load_train_texts, token_blocks
+    from tasks.core.common import data_dir
+    from tasks.core.data import load_train_texts, token_blocks
 
     texts = load_train_texts(data_dir(), heldout=True) if heldout else \
         load_train_texts(data_dir(), "wikipedia")
@@ -76,7 +76,7 @@ def _blocks(tokenizer, n: int, heldout: bool = False):
 
 def _cfg(variant: str):
     """The DistillConfig a recipe would hold for this variant (defaults = the recommended ones)."""
-    from tasks.recipe import DistillConfig
+    from tasks.core.recipe import DistillConfig
 
     prev = variant == "pkdq-prev"
     return DistillConfig(seq_len=SEQ_LEN, batch_size=BATCH, temperature=TEMPERATURE, alpha=ALPHA,
@@ -87,7 +87,7 @@ def _cfg(variant: str):
 
 
 def _cache(teacher_ref, tokenizer, blocks):
-    from tasks.logit_cache import LogitCache
+    from tasks.distill.logit_cache import LogitCache
 
     cfg = _cfg("pkdq")
     return LogitCache.for_blocks(teacher_ref.fingerprint, tokenizer, blocks, cfg.cache_topk,
@@ -100,16 +100,11 @@ def child(variant: str, steps: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from tasks.distill import (
-        TeacherHolder,
-        freeze,
-        heldout_metrics,
-        make_optimizer,
-        teacher_idle,
-        training_context,
-    )
-    from tasks.distributed import Runtime
-    from tasks.model_store import load_model
+    from tasks.core.model_store import load_model
+    from tasks.distill.distributed import Runtime
+    from tasks.distill.heldout import heldout_metrics
+    from tasks.distill.teacher import TeacherHolder, freeze, teacher_idle
+    from tasks.distill.train import make_optimizer, training_context
 
     teacher_ref, student_ref = teacher_and_student(threads)
     teacher, tok = load_model(teacher_ref)  # the stage loads both (check_vocab, cache build)
@@ -162,7 +157,7 @@ def child(variant: str, steps: int, threads: int) -> dict:
             return ALPHA * kd + (1 - ALPHA) * ce
         context = contextlib.nullcontext()
     else:
-        from tasks.kd_engine import KDEngine
+        from tasks.distill.engine import KDEngine
 
         cache = _cache(teacher_ref, tok, blocks) if cfg.logit_cache else None
         if cache is not None and not cache.complete:
@@ -171,7 +166,7 @@ def child(variant: str, steps: int, threads: int) -> dict:
 
         def step(ids, rows):
             return engine.micro_step(student, teacher, ids, rows).loss
-        # The stage skips keep_freed_memory when loss_chunk > 0 (see tasks.distill).
+        # The stage skips keep_freed_memory when loss_chunk > 0 (see tasks.distill.stage).
         context = training_context(student, cfg)
 
     with context:

@@ -21,19 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tasks.common import StageContext, data_dir, set_offline_env  # noqa: E402
-from tasks.evaluate import wikitext_perplexity  # noqa: E402
-from tasks.model_store import load_model, resolve_model  # noqa: E402
-from tasks.prune import (  # noqa: E402
-    AxisScores,
-    Measurements,
-    apply_plan,
-    calibration_blocks,
-    score_axes,
-)
-from tasks.prune_plan import Dims, plan_prune  # noqa: E402
-from tasks.prune_units import Anatomy, count_params  # noqa: E402
-from tasks.recipe import (  # noqa: E402
+from tasks.core.common import StageContext, data_dir, set_offline_env  # noqa: E402
+from tasks.core.model_store import load_model, resolve_model  # noqa: E402
+from tasks.core.recipe import (  # noqa: E402
     DepthTarget,
     FfnTarget,
     HeadsTarget,
@@ -41,6 +31,16 @@ from tasks.recipe import (  # noqa: E402
     PruneConfig,
     TextSample,
 )
+from tasks.evaluate.stage import wikitext_perplexity  # noqa: E402
+from tasks.prune.plan import Dims, plan_prune  # noqa: E402
+from tasks.prune.stage import (  # noqa: E402
+    AxisScores,
+    Measurements,
+    apply_plan,
+    calibration_blocks,
+    score_axes,
+)
+from tasks.prune.units import Anatomy, count_params  # noqa: E402
 
 UNIT = ["activation", "magnitude", "magnitude_l2", "taylor", "random"]
 DEPTH = ["block_influence", "ppl_skip", "random"]

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.common import REPO_ROOT, StageContext, cache_dir, data_dir, set_offline_env
+from tasks.core.common import REPO_ROOT, StageContext, cache_dir, data_dir, set_offline_env
 
 RESULTS = REPO_ROOT / "bench" / "results"
 ROWS = RESULTS / "quant_runs"
@@ -39,7 +39,8 @@ def _work() -> Path:
 
 def model_folder(name: str, threads: int):
     """The unpruned SmolLM2 folder, or its 50%-FFN-pruned version (made once, cached)."""
-    from tasks.model_store import model_ref, resolve_model
+    from tasks.core.model_folder import model_ref
+    from tasks.core.model_store import resolve_model
 
     base = resolve_model("smollm2-135m")
     if name == "base":
@@ -47,8 +48,8 @@ def model_folder(name: str, threads: int):
     out = _work() / "ffn50"
     if (out / "model" / "config.json").is_file():
         return model_ref(out / "model")
-    from tasks.prune import prune_stage
-    from tasks.recipe import PruneConfig
+    from tasks.core.recipe import PruneConfig
+    from tasks.prune.stage import prune_stage
 
     cfg = PruneConfig.model_validate({
         "ffn": {"ratio": 0.5, "criterion": "activation"}, "round_to": 128,
@@ -59,9 +60,9 @@ def model_folder(name: str, threads: int):
 
 def perplexity(path: Path, dtype: str = "fp32") -> float:
     """Token perplexity; float folders computed in `dtype`, quantized ones in fp32."""
-    from tasks.evaluate import wikitext_perplexity
-    from tasks.model_store import load_model
-    from tasks.quant_speed import DTYPES
+    from tasks.core.model_store import load_model
+    from tasks.evaluate.speed import DTYPES
+    from tasks.evaluate.stage import wikitext_perplexity
 
     model, tokenizer = load_model(path, dtype=DTYPES[dtype])
     result = wikitext_perplexity(model, tokenizer, data_dir() / "wikitext" / "wiki.test.raw",
@@ -80,7 +81,7 @@ def _weights_bytes(path: Path) -> int:
 def measure(model: str, label: str, path: Path, threads: int, extra: dict[str, Any],
             speed_timeout: float = 900) -> dict:
     """Perplexity + size + prefill latency of one folder; cached as a JSON row."""
-    from tasks.quant_speed import profile_in_subprocess
+    from tasks.evaluate.speed import profile_in_subprocess
 
     dtype = extra.pop("compute_dtype", "fp32")
     t0 = time.perf_counter()
@@ -110,8 +111,8 @@ def measure(model: str, label: str, path: Path, threads: int, extra: dict[str, A
 
 def quantize_one(model: str, ref, method: str, bits: int, group: int, threads: int,
                  keep: bool) -> dict:
-    from tasks.quantize import quantize_stage
-    from tasks.recipe import QuantizeConfig
+    from tasks.core.recipe import QuantizeConfig
+    from tasks.quantize.stage import quantize_stage
 
     label = f"{method}-w{bits}-g{group}"
     if _row_path(model, label).is_file():
@@ -151,7 +152,7 @@ def _rss(row: dict) -> str:
 
 def table() -> str:
     """Markdown table from every cached row (fp32/bf16 first, then by method and config)."""
-    from tasks.quant_speed import speed_notes
+    from tasks.evaluate.speed import speed_notes
 
     rows = [json.loads(p.read_text()) for p in sorted(ROWS.glob("*.json"))]
     order = {"fp32": 0, "bf16": 1, "rtn": 2, "gptq": 3, "awq": 4}

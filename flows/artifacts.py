@@ -1,7 +1,7 @@
 """Prefect artifacts of a report: the retention table and the quality plots, in the Prefect UI.
 
 Kept apart from the flows so the compress and compare flows publish the same artifacts from the
-same collected report data (report.json) and figures (`tasks.report_page.quality_figures`).
+same collected report data (report.json) and figures (`tasks.report.page.quality_figures`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from uuid import UUID
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.report_page import FIGURE_TITLES, retention_columns, retention_rows, table_records
+from tasks.report import FIGURE_TITLES, retention_columns, retention_rows, table_records
 
 
 def figures_markdown(pngs: Mapping[str, bytes]) -> str:

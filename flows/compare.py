@@ -3,7 +3,7 @@
 Each step of each ordering is one task run; evaluations are task runs too. A step that two
 orderings share (P in P-KD-Q and P-Q-KD) has one unit id, used as the Prefect cache key: the
 second ordering's task run ends in the `Cached` state in the UI, and the run log says which
-ordering computed it. The unit folders on disk (tasks.compare_run) are the source of truth for
+ordering computed it. The unit folders on disk (tasks.compare.folder) are the source of truth for
 resuming; the Prefect cache only mirrors them within a run folder.
 
 Independent orderings run concurrently when `concurrency` > 1 (a thread-pool task runner);
@@ -22,19 +22,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.common import ModelRef
-from tasks.compare_run import (
+from tasks.compare import (
     baseline_folder,
     evaluate_folder,
     init_compare,
     mark_compare,
+    plan_ordering,
     run_ordering_step,
+    shared_prefixes,
     unit_folder,
 )
-from tasks.model_store import resolve_model
-from tasks.orderings import plan_ordering, shared_prefixes
-from tasks.recipe import load_recipe
-from tasks.resources import check_machine
+from tasks.core.common import ModelRef
+from tasks.core.model_folder import is_sealed
+from tasks.core.model_store import resolve_model
+from tasks.core.recipe import load_recipe
+from tasks.core.resources import check_machine
 
 
 def _scope(run_dir: str) -> str:
@@ -77,7 +79,7 @@ def eval_unit_task(run_dir: str, recipe_file: str, unit: str, model: dict[str, s
 
 @task(name="compare-report", cache_policy=NO_CACHE, persist_result=False)
 def compare_report_task(run_dir: str) -> str:
-    from tasks.compare_report import write_compare_report
+    from tasks.compare import write_compare_report
 
     paths = write_compare_report(Path(run_dir))
     publish_compare_artifacts(paths)
@@ -90,9 +92,9 @@ def publish_compare_artifacts(paths: dict[str, Path]) -> None:
 
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks import plots
-    from tasks.common import read_json
-    from tasks.compare_report import summary_rows
+    from tasks.compare import summary_rows
+    from tasks.core.common import read_json
+    from tasks.report import plots
 
     data = read_json(paths["json"])
     columns, rows = summary_rows(data)
@@ -115,7 +117,7 @@ def publish_compare_artifacts(paths: dict[str, Path]) -> None:
 def _ensure_folder(future: Any, run_dir: str) -> None:
     """A cached result whose unit folder was deleted must not be trusted."""
     model = future.result()
-    if not (Path(model["path"]) / ".pkdq-fingerprint").is_file():
+    if not is_sealed(Path(model["path"])):
         raise RuntimeError(f"{model['path']} vanished after a cache hit; rerun with a fresh "
                            f"--run-id or delete {run_dir}/compare.json")
 

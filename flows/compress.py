@@ -14,8 +14,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import ModelRef
-from tasks.model_store import resolve_model
+from tasks.core.common import ModelRef
+from tasks.core.model_store import resolve_model
+from tasks.core.recipe import load_recipe
+from tasks.core.resources import check_machine
 from tasks.pipeline import (
     BASELINE,
     evaluate_stage,
@@ -24,8 +26,6 @@ from tasks.pipeline import (
     plan,
     run_stage,
 )
-from tasks.recipe import load_recipe
-from tasks.resources import check_machine
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, persist_result=False)
@@ -56,9 +56,8 @@ def eval_task(run_dir: str, index: int, recipe_file: str, model: dict[str, str])
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)
 def report_task(run_dir: str) -> str:
     from flows.artifacts import publish_report_artifacts
-    from tasks.common import read_json
-    from tasks.report import write_report
-    from tasks.report_page import quality_figures
+    from tasks.core.common import read_json
+    from tasks.report import quality_figures, write_report
 
     paths = write_report(Path(run_dir))
     create_markdown_artifact(key="pkdq-retention", markdown=paths["markdown"].read_text(),

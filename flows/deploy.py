@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tasks.common import REPO_ROOT
+from tasks.core.common import REPO_ROOT
 
 ENTRYPOINT = "flows/compress.py:compress_flow"
 FLOW_NAME = "pkdq-compress"

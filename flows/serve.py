@@ -24,7 +24,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.common import REPO_ROOT, cache_dir, write_json_atomic
+from tasks.core.common import REPO_ROOT, cache_dir, write_json_atomic
 
 STATE_FILE = "pkdq-serve.json"
 DEFAULT_PORT = 4200

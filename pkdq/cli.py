@@ -11,7 +11,7 @@ import typer
 from pkdq.env import configure_environment
 
 if TYPE_CHECKING:
-    from tasks.recipe import Recipe
+    from tasks.core.recipe import Recipe
 
 configure_environment()
 
@@ -30,7 +30,7 @@ def _fail(message: str, code: int = 2) -> None:
 @app.command("recipes")
 def recipes_cmd() -> None:
     """List the named recipes, one line each."""
-    from tasks.recipe import list_recipes
+    from tasks.core.recipe import list_recipes
 
     for name, description in list_recipes():
         typer.echo(f"{name:28s} {description}")
@@ -61,7 +61,7 @@ def validate_cmd(
     over 50%, stage order, quantization groups on the pruned shapes); each finding is one line
     on stderr and does not change the exit code unless --strict.
     """
-    from tasks.recipe import RecipeError, load_recipe
+    from tasks.core.recipe import RecipeError, load_recipe
 
     try:
         parsed = load_recipe(recipe)
@@ -87,9 +87,9 @@ def run_cmd(
     wait: bool = typer.Option(True, help="with --pool: wait until the flow run ends"),
 ) -> None:
     """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage."""
-    from tasks.model_store import ModelNotFoundError
-    from tasks.recipe import RecipeError, load_recipe, recipe_path
-    from tasks.resources import ResourceError, check_machine
+    from tasks.core.model_store import ModelNotFoundError
+    from tasks.core.recipe import RecipeError, load_recipe, recipe_path
+    from tasks.core.resources import ResourceError, check_machine
 
     try:
         parsed = load_recipe(recipe)
@@ -107,7 +107,7 @@ def run_cmd(
         _fail(str(exc))
     run_dir = (Path(runs_dir) / (run_id or parsed.name)).resolve()
     if parsed.ordering_experiment:  # a non-production order: run it as a one-order comparison
-        from tasks.orderings import KIND_LETTER
+        from tasks.compare import KIND_LETTER
 
         order = "-".join(KIND_LETTER[kind] for kind, _ in parsed.stage_list())
         typer.echo(f"pkdq: {parsed.name} is an ordering experiment ({order}); running it as a "
@@ -209,10 +209,11 @@ def quantize_cmd(
     """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
     from pydantic import ValidationError
 
-    from tasks.common import StageContext, write_json_atomic
-    from tasks.model_store import ModelNotFoundError, resolve_model
-    from tasks.quantize import QuantizeError, quantize_stage
-    from tasks.recipe import QuantizeConfig
+    from tasks.core.common import StageContext, write_json_atomic
+    from tasks.core.gptq_checkpoint import QuantizeError
+    from tasks.core.model_store import ModelNotFoundError, resolve_model
+    from tasks.core.recipe import QuantizeConfig
+    from tasks.quantize import quantize_stage
 
     try:
         cfg = QuantizeConfig(method=method, bits=bits, group_size=group, desc_act=desc_act,
@@ -266,10 +267,9 @@ def export_gguf_cmd(
     """Write a model as a GGUF file for llama.cpp (a GPTQ folder exports its grid values)."""
     import torch
 
-    from tasks.common import write_json_atomic
-    from tasks.gguf_export import GgufExportError, export_gguf
-    from tasks.gguf_verify import GgufVerifyError
-    from tasks.model_store import ModelNotFoundError, resolve_model
+    from tasks.core.common import write_json_atomic
+    from tasks.core.model_store import ModelNotFoundError, resolve_model
+    from tasks.quantize import GgufExportError, GgufVerifyError, export_gguf
 
     torch.set_num_threads(threads)
     try:
@@ -306,10 +306,10 @@ def eval_cmd(
 
     from pydantic import ValidationError
 
-    from tasks.common import write_json_atomic
+    from tasks.core.common import write_json_atomic
+    from tasks.core.model_store import ModelNotFoundError, resolve_model
+    from tasks.core.recipe import EvalConfig
     from tasks.evaluate import SAMPLES_JSON, evaluate_model
-    from tasks.model_store import ModelNotFoundError, resolve_model
-    from tasks.recipe import EvalConfig
 
     try:
         cfg = EvalConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()],
@@ -349,10 +349,10 @@ def compare_cmd(
                                                    "task runner); 1 on small machines"),
 ) -> None:
     """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow."""
-    from tasks.model_store import ModelNotFoundError
-    from tasks.orderings import parse_orders, plan_ordering
-    from tasks.recipe import RecipeError, load_recipe, recipe_path
-    from tasks.resources import ResourceError, check_machine
+    from tasks.compare import parse_orders, plan_ordering
+    from tasks.core.model_store import ModelNotFoundError
+    from tasks.core.recipe import RecipeError, load_recipe, recipe_path
+    from tasks.core.resources import ResourceError, check_machine
 
     try:
         parsed = load_recipe(recipe)
@@ -381,7 +381,7 @@ def compare_cmd(
 
 def _print_rule_warnings(recipe, order_list: list[str]) -> None:
     """Rule-check findings for every ordering; one shared by several orderings prints once."""
-    from tasks.orderings import LETTERS
+    from tasks.compare import LETTERS
     from tasks.rules import rule_warnings
 
     seen: dict[str, list[str]] = {}
@@ -397,10 +397,10 @@ def report_cmd(
     run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/<run-id>"),
 ) -> None:
     """(Re)build the report of a run or an ordering comparison from its folder alone."""
-    from tasks.compare_run import COMPARE_FILE
+    from tasks.compare import COMPARE_FILE
 
     if (run_dir / COMPARE_FILE).is_file():
-        from tasks.compare_report import write_compare_report
+        from tasks.compare import write_compare_report
 
         paths = write_compare_report(run_dir)
     elif (run_dir / "run.json").is_file():
@@ -425,9 +425,8 @@ def prune_scan_cmd(
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
 ) -> None:
     """Importance of every layer, KV group / query head, FFN neuron and hidden channel."""
-    from tasks.model_store import ModelNotFoundError
-    from tasks.prune_scan import prune_scan
-    from tasks.prune_units import UnsupportedModelError
+    from tasks.core.model_store import ModelNotFoundError
+    from tasks.prune import UnsupportedModelError, prune_scan
 
     try:
         paths = prune_scan(model, out, samples=samples, seq_len=seq_len, source=source,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from tasks.common import cache_dir, set_offline_env
+from tasks.core.common import cache_dir, set_offline_env
 
 
 def configure_environment() -> None:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.common import (
+from tasks.core.common import (
     ModelRef,
     StageContext,
     StageResult,
@@ -21,8 +21,8 @@ from tasks.common import (
     read_json,
     write_json_atomic,
 )
-from tasks.recipe import Recipe
-from tasks.resources import Resources
+from tasks.core.recipe import Recipe
+from tasks.core.resources import Resources
 from tasks.run_folder import (
     EVAL_FILE,
     begin_stage,
@@ -59,14 +59,14 @@ def stage_runner(kind: str, resources: Resources | None = None
     """Import lazily: each stage pulls heavy libraries the others don't need.
 
     Distill runs in-process, or under torchrun when `resources.distill` asks for several
-    processes or a GPU (`tasks.launch`); the result is the same StageResult either way.
+    processes or a GPU (`tasks.distill.launch`); the result is the same StageResult either way.
     """
     if kind == "prune":
         from tasks.prune import prune_stage
 
         return prune_stage
     if kind == "distill":
-        from tasks.launch import distill_runner
+        from tasks.distill import distill_runner
 
         return distill_runner(resources.distill if resources else None)
     if kind == "quantize":

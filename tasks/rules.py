@@ -4,7 +4,7 @@ The recipe loader refuses what cannot run at all. These rules flag what will run
 go badly (cutting more than half in one shot, quantizing before KD), or what will fail late: a
 quantization group size that does not divide the *pruned* widths is refused only when the quantize
 stage starts, after prune and KD have spent their time. Nothing here loads weights: shapes come
-from config.json and the prune plan (`tasks.prune_plan`, the sizes the prune stage will keep), so
+from config.json and the prune plan (`tasks.prune.plan`, the sizes the prune stage will keep), so
 `pkdq validate` stays instant and `pkdq compare` can check every ordering it builds.
 """
 
@@ -14,15 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tasks.model_store import cached_config
-from tasks.prune_plan import Dims, PrunePlan, plan_prune
-from tasks.quant_layout import (
+from tasks.core.model_store import cached_config
+from tasks.core.recipe import PruneConfig, QuantizeConfig, Recipe
+from tasks.prune import Dims, PrunePlan, plan_prune
+from tasks.quantize import (
     MARLIN_K_MULTIPLE,
     MARLIN_SOURCE,
     group_size_hint,
     marlin_k_note,
 )
-from tasks.recipe import PruneConfig, QuantizeConfig, Recipe
 
 MINITRON = ('Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge '
             'Distillation" (Minitron), arXiv:2407.14679')
@@ -224,7 +224,7 @@ def _quantized_shapes(kinds: list[str], dims: Dims,
     """(when, sizes) of every quantization pass, the served checkpoint's last.
 
     Quantize after prune sees the pruned sizes; quantize before prune sees the full model and
-    then re-quantizes the pruned one (tasks.orderings). An invalid prune target leaves the
+    then re-quantizes the pruned one (tasks.compare.orderings). An invalid prune target leaves the
     pruned sizes unknown, so only a pass on the full model is checked then.
     """
     if "prune" not in kinds:

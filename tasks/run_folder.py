@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pkdq import __version__
-from tasks.common import ModelRef, read_json, write_json_atomic
+from tasks.core.common import ModelRef, read_json, write_json_atomic
+from tasks.core.model_folder import is_sealed
 
 STAGE_FILE = "stage.json"
 EVAL_FILE = "eval.json"
@@ -66,7 +67,7 @@ def finished_record(folder: Path, key: str, filename: str = STAGE_FILE) -> dict[
     if record.get("key") != key:
         return None
     model = record.get("model")
-    if model and not (Path(model["path"]) / ".pkdq-fingerprint").is_file():
+    if model and not is_sealed(Path(model["path"])):
         return None
     return record
 

@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from tasks.common import set_offline_env
+from tasks.core.common import set_offline_env
 
 set_offline_env()
 # Prefect state per test session: cache records must not leak between test runs.
@@ -19,7 +19,7 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage"
 @pytest.fixture(scope="session")
 def smollm2_ref():
     """The embedded default, converted once to safetensors under the pkdq cache."""
-    from tasks.model_store import resolve_model
+    from tasks.core.model_store import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -34,7 +34,7 @@ def tiny_llama_ref(tmp_path_factory, smollm2_ref):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tasks.model_store import save_model
+    from tasks.core.model_store import save_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_ref.path))
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def noisy_copy(ref, out_dir, seed: int, scale: float):
     to `out_dir`: a stand-in for a damaged (pruned) student that KD has something to recover."""
     import torch
 
-    from tasks.model_store import load_model, save_model
+    from tasks.core.model_store import load_model, save_model
 
     model, tok = load_model(ref)
     gen = torch.Generator().manual_seed(seed)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tiny_recipes import tiny_recipe
 
-from tasks.common import read_json
-from tasks.model_store import is_quantized, read_config
+from tasks.core.common import read_json
+from tasks.core.model_store import is_quantized, read_config
 
 ORDERS = ["P-KD-Q", "P-Q-KD", "Q-KD-P"]
 
@@ -58,7 +58,7 @@ def test_every_ordering_finishes_pruned_distilled_and_quantized(compared, tiny_l
 
 
 def test_html_renders_in_chromium_with_the_json_numbers(compared):
-    from tasks.browser import check_rendered, find_chromium, screenshot
+    from tasks.report.browser import check_rendered, find_chromium, screenshot
 
     if find_chromium() is None:
         pytest.skip("Debian's chromium is not installed (setup.sh installs it when root)")

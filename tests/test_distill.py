@@ -9,19 +9,13 @@ import pytest
 import torch
 from conftest import noisy_copy
 
-from tasks.common import StageContext
-from tasks.distill import (
-    TrainPlan,
-    VocabMismatchError,
-    check_vocab,
-    distill_stage,
-    freeze,
-    keep_freed_memory,
-    lr_factor,
-    train_loop,
-)
-from tasks.model_store import load_model, save_model
-from tasks.recipe import DistillConfig
+from tasks.core.common import StageContext
+from tasks.core.model_store import load_model, save_model
+from tasks.core.recipe import DistillConfig
+from tasks.distill.memory import keep_freed_memory
+from tasks.distill.stage import distill_stage
+from tasks.distill.teacher import VocabMismatchError, check_vocab, freeze
+from tasks.distill.train import TrainPlan, lr_factor, train_loop
 
 SEQ = 32
 
@@ -134,7 +128,7 @@ def test_missing_teacher_raises(noised_ref, tmp_path):
 
 
 def test_keep_freed_memory_nests_and_restores():
-    import tasks.distill as distill
+    import tasks.distill.memory as distill
 
     if distill._glibc() is None:
         pytest.skip("mallopt needs glibc")

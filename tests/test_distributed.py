@@ -14,12 +14,12 @@ import time
 import pytest
 from conftest import noisy_copy
 
-from tasks.common import StageContext
-from tasks.distill import distill_stage
-from tasks.launch import launch_distill
-from tasks.model_store import load_model
-from tasks.recipe import DistillConfig
-from tasks.resources import StageResources
+from tasks.core.common import StageContext
+from tasks.core.model_store import load_model
+from tasks.core.recipe import DistillConfig
+from tasks.core.resources import StageResources
+from tasks.distill.launch import launch_distill
+from tasks.distill.stage import distill_stage
 
 SEQ = 32
 STEPS = 6
@@ -90,7 +90,7 @@ def test_two_processes_match_one(strategy, single_run, student_ref, tiny_llama_r
 
 
 def test_machine_check_names_what_is_missing(monkeypatch):
-    import tasks.resources as resources
+    import tasks.core.resources as resources
 
     monkeypatch.setattr(resources, "usable_cpus", lambda: 2)
     monkeypatch.setattr(resources, "cuda_devices", lambda: (0, "this torch build has no CUDA"))
@@ -104,7 +104,7 @@ def test_machine_check_names_what_is_missing(monkeypatch):
 
 
 def test_refused_before_launch(monkeypatch, tmp_path, tiny_llama_ref):
-    import tasks.resources as resources
+    import tasks.core.resources as resources
 
     monkeypatch.setattr(resources, "usable_cpus", lambda: 2)
     ctx = StageContext(out_dir=tmp_path / "kd", teacher=tiny_llama_ref)
@@ -114,7 +114,7 @@ def test_refused_before_launch(monkeypatch, tmp_path, tiny_llama_ref):
 
 
 def test_torchrun_command_single_and_multi_node(tmp_path):
-    from tasks.launch import torchrun_command
+    from tasks.distill.launch import torchrun_command
 
     one = torchrun_command(StageResources(nproc_per_node=4, device="cuda", strategy="fsdp"),
                            ["--x"], tmp_path, "run-1")
@@ -122,7 +122,7 @@ def test_torchrun_command_single_and_multi_node(tmp_path):
     assert one[one.index("--nproc-per-node") + 1] == "4"
     assert one[one.index("--rdzv-conf") + 1] == "store_type=file"  # no TCP rendezvous server
     assert one[one.index("--local-addr") + 1] == "127.0.0.1"
-    assert one[-3:] == ["-m", "tasks.distill_worker", "--x"]
+    assert one[-3:] == ["-m", "tasks.distill.worker", "--x"]
     many = torchrun_command(StageResources(nproc_per_node=8, nnodes=2, device="cuda",
                                            rdzv_endpoint="10.0.0.1:29400"), [], tmp_path, "r")
     assert many[many.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
@@ -130,9 +130,9 @@ def test_torchrun_command_single_and_multi_node(tmp_path):
 
 
 def test_recipe_resources_validated(tmp_path):
-    from tasks.launch import distill_runner
+    from tasks.core.recipe import RecipeError, parse_recipe
+    from tasks.distill.launch import distill_runner
     from tasks.pipeline import stage_runner
-    from tasks.recipe import RecipeError, parse_recipe
 
     base = {"name": "r", "model": "m", "stages": [
         {"prune": {"ffn": {"ratio": 0.5}}}, {"distill": {"batch_size": 4}}]}
@@ -162,7 +162,7 @@ def test_cli_refuses_run_the_machine_cannot_host(tmp_path):
 
     import yaml
 
-    from tasks.common import REPO_ROOT
+    from tasks.core.common import REPO_ROOT
 
     recipe = tmp_path / "big.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -7,8 +7,11 @@ import math
 
 import pytest
 
-from tasks.common import data_dir
-from tasks.evaluate import (
+from tasks.core.common import data_dir
+from tasks.core.model_store import load_model
+from tasks.core.recipe import EvalConfig, SpeedEval, WikitextEval
+from tasks.evaluate.lm_eval_tasks.utils import load_docs, resolve_data_dir
+from tasks.evaluate.stage import (
     EVAL_JSON,
     SAMPLES_JSON,
     count_params,
@@ -18,9 +21,6 @@ from tasks.evaluate import (
     task_manager,
     wikitext_perplexity,
 )
-from tasks.lm_eval_tasks.utils import load_docs, resolve_data_dir
-from tasks.model_store import load_model
-from tasks.recipe import EvalConfig, SpeedEval, WikitextEval
 
 COUNTS = {
     "arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "hellaswag": 10042,
@@ -252,7 +252,7 @@ def test_builtin_print_undoes_prefects_patch_and_nests_across_threads():
 
     from prefect.logging.loggers import print as real_print
 
-    from tasks.evaluate import builtin_print
+    from tasks.evaluate.stage import builtin_print
 
     def patched(*args, **kwargs):  # stands in for prefect's print_as_log
         raise AssertionError("patched print called")

@@ -12,9 +12,9 @@ import time
 import pytest
 from tiny_recipes import tiny_recipe
 
-from tasks.common import REPO_ROOT, read_json
+from tasks.core.common import REPO_ROOT, read_json
+from tasks.core.recipe import load_recipe
 from tasks.pipeline import plan, run_stage
-from tasks.recipe import load_recipe
 
 
 def test_partial_stage_folder_is_redone_and_finished_one_reused(tiny_llama_ref, tmp_path):
@@ -89,7 +89,7 @@ def test_flow_runs_and_resumes_after_kill(tiny_llama_ref, tmp_path):
 
 @pytest.mark.parametrize("missing", ["no-such-model-xyz", "/nonexistent/folder"])
 def test_missing_model_is_one_line(tmp_path, missing):
-    from tasks.model_store import ModelNotFoundError, resolve_model
+    from tasks.core.model_store import ModelNotFoundError, resolve_model
 
     with pytest.raises(ModelNotFoundError) as info:
         resolve_model(missing)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.gguf_export import GgufExportError, export_gguf, permute_qk
-from tasks.model_store import load_model, save_model
+from tasks.core.model_store import load_model, save_model
+from tasks.quantize.gguf_export import GgufExportError, export_gguf, permute_qk
 
 FP16_REL = 2.0**-11  # fp16 round-to-nearest: |error| <= 2^-11 * |value|
 
@@ -97,7 +97,7 @@ def test_f16_round_trip_matches_the_source(f16_export, sharp_ref):
 def test_layout_and_metadata_follow_llama_cpp(f16_export, smollm2_ref):
     import gguf
 
-    from tasks.model_store import builtin_ggufs_on_disk
+    from tasks.core.model_store import builtin_ggufs_on_disk
 
     out, m = f16_export
     fields = _fields(out)
@@ -131,7 +131,7 @@ def test_q8_0_round_trip_is_close(sharp_ref, tmp_path):
 
 def test_a_wrong_qk_permutation_is_caught(sharp_ref, tmp_path, monkeypatch):
     """The check this file relies on: with the rotary permutation left out, reloading fails."""
-    monkeypatch.setattr("tasks.gguf_export.permute_qk", lambda weight, heads: weight)
+    monkeypatch.setattr("tasks.quantize.gguf_export.permute_qk", lambda weight, heads: weight)
     check = export_gguf(sharp_ref.path, tmp_path / "bad.gguf", "f16")["verification"]
     assert check["max_abs_logit_diff"] > 0.1 and check["max_abs_weight_diff"] > 0.1
     assert check["top1_agreement"] < 0.95  # measured 0.82 (1.0 when permuted)
@@ -165,7 +165,7 @@ def test_quantize_stage_exports_the_gptq_grid(tiny_llama_ref, tmp_path):
     from typer.testing import CliRunner
 
     from pkdq.cli import app
-    from tasks.quantize import read_quantized_weights
+    from tasks.core.gptq_checkpoint import read_quantized_weights
 
     out = tmp_path / "q"
     result = CliRunner().invoke(app, ["quantize", str(tiny_llama_ref.path), "--method", "rtn",
@@ -195,7 +195,7 @@ def test_refusals_are_one_line(tiny_llama_ref, tmp_path, monkeypatch):
     import gguf
     from pydantic import ValidationError
 
-    from tasks.recipe import QuantizeConfig
+    from tasks.core.recipe import QuantizeConfig
 
     def refused(**kwargs) -> str:
         args = {"model_path": tiny_llama_ref.path, "out_file": tmp_path / "x.gguf"} | kwargs
@@ -220,7 +220,7 @@ def test_refusals_are_one_line(tiny_llama_ref, tmp_path, monkeypatch):
     writer.write_tensors_to_file()
     writer.close()
     assert "different tokenizer vocabulary" in refused(reference_gguf=fake)
-    monkeypatch.setattr("tasks.model_store.builtin_ggufs_on_disk", lambda: [])
+    monkeypatch.setattr("tasks.core.model_store.builtin_ggufs_on_disk", lambda: [])
     assert "does not build GGUF tokenizers" in refused()
     assert not (tmp_path / "x.gguf").exists()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.kd_losses import (
+from tasks.distill.losses import (
     DIVERGENCES,
     forward_kl,
     get_divergence,
@@ -277,7 +277,7 @@ def test_taid_target_interpolates_and_stops_gradient(lam):
 
 
 def test_hidden_state_losses_match_formulas():
-    from tasks.kd_losses import hidden_cosine, hidden_mse
+    from tasks.distill.losses import hidden_cosine, hidden_mse
 
     gen = torch.Generator().manual_seed(0)
     s = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64, requires_grad=True)

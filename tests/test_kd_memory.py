@@ -7,19 +7,14 @@ import pytest
 import torch
 from conftest import noisy_copy
 
-from tasks.common import StageContext
-from tasks.distill import (
-    TeacherHolder,
-    distill_stage,
-    freeze,
-    heldout_metrics,
-    make_optimizer,
-    teacher_idle,
-    train_loop,
-)
-from tasks.distributed import Runtime
-from tasks.model_store import load_model
-from tasks.recipe import DistillConfig
+from tasks.core.common import StageContext
+from tasks.core.model_store import load_model
+from tasks.core.recipe import DistillConfig
+from tasks.distill.distributed import Runtime
+from tasks.distill.heldout import heldout_metrics
+from tasks.distill.stage import distill_stage
+from tasks.distill.teacher import TeacherHolder, freeze, teacher_idle
+from tasks.distill.train import make_optimizer, train_loop
 
 SEQ = 32
 
@@ -101,7 +96,7 @@ def test_lean_norm_same_forward_and_gradients_and_training(tiny_llama_ref, stude
     """The swapped RMSNorm: bit-identical forward, autograd's gradients, the same training
     curve, undone afterwards; a norm with another formula is left alone (HF's norm computes in
     fp32 even for fp64 inputs, so an fp64 model keeps its own: the probe sees the difference)."""
-    from tasks.kd_norm import _RMSNorm, lean_norm
+    from tasks.distill.lean_norm import _RMSNorm, lean_norm
 
     model, _ = load_model(student_ref)
     model.train()
@@ -163,10 +158,10 @@ def test_chunked_heldout_metrics_equal_full_logits(tiny_llama_ref, student_ref, 
 
 
 def test_teacher_holder_offloads_and_reloads(tiny_llama_ref, monkeypatch):
-    import tasks.distill as distill
+    import tasks.distill.teacher as teacher_module
 
-    trims, real = [], distill.release_free_heap
-    monkeypatch.setattr(distill, "release_free_heap", lambda: trims.append(1))
+    trims, real = [], teacher_module.release_free_heap
+    monkeypatch.setattr(teacher_module, "release_free_heap", lambda: trims.append(1))
     teacher, _ = load_model(tiny_llama_ref)
     kept = TeacherHolder(teacher, tiny_llama_ref, offload=False)
     assert kept.resident() is teacher
@@ -195,7 +190,7 @@ def test_teacher_idle_only_when_the_step_never_runs_it():
 
 def test_stage_with_offloaded_teacher_equals_resident(student_ref, tiny_llama_ref, tmp_path,
                                                       monkeypatch):
-    import tasks.distill as distill
+    import tasks.distill.stage as distill
 
     monkeypatch.setenv("PKDQ_CACHE_DIR", str(tmp_path / "cache"))
     seen = []
@@ -234,7 +229,7 @@ class _WrappedHead(torch.nn.Module):
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("blocks", [False, True])
 def test_fused_head_loss_equals_checkpointed_chunks(autocast, sparse, blocks, monkeypatch):
-    import tasks.kd_sparse as ks
+    import tasks.distill.sparse as ks
 
     if blocks:  # weight gradient in several position groups and vocabulary blocks
         monkeypatch.setattr(ks, "WEIGHT_GRAD_ROWS", 12)

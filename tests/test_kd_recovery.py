@@ -6,14 +6,16 @@ import pytest
 import torch
 from conftest import noisy_copy
 
-from tasks.common import StageContext
-from tasks.distill import distill_stage, freeze, train_loop
-from tasks.kd_checkpoint import Checkpointer
-from tasks.kd_engine import KDEngine
-from tasks.kd_hidden import layer_map
-from tasks.logit_cache import LogitCache
-from tasks.model_store import load_model
-from tasks.recipe import DistillConfig
+from tasks.core.common import StageContext
+from tasks.core.model_store import load_model
+from tasks.core.recipe import DistillConfig
+from tasks.distill.checkpoint import Checkpointer
+from tasks.distill.engine import KDEngine
+from tasks.distill.hidden import layer_map
+from tasks.distill.logit_cache import LogitCache
+from tasks.distill.stage import distill_stage
+from tasks.distill.teacher import freeze
+from tasks.distill.train import train_loop
 
 SEQ = 32
 

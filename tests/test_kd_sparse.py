@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.kd_losses import get_divergence, kd_loss
-from tasks.kd_sparse import (
+from tasks.distill.losses import get_divergence, kd_loss
+from tasks.distill.sparse import (
     DenseTeacher,
     SparseTeacher,
     chunked_kd_loss,
@@ -96,7 +96,7 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(chunk, sparse):
 @pytest.mark.parametrize("k", [4, V])
 def test_closed_form_forward_kl_gradient_equals_autograd(temp, k):
     """The written-out logit gradient (forward KL over buckets + CE) is autograd's, in fp64."""
-    import tasks.kd_sparse as ks
+    import tasks.distill.sparse as ks
 
     n = 9
     logits, t = _rand(n, V, seed=7), _rand(n, V, seed=8)
@@ -119,7 +119,7 @@ def test_closed_form_forward_kl_gradient_equals_autograd(temp, k):
 def test_fused_closed_form_loss_equals_full_logits(chunk, grad_rows, monkeypatch):
     """forward KL from a k = V cache through the fused head: the full-logit kd_loss and its
     gradients, whether the weight gradient is one matmul or several (WEIGHT_GRAD_ROWS)."""
-    import tasks.kd_sparse as ks
+    import tasks.distill.sparse as ks
 
     monkeypatch.setattr(ks, "WEIGHT_GRAD_ROWS", grad_rows)
     s_head, t_head = _head(2), _head(3)

@@ -9,9 +9,15 @@ import sys
 import numpy as np
 import pytest
 
-from tasks.common import REPO_ROOT
-from tasks.evaluate import run_task, sample_doc_ids, task_manager
-from tasks.tree_pack import ScoreRequest, ancestor_mask, batch_rows, build_row, group_requests
+from tasks.core.common import REPO_ROOT
+from tasks.evaluate.stage import run_task, sample_doc_ids, task_manager
+from tasks.evaluate.tree_pack import (
+    ScoreRequest,
+    ancestor_mask,
+    batch_rows,
+    build_row,
+    group_requests,
+)
 
 # --------------------------------------------------------------------------- packing (no model)
 
@@ -68,8 +74,8 @@ def tiny_lms(tiny_llama_ref):
     """Stock HFLM and the pkdq backend over one tiny Llama (fp32)."""
     from lm_eval.models.huggingface import HFLM
 
-    from tasks.lm_backend import PkdqLM
-    from tasks.model_store import load_model
+    from tasks.core.model_store import load_model
+    from tasks.evaluate.backend import PkdqLM
 
     model, tok = load_model(tiny_llama_ref.path)
     return (HFLM(pretrained=model, tokenizer=tok, batch_size=8),
@@ -104,9 +110,9 @@ def test_rolling_loglikelihood_equals_hflm_windows(tiny_llama_ref):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from tasks.lm_backend import PkdqLM
-    from tasks.lm_eval_tasks.utils import load_docs
-    from tasks.model_store import load_model
+    from tasks.core.model_store import load_model
+    from tasks.evaluate.backend import PkdqLM
+    from tasks.evaluate.lm_eval_tasks.utils import load_docs
 
     model, tok = load_model(tiny_llama_ref.path)
     pages = [d["page"][:1500] for d in load_docs("wikitext")[:2]]
@@ -123,8 +129,8 @@ def test_rolling_loglikelihood_equals_hflm_windows(tiny_llama_ref):
 def test_wrong_attention_mask_is_caught_at_build_time(tiny_llama_ref, monkeypatch):
     """The build-time check compares packed rows with plain forwards: a plain causal mask over
     the row (siblings see each other) must fail it."""
-    import tasks.lm_backend as backend
-    from tasks.model_store import load_model
+    import tasks.evaluate.backend as backend
+    from tasks.core.model_store import load_model
 
     def causal(row, width, window=None):
         return np.tril(np.ones((width, width), dtype=bool))
@@ -141,7 +147,7 @@ def test_wrong_attention_mask_is_caught_at_build_time(tiny_llama_ref, monkeypatc
 def test_registered_as_pkdq_for_simple_evaluate(tiny_llama_ref):
     from lm_eval import simple_evaluate
 
-    import tasks.lm_backend  # noqa: F401 - registers "pkdq"
+    import tasks.evaluate.backend  # noqa: F401 - registers "pkdq"
 
     out = simple_evaluate(model="pkdq", model_args={"pretrained": str(tiny_llama_ref.path),
                                                     "batch_size": 4},
@@ -153,7 +159,7 @@ def test_registered_as_pkdq_for_simple_evaluate(tiny_llama_ref):
 def test_lm_eval_command_line_runs_the_pkdq_model(tiny_llama_ref, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "tasks.lm_backend", "--model", "pkdq", "--model_args",
+        [sys.executable, "-m", "tasks.evaluate.backend", "--model", "pkdq", "--model_args",
          f"pretrained={tiny_llama_ref.path}", "--batch_size", "4", "--tasks", "arc_easy",
          "--limit", "2",
          "--output_path", str(tmp_path / "out")],

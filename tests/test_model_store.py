@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 
-from tasks.common import fingerprint_folder
-from tasks.model_store import (
+from tasks.core.model_folder import fingerprint_folder, model_ref
+from tasks.core.model_store import (
     ModelNotFoundError,
     _builtin_gguf,
     is_quantized,
-    model_ref,
     resolve_model,
 )
 
@@ -54,7 +53,7 @@ def test_hf_id_found_in_local_cache_only(tiny_llama_ref, tmp_path, monkeypatch):
 
 
 def test_save_drops_stale_gguf_tag_but_keeps_nothing_else(tiny_llama_ref, tmp_path):
-    from tasks.model_store import load_model, read_config, save_model
+    from tasks.core.model_store import load_model, read_config, save_model
 
     model, tok = load_model(tiny_llama_ref)
     model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf"}

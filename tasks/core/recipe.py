@@ -1,0 +1,469 @@
+"""Recipes: YAML validated into typed objects, with one-line errors that say what to fix.
+
+A recipe names a model, an ordered list of stages and how to evaluate. Production recipes must
+follow P-KD-Q (prune -> distill -> quantize): pruning needs the full model as KD teacher, and
+quantizing before KD throws away precision KD then cannot use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
+
+from tasks.core.common import REPO_ROOT
+from tasks.core.resources import Resources
+
+RECIPES_DIR = REPO_ROOT / "recipes"
+STAGE_ORDER = ("prune", "distill", "quantize")
+PKDQ_RULE = (
+    "P-KD-Q rule: production recipes run prune -> distill -> quantize "
+    "(KD recovers what pruning cost, using the unpruned model as teacher; quantization comes last "
+    "so KD trains full-precision weights)"
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextSample(Strict):
+    """Which training text, how many blocks of how many tokens."""
+
+    source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
+    samples: int = Field(32, ge=1, le=100_000)
+    seq_len: int = Field(256, ge=16, le=8192)
+
+
+# Unit importance: activation (Minitron), weight magnitude L1 (`magnitude`) or L2, first-order
+# Taylor |w * dL/dw| (LLM-Pruner), or random (the control that shows what a criterion is worth).
+UnitCriterion = Literal["activation", "magnitude", "magnitude_l2", "taylor", "random"]
+# Layer importance: block influence 1 - cos(in, out) (ShortGPT), perplexity rise when skipped.
+DepthCriterion = Literal["block_influence", "ppl_skip", "random"]
+
+
+def _exactly_one(ratio: Any, size: Any, size_key: str = "size") -> None:
+    if (ratio is None) == (size is None):
+        raise ValueError(f"give exactly one of ratio (fraction removed, 0..1) or {size_key}")
+
+
+class FfnTarget(Strict):
+    """FFN neurons, the same count removed in every layer (HF configs hold one size)."""
+
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of neurons removed")
+    size: int | None = Field(None, ge=1, description="neurons kept per layer")
+    criterion: UnitCriterion = "activation"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> FfnTarget:
+        _exactly_one(self.ratio, self.size)
+        return self
+
+
+class HiddenTarget(FfnTarget):
+    """Hidden width (embedding channels), cut in every norm and projection at once (Minitron)."""
+
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed")
+    size: int | None = Field(None, ge=1, description="hidden size kept")
+
+
+class HeadsTarget(Strict):
+    """Attention heads, GQA-aware: whole KV groups, or query heads inside every KV group."""
+
+    mode: Literal["kv_groups", "query"] = "kv_groups"
+    ratio: float | None = Field(None, gt=0.0, lt=1.0,
+                                description="fraction of KV groups (or query heads) removed")
+    size: int | None = Field(None, ge=1, description="KV groups kept (mode kv_groups) or query "
+                                                     "heads kept per KV group (mode query)")
+    criterion: UnitCriterion = "activation"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> HeadsTarget:
+        _exactly_one(self.ratio, self.size)
+        return self
+
+
+class DepthTarget(Strict):
+    """Whole decoder layers."""
+
+    remove: int | None = Field(None, ge=1, description="layers removed")
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of layers removed")
+    criterion: DepthCriterion = "block_influence"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> DepthTarget:
+        _exactly_one(self.ratio, self.remove, "remove")
+        return self
+
+
+PRUNE_AXES = ("ffn", "heads", "depth", "hidden")
+
+
+class PruneConfig(Strict):
+    ffn: FfnTarget | None = None
+    heads: HeadsTarget | None = None
+    depth: DepthTarget | None = None
+    hidden: HiddenTarget | None = None
+    round_to: int = Field(32, ge=1, le=1024, description="kept sizes are multiples of this")
+    calibration: TextSample = TextSample(samples=32, seq_len=256)
+    taylor_samples: int = Field(8, ge=1, le=4096, description="calibration blocks that the "
+                                "taylor criterion backpropagates (backward is ~2x a forward)")
+    skip_samples: int = Field(8, ge=1, le=4096, description="calibration blocks that ppl_skip "
+                              "scores each layer on (one pass per layer)")
+
+    @model_validator(mode="after")
+    def _some_axis(self) -> PruneConfig:
+        if all(getattr(self, axis) is None for axis in PRUNE_AXES):
+            raise ValueError(f"give at least one axis to prune: {', '.join(PRUNE_AXES)}")
+        return self
+
+    def axes(self) -> list[str]:
+        """The axes this config prunes, in the order the stage applies them."""
+        return [axis for axis in ("depth", "heads", "ffn", "hidden") if getattr(self, axis)]
+
+
+class DistillConfig(Strict):
+    tokens: int = Field(100_000, ge=1, description="training token budget")
+    seq_len: int = Field(256, ge=16, le=8192)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    temperature: float = Field(1.0, gt=0, description="softens both distributions; the KD term "
+                               "is scaled by T^2. 1.0: at T=2 KD trailed plain CE on WikiText "
+                               "ppl (bench/kd_recovery.py)")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1-alpha for CE")
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"] = Field(
+        "forward_kl", description="divergence: forward KL (Hinton), reverse KL (MiniLLM), "
+        "generalised JSD (GKD, jsd_beta), skew KL / skew reverse KL (DistiLLM, skew_alpha)")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="GKD JSD mixture weight of the teacher")
+    skew_alpha: float = Field(0.1, ge=0, lt=1, description="DistiLLM skew: weight of the "
+                              "target distribution inside the mixture")
+    alpha_schedule: Literal["constant", "linear", "taid"] = Field(
+        "constant", description="constant alpha; linear alpha -> alpha_end; taid: target "
+        "interpolates student -> teacher as lambda goes taid_start -> 1")
+    alpha_end: float | None = Field(None, ge=0, le=1, description="final alpha (linear)")
+    taid_start: float = Field(0.2, ge=0, le=1, description="TAID's lambda at step 1")
+    hidden_loss: Literal["none", "mse", "cosine"] = Field(
+        "none", description="match hidden states via learned projections (mse is relative)")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the state-matching term")
+    hidden_layers: Literal["uniform", "last"] = "uniform"
+    hidden_num_layers: int = Field(4, ge=1, le=256, description="pairs matched (uniform map)")
+    attention_match: bool = Field(False, description="also match attention outputs (same map)")
+    logit_cache: bool = Field(False, description="precompute the teacher's top-k logits once "
+                              "into the pkdq cache and train from them (no teacher forward)")
+    cache_topk: int = Field(64, ge=1, le=65536, description="logits kept per position")
+    loss_chunk: int = Field(0, ge=0, description="positions per LM-head+loss chunk (checkpointed"
+                            "); 0 = full logits at once")
+    checkpoint_every: int = Field(0, ge=0, description="save resumable state every N steps")
+    early_stop_patience: int = Field(0, ge=0, description="held-out evals without improvement "
+                                     "before stopping; 0 = never (needs eval_every)")
+    early_stop_min_delta: float = Field(0.0, ge=0, description="held-out KL drop that counts")
+    keep_best: bool = Field(True, description="with eval_every: save the best held-out weights, "
+                            "not the last")
+    source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
+    max_grad_norm: float = Field(1.0, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps; 0 = before/after")
+    eval_blocks: int = Field(8, ge=1, le=1024, description="held-out blocks of seq_len tokens")
+    precision: Literal["fp32", "bf16-autocast"] = Field(
+        "fp32", description="compute precision; weights and the saved model stay fp32"
+    )
+    fused_adamw: bool = Field(True, description="AdamW's fused kernel (CPU/CUDA): one pass per "
+                              "tensor and no full-size foreach temporaries; same update within "
+                              "float rounding")
+    activation_checkpointing: bool = Field(
+        False, description="recompute the student's decoder layers in backward instead of "
+        "keeping their activations: less peak memory, a slower step")
+    teacher_offload: bool = Field(
+        True, description="with logit_cache and no state matching the step never runs the "
+        "teacher: free it while training, reload it for held-out evals")
+    lean_norm: bool = Field(
+        True, description="RMSNorm layers save only their input and 1/rms for backward (the "
+        "normalized input is recomputed): same forward, one [batch, seq, hidden] fp32 tensor "
+        "less per norm held through the step")
+
+    @model_validator(mode="after")
+    def _early_stop_needs_evals(self) -> DistillConfig:
+        if self.early_stop_patience and not self.eval_every:
+            raise ValueError("early_stop_patience needs eval_every > 0 (held-out KL is what "
+                             "plateaus)")
+        return self
+
+
+class QuantizeConfig(Strict):
+    # awq: activation-aware scales through GPTQModel's AWQ (GEMM layout, always zero-point)
+    method: Literal["gptq", "awq", "rtn"] = "gptq"
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    calibration: TextSample = TextSample(source="c4", samples=16, seq_len=512)
+    gguf: Literal["none", "f16", "q8_0", "q4_0"] = Field(
+        "none", description="also write the stage's model as model.gguf beside it, for "
+        "llama.cpp (Llama models); q8_0/q4_0 re-quantize the GPTQ grid onto llama.cpp's "
+        "32-wide blocks, f16 keeps it up to fp16 rounding")
+
+    @model_serializer(mode="wrap")
+    def _omit_gguf_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `gguf` out while it is "none": stage keys hash this dump, and a recipe that
+        does not ask for a GGUF must keep the key it had before the field existed (finished
+        quantize stages are reused, not quantized again)."""
+        data = handler(self)
+        if data.get("gguf") == "none":
+            del data["gguf"]
+        return data
+
+
+class WikitextEval(Strict):
+    tokens: int | None = Field(8192, ge=256, description="slice of WikiText-2 test; null = all")
+    max_length: int = Field(512, ge=64, le=8192, description="window length")
+    pages: int | None = Field(2, ge=0, le=62, description="articles scored by lm-eval's "
+                              "rolling wikitext task (seeded); 0 = skip, null = all 62")
+
+
+class SpeedEval(Strict):
+    """CPU generation speed, measured the same way for every stage's model."""
+
+    enabled: bool = True
+    prompt_tokens: int = Field(512, ge=8, le=8192, description="prefill length (WikiText text)")
+    new_tokens: int = Field(64, ge=1, le=4096, description="greedy tokens decoded with KV cache")
+    repeats: int = Field(3, ge=1, le=50, description="timed repeats; the median is reported")
+
+
+class EvalConfig(Strict):
+    tasks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
+                        "lambada_openai", "boolq"]] = ["arc_easy", "piqa"]
+    samples: int | None = Field(100, ge=1, description="docs per task (seeded); null = full split")
+    wikitext: WikitextEval = WikitextEval()
+    batch_size: int = Field(16, ge=1)
+    backend: Literal["pkdq", "hf"] = Field(
+        "pkdq", description="lm-eval model: pkdq (shared-prefix packing, same scores) or stock hf")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the evaluated model (quantized ones keep theirs)")
+    speed: SpeedEval = SpeedEval()
+
+
+class PruneStage(Strict):
+    prune: PruneConfig
+
+
+class DistillStage(Strict):
+    distill: DistillConfig
+
+
+class QuantizeStage(Strict):
+    quantize: QuantizeConfig
+
+
+def _stage_tag(value: Any) -> str | None:
+    if isinstance(value, dict) and len(value) == 1:
+        return next(iter(value))
+    return next(iter(type(value).model_fields), None) if isinstance(value, BaseModel) else None
+
+
+Stage = Annotated[
+    Annotated[PruneStage, Tag("prune")]
+    | Annotated[DistillStage, Tag("distill")]
+    | Annotated[QuantizeStage, Tag("quantize")],
+    Discriminator(_stage_tag),
+]
+STAGE_MODELS: dict[str, type[BaseModel]] = {
+    "prune": PruneStage, "distill": DistillStage, "quantize": QuantizeStage,
+}
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    model: str = "smollm2-135m"
+    seed: int = 1234
+    threads: int = Field(1, ge=1, le=256)
+    stages: list[Stage] = Field(min_length=1)
+    evaluate: EvalConfig = EvalConfig()
+    resources: Resources = Resources()  # processes/devices; not in stage keys
+    ordering_experiment: bool = Field(
+        False, description="allow stage orders other than P-KD-Q (for studying orderings; "
+        "never for a model you ship). `pkdq compare` builds such variants itself")
+
+    def stage_list(self) -> list[tuple[str, Strict]]:
+        """[(kind, config)] in recipe order."""
+        out: list[tuple[str, Strict]] = []
+        for stage in self.stages:
+            kind = next(iter(type(stage).model_fields))
+            out.append((kind, getattr(stage, kind)))
+        return out
+
+
+class RecipeError(ValueError):
+    """One line: file, key path, what is wrong and what is allowed."""
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in STAGE_MODELS and i > 0 and isinstance(loc[i - 1], int):
+            continue  # the discriminator tag repeats the stage key that follows
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "<top>"
+
+
+def _stage_kind_error(raw: dict[str, Any], source: str) -> None:
+    """Give stage-list errors a direct message before pydantic's union noise."""
+    stages = raw.get("stages")
+    if not isinstance(stages, list):
+        return
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or len(stage) != 1:
+            raise RecipeError(f"{source}: stages[{i}]: each stage is a mapping with one key, "
+                              f"one of {', '.join(STAGE_ORDER)}")
+        kind = next(iter(stage))
+        if kind not in STAGE_ORDER:
+            raise RecipeError(f"{source}: stages[{i}]: unknown stage '{kind}'; "
+                              f"allowed: {', '.join(STAGE_ORDER)}")
+
+
+def _check_order(recipe: Recipe, source: str) -> None:
+    kinds = [kind for kind, _ in recipe.stage_list()]
+    if len(set(kinds)) != len(kinds):
+        raise RecipeError(f"{source}: stages: each stage may appear once, got {' -> '.join(kinds)}")
+    if recipe.ordering_experiment:
+        return  # any order of distinct stages; tasks.compare.orderings says what each order means
+    ranks = [STAGE_ORDER.index(k) for k in kinds]
+    if ranks != sorted(ranks):
+        raise RecipeError(f"{source}: stages: order {' -> '.join(kinds)} breaks the {PKDQ_RULE}"
+                          "; to study other orders use `pkdq compare` or set "
+                          "ordering_experiment: true")
+    if "distill" in kinds and "prune" not in kinds:
+        raise RecipeError(f"{source}: stages: distill without a prune stage has no teacher; "
+                          f"add a prune stage before it ({PKDQ_RULE})")
+
+
+def _check_prune_fits_quantize(recipe: Recipe, source: str) -> None:
+    """Pruned widths must split into whole quantization groups (group_size divides in_features).
+
+    FFN and hidden sizes are rounded to `round_to`, so `round_to` must be a multiple of the
+    group size; head counts are checked on the real shapes by the quantize stage.
+    """
+    stages = recipe.stage_list()
+    prune = next(((i, c) for i, (k, c) in enumerate(stages) if k == "prune"), None)
+    quant = next(((i, c) for i, (k, c) in enumerate(stages) if k == "quantize"), None)
+    if prune is None or quant is None:
+        return
+    (pi, pcfg), (qi, qcfg) = prune, quant
+    if (pcfg.ffn or pcfg.hidden) and pcfg.round_to % qcfg.group_size:
+        raise RecipeError(
+            f"{source}: stages[{pi}].prune.round_to: {pcfg.round_to} is not a multiple of "
+            f"stages[{qi}].quantize.group_size {qcfg.group_size}, so pruned widths may not split "
+            f"into whole quantization groups; use round_to: {qcfg.group_size} (or a multiple)")
+
+
+def _check_batch_splits(recipe: Recipe, source: str) -> None:
+    """Each KD process takes batch_size / world rows, so the global batch must split evenly."""
+    world = recipe.resources.distill.world_size
+    for i, (kind, cfg) in enumerate(recipe.stage_list()):
+        if kind == "distill" and cfg.batch_size % world:
+            raise RecipeError(f"{source}: stages[{i}].distill.batch_size: {cfg.batch_size} does "
+                              f"not split over resources.distill's {world} processes; use a "
+                              f"multiple of {world}")
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = _loc(tuple(err["loc"]))
+    if err["type"] == "extra_forbidden":
+        parent = tuple(err["loc"])[:-1]
+        allowed = _allowed_keys(parent)
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{source}: {where}: unknown key{hint}"
+    msg = err["msg"]
+    if "input" in err and err["type"] not in {"missing"}:
+        msg += f" (got {err['input']!r})"
+    return f"{source}: {where}: {msg}"
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    model: Any = Recipe
+    for i, item in enumerate(parent):
+        if isinstance(item, int) or item == "stages":
+            continue
+        if item in STAGE_MODELS and i > 0 and isinstance(parent[i - 1], int):
+            model = STAGE_MODELS[item]
+            continue
+        field = getattr(model, "model_fields", {}).get(item)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        models = (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel))
+        nxt = next(models, None)
+        if nxt is None:
+            return []
+        model = nxt
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with name, model, stages, "
+                          "evaluate")
+    _stage_kind_error(raw, source)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_validation(exc, source)) from None
+    _check_order(recipe, source)
+    _check_prune_fits_quantize(recipe, source)
+    _check_batch_splits(recipe, source)
+    return recipe
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A named recipe (recipes/<name>.yaml) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        return path
+    named = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not named.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise RecipeError(f"recipe '{name_or_path}' not found; named recipes: {known}")
+    return named
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        problem = getattr(exc, "problem", exc)
+        raise RecipeError(f"{path}: {where}: not valid YAML ({problem})") from None
+    return parse_recipe(raw, str(path))
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        out.append((path.stem, str(raw.get("description", ""))))
+    return out

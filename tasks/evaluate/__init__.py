@@ -1,0 +1,15 @@
+"""Evaluation: lm-eval benchmarks offline, WikiText-2 perplexity, size and speed (see README.md)."""
+
+from tasks.core.lazy import lazy_exports
+
+_EXPORTS = {
+    "evaluate_model": "stage",  # every score of one model folder, written under out_dir
+    "wikitext_perplexity": "stage",  # token perplexity on a WikiText-2 slice
+    "EVAL_JSON": "stage",
+    "SAMPLES_JSON": "stage",
+    "PkdqLM": "backend",  # the lm-eval backend (`--model pkdq`)
+    "measure_latency": "speed",
+    "profile_in_subprocess": "speed",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

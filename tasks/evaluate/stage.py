@@ -1,0 +1,439 @@
+"""Evaluate stage: lm-eval benchmarks on seeded doc subsets, WikiText-2 perplexity, size, speed.
+
+Every stage of a run is scored on the same docs (a seeded sample of doc ids per task, stored in
+the metrics and reusable through `doc_ids=`), so stage-vs-baseline differences are paired and
+their error bars shrink accordingly. Benchmarks run through lm-eval's own `simple_evaluate` with
+the task YAMLs in `tasks/evaluate/lm_eval_tasks/` (stock prompts, offline files) and, by default, pkdq's
+lm-eval backend (`tasks.evaluate.backend`: HFLM's scores for a fraction of the compute; `backend: hf`
+runs stock HFLM). WikiText-2 is scored twice: a fast direct token perplexity over a fixed slice
+(what the report compares) and lm-eval's stock rolling-window word perplexity on a few seeded
+articles (comparable with published numbers). Size, peak memory and CPU generation speed are
+measured the same way for every stage.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import math
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tasks.core.common import data_dir, folder_bytes, set_offline_env, write_json_atomic
+from tasks.core.recipe import EvalConfig, SpeedEval
+from tasks.evaluate.lm_eval_tasks import TASKS_DIR
+
+EVAL_JSON = "eval.json"
+SAMPLES_JSON = "eval_samples.json"
+
+# The score retention is computed on: length-normalised accuracy where lm-eval reports it for
+# multi-token answer options of unequal length, plain accuracy otherwise.
+PRIMARY_METRIC: dict[str, str] = {
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "piqa": "acc_norm",
+    "winogrande": "acc",
+    "lambada_openai": "acc",
+    "boolq": "acc",
+}
+PER_DOC_METRICS = ("acc", "acc_norm")
+
+# lm-eval messages that are expected here and only add noise at WARNING level.
+_QUIET = ("Custom kwargs can be passed", "`pretrained` model kwarg is not of type `str`",
+          "Passed an already-initialized model through `pretrained`")
+_NOISY_LOGGERS = ("lm_eval.api.task", "lm_eval.models.huggingface")
+
+
+def _log(msg: str, start: float) -> None:
+    print(f"[evaluate] {msg} | elapsed {time.perf_counter() - start:,.1f}s", file=sys.stderr,
+          flush=True)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in _QUIET)
+
+
+def quiet_lm_eval() -> None:
+    """lm-eval at WARNING, minus the warnings every offline custom task triggers.
+
+    Logger filters only see records created by that very logger, hence the named children.
+    """
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    for name in _NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+
+
+# --------------------------------------------------------------------------- doc selection
+
+
+def task_size(task: str, data: Path | None = None) -> int:
+    """Number of eval docs of a task (reads the files, no model, well under a second)."""
+    from tasks.evaluate.lm_eval_tasks.utils import load_docs
+
+    return len(load_docs(task, data))
+
+
+def sample_doc_ids(task: str, n_docs: int, samples: int | None, seed: int) -> list[int]:
+    """A fixed, seeded random subset of doc ids, sorted.
+
+    Random, not first-N: files are often ordered (by source, topic, difficulty), so a prefix is a
+    biased sample. The stream depends only on (seed, task name), so every stage of a run, and every
+    run with the same seed, scores the same docs. Sorted because lm-eval maps results back to ids
+    assuming ascending order.
+    """
+    import numpy as np
+
+    if samples is None or samples >= n_docs:
+        return list(range(n_docs))
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
+    return sorted(int(i) for i in rng.choice(n_docs, size=samples, replace=False))
+
+
+def select_doc_ids(cfg: EvalConfig, data: Path | None, seed: int,
+                   given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Doc ids per recipe task: given ones (e.g. the baseline's) win, else a seeded sample."""
+    given = given or {}
+    out: dict[str, list[int]] = {}
+    for task in cfg.tasks:
+        if task in given:
+            out[task] = sorted(int(i) for i in given[task])
+        else:
+            out[task] = sample_doc_ids(task, task_size(task, data), cfg.samples, seed)
+    return out
+
+
+# --------------------------------------------------------------------------- lm-eval
+
+WIKITEXT_TASK = "wikitext"
+
+
+def make_lm(model: Any, tokenizer: Any, backend: str, batch_size: int,
+            max_length: int | None = None) -> Any:
+    """The lm-eval model wrapping an already loaded model: pkdq's backend or stock HFLM."""
+    if backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                    max_length=max_length)
+    from tasks.evaluate.backend import PkdqLM
+
+    return PkdqLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                  max_length=max_length)
+
+
+def task_manager(data: Path | None = None):
+    """A TaskManager over pkdq's task YAMLs only (the stock ones need the hub; skipping is fast)."""
+    from lm_eval.tasks import TaskManager
+
+    meta = {"pkdq_data_dir": str(Path(data) if data else data_dir())}
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=meta)
+
+
+_print_lock = threading.Lock()
+_print_depth = 0
+_print_saved: Any = None
+
+
+@contextmanager
+def builtin_print() -> Iterator[None]:
+    """Run lm-eval with Python's own `print`, not Prefect's `log_prints` patch.
+
+    datasets fingerprints the offline task data with dill, and dill finds a function's globals by
+    swapping `sys.stdout` for a buffer and calling `dis.dis`. Under Prefect's patch those prints go
+    to the run log instead (a bytecode listing per task in every run log) and dill's buffer stays
+    empty. Nesting-safe across threads (compare runs units side by side): the first entry swaps,
+    the last exit restores.
+    """
+    global _print_depth, _print_saved
+    try:
+        from prefect.logging.loggers import print as real_print  # imported before any patch
+    except ImportError:
+        yield
+        return
+    with _print_lock:
+        if _print_depth == 0:
+            _print_saved = builtins.print
+            builtins.print = real_print
+        _print_depth += 1
+    try:
+        yield
+    finally:
+        with _print_lock:
+            _print_depth -= 1
+            if _print_depth == 0:
+                builtins.print = _print_saved
+                _print_saved = None
+
+
+def run_task(lm: Any, task: str, doc_ids: list[int], n_docs: int, manager: Any,
+             seed: int) -> dict[str, Any]:
+    """One task through lm-eval's `simple_evaluate`; returns its results and logged samples."""
+    from lm_eval import simple_evaluate
+
+    subset = None if len(doc_ids) == n_docs else {task: doc_ids}
+    with builtin_print():
+        out = simple_evaluate(
+            model=lm, tasks=[task], task_manager=manager, samples=subset, log_samples=True,
+            bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed,
+        )
+    return {"results": out["results"][task], "samples": out["samples"][task],
+            "output_type": out["configs"][task].get("output_type", "multiple_choice")}
+
+
+def _chance(samples: list[dict[str, Any]], output_type: str) -> float:
+    """Mean of 1/options over the scored docs (ARC has 3-5); 0 for open-vocabulary targets."""
+    if output_type != "multiple_choice" or not samples:
+        return 0.0
+    return sum(1.0 / len(s["arguments"]) for s in samples) / len(samples)
+
+
+def summarise_task(task: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """Flatten lm-eval's 'acc,none' keys; add n, chance, primary metric and the doc ids."""
+    results, samples = raw["results"], raw["samples"]
+    summary: dict[str, Any] = {"metric": PRIMARY_METRIC.get(task, "acc")}
+    for key, value in results.items():
+        if "," not in key or key.startswith("alias"):
+            continue
+        name, filt = key.split(",", 1)
+        if filt == "none" and isinstance(value, (int, float)):
+            summary[name] = float(value)
+    ids = sorted(int(s["doc_id"]) for s in samples)
+    summary.update(n=len(ids), chance=_chance(samples, raw["output_type"]), doc_ids=ids)
+    return summary
+
+
+def per_doc(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{metric: {doc_id: 0/1}} for paired comparisons between stages."""
+    out: dict[str, dict[str, float]] = {}
+    for sample in raw["samples"]:
+        for metric in PER_DOC_METRICS:
+            if metric in sample:
+                out.setdefault(metric, {})[str(sample["doc_id"])] = float(sample[metric])
+    return out
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def _prefix_ids(tokenizer: Any, text: str, tokens: int | None) -> list[int]:
+    """The first `tokens` tokens of `text`, tokenising only a prefix of it (the file is 1.3 MB)."""
+    if tokens is None:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    budget = tokens * 6 + 1024
+    while True:
+        ids = tokenizer(text[:budget], add_special_tokens=False)["input_ids"]
+        # margin: the last few tokens before the cut may tokenise differently than in full text
+        if len(ids) >= tokens + 64 or budget >= len(text):
+            return ids[:tokens]
+        budget *= 2
+
+
+def _window_nll(model: Any, ids: list[int], max_length: int) -> tuple[float, int]:
+    """Summed next-token NLL over non-overlapping windows, and how many tokens were predicted.
+
+    The first token of each window has no context and is not predicted (standard, cheaper than a
+    sliding window; slightly pessimistic versus stride < max_length).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(ids), max_length):
+            window = ids[start:start + max_length]
+            if len(window) < 2:
+                continue
+            x = torch.tensor([window], device=model.device)
+            logits = model(input_ids=x).logits[0, :-1].float()
+            total += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            count += len(window) - 1
+    return total, count
+
+
+def wikitext_perplexity(model: Any, tokenizer: Any, path: Path, tokens: int | None,
+                        max_length: int) -> dict[str, Any]:
+    """Token and word perplexity on the first `tokens` tokens of WikiText-2 test.
+
+    Word perplexity divides the same total NLL by whitespace words in the slice, so it compares
+    across tokenizers (pruning never changes the tokenizer, but users compare models).
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    ids = _prefix_ids(tokenizer, text, tokens)
+    limit = getattr(model.config, "max_position_embeddings", None) or max_length
+    window = min(max_length, int(limit))
+    nll, predicted = _window_nll(model, ids, window)
+    words = len(tokenizer.decode(ids).split())
+    return {
+        "token_perplexity": math.exp(nll / predicted),
+        "word_perplexity": math.exp(nll / words),
+        "tokens": len(ids),
+        "predicted_tokens": predicted,
+        "words": words,
+        "max_length": window,
+        "nll": nll,
+    }
+
+
+def wikitext_rolling(model: Any, tokenizer: Any, cfg: EvalConfig, data: Path, seed: int,
+                     manager: Any) -> dict[str, Any] | None:
+    """lm-eval's stock wikitext task (rolling windows of `wikitext.max_length`) on seeded pages.
+
+    Word perplexity here is the published-number kind (stock detokenizer, words of the raw page);
+    None when `wikitext.pages` is 0.
+    """
+    wt = cfg.wikitext
+    if wt.pages == 0:
+        return None
+    n_pages = task_size(WIKITEXT_TASK, data)
+    ids = sample_doc_ids(WIKITEXT_TASK, n_pages, wt.pages, seed)
+    lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size, max_length=wt.max_length)
+    t0 = time.perf_counter()
+    summary = summarise_task(WIKITEXT_TASK, run_task(lm, WIKITEXT_TASK, ids, n_pages, manager,
+                                                      seed))
+    for key in ("metric", "chance"):
+        summary.pop(key, None)
+    summary.update(max_length=wt.max_length, wall_s=time.perf_counter() - t0)
+    return summary
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def speed_section(model: Any, cfg: SpeedEval) -> dict[str, Any] | None:
+    """Prefill latency and greedy decode tokens/s (None when disabled).
+
+    `tasks.evaluate.speed.measure_latency`, the measurement the quantization table uses too, so
+    eval.json speeds and bench numbers compare. Prompt + new tokens stay within the model's
+    positions.
+    """
+    if not cfg.enabled:
+        return None
+    import torch
+
+    from tasks.evaluate.speed import measure_latency
+
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    prompt_tokens = cfg.prompt_tokens
+    if limit:
+        prompt_tokens = max(8, min(prompt_tokens, limit - cfg.new_tokens))
+    speed = measure_latency(model, prompt_tokens, cfg.new_tokens, cfg.repeats)
+    speed.update(threads=torch.get_num_threads(),
+                 dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    return speed
+
+
+# --------------------------------------------------------------------------- size
+
+
+def count_params(model: Any) -> int:
+    """Logical parameter count: quantized linears count in*out (their packed buffers would not).
+
+    Shared tensors (tied embeddings) count once.
+    """
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "qweight") and hasattr(module, "in_features"):
+            bias = getattr(module, "bias", None) is not None
+            total += int(module.in_features) * int(module.out_features)
+            total += int(module.out_features) if bias else 0
+            continue
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+    return total
+
+
+# --------------------------------------------------------------------------- stage entry point
+
+
+def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Path | None = None,
+                   seed: int = 1234, threads: int = 1,
+                   doc_ids: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Score one model folder; write `eval.json` and per-doc `eval_samples.json` to `out_dir`.
+
+    `doc_ids` (e.g. the baseline's `tasks[t]["doc_ids"]`) pins the docs; otherwise they come from
+    `seed`, which gives the same docs for every stage of a run anyway.
+    """
+    set_offline_env()
+    import torch
+
+    from tasks.core.model_store import load_model
+    from tasks.core.peak_memory import peak_rss_bytes, reset_peak_rss
+    from tasks.evaluate.backend import resolve_dtype
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    peak_scope = "eval" if reset_peak_rss() else "process"
+    torch.set_num_threads(threads)
+    quiet_lm_eval()
+    data = Path(data) if data else data_dir()
+    out_dir = Path(out_dir)
+    model, tokenizer = load_model(Path(model_path), dtype=resolve_dtype(cfg.dtype))
+    _log(f"loaded {model_path}", start)
+
+    ids = select_doc_ids(cfg, data, seed, doc_ids)
+    manager = task_manager(data)
+    lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size)
+    tasks: dict[str, Any] = {}
+    per_doc_all: dict[str, Any] = {}
+    for task in cfg.tasks:
+        t0 = time.perf_counter()
+        raw = run_task(lm, task, ids[task], task_size(task, data), manager, seed)
+        tasks[task] = summarise_task(task, raw)
+        tasks[task]["wall_s"] = time.perf_counter() - t0
+        per_doc_all[task] = per_doc(raw)
+        metric = tasks[task]["metric"]
+        _log(f"{task}: {metric} {tasks[task].get(metric, float('nan')):.4f} "
+             f"(n={tasks[task]['n']}, {tasks[task]['wall_s']:.1f}s)", start)
+
+    wt = cfg.wikitext
+    t0 = time.perf_counter()
+    wikitext = wikitext_perplexity(model, tokenizer, data / "wikitext" / "wiki.test.raw",
+                                   wt.tokens, wt.max_length)
+    wikitext["wall_s"] = time.perf_counter() - t0
+    _log(f"wikitext: token ppl {wikitext['token_perplexity']:.3f} "
+         f"({wikitext['tokens']} tokens, {wikitext['wall_s']:.1f}s)", start)
+    rolling = wikitext_rolling(model, tokenizer, cfg, data, seed, manager)
+    if rolling is not None:
+        wikitext["lm_eval"] = rolling
+        _log(f"wikitext (lm-eval rolling, {rolling['n']} pages): word ppl "
+             f"{rolling['word_perplexity']:.3f} ({rolling['wall_s']:.1f}s)", start)
+    speed = speed_section(model, cfg.speed)
+    if speed is not None:
+        _log(f"speed: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode "
+             f"{speed['decode_tokens_per_s']:.1f} tok/s", start)
+
+    metrics = {
+        "model_path": str(model_path),
+        "tasks": tasks,
+        "wikitext": wikitext,
+        "params": count_params(model),
+        "bytes_on_disk": folder_bytes(model_path),
+        "speed": speed,
+        "peak_rss_bytes": peak_rss_bytes(),
+        # "eval": this evaluation's own peak; "process": the whole process's (no reset possible)
+        "peak_rss_scope": peak_scope,
+        "backend": cfg.backend,
+        "seed": seed,
+        "threads": threads,
+        "config": cfg.model_dump(),
+        "wall_s": time.perf_counter() - start,
+        # CPU seconds of this process: comparable across runs on a shared machine, unlike wall
+        "cpu_s": time.process_time() - cpu_start,
+    }
+    write_json_atomic(out_dir / SAMPLES_JSON, per_doc_all)
+    write_json_atomic(out_dir / EVAL_JSON, metrics)
+    _log("done", start)
+    return metrics

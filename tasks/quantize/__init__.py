@@ -1,0 +1,17 @@
+"""Weight quantization (GPTQ, AWQ, RTN through GPTQModel) and GGUF export (see README.md)."""
+
+from tasks.core.lazy import lazy_exports
+
+_EXPORTS = {
+    "quantize_stage": "stage",  # the stage: (ModelRef, QuantizeConfig, StageContext)
+    "export_gguf": "gguf_export",  # any Llama folder, float or GPTQ, to a GGUF file
+    "GgufExportError": "gguf_export",
+    "GgufVerifyError": "gguf_verify",
+    # torch-free layout rules, shared with the recipe checks before a run
+    "MARLIN_K_MULTIPLE": "shapes",
+    "MARLIN_SOURCE": "shapes",
+    "group_size_hint": "shapes",
+    "marlin_k_note": "shapes",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

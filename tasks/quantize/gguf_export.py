@@ -1,0 +1,450 @@
+"""GGUF export of a Llama-architecture model folder, for people who run models with llama.cpp.
+
+pkdq's stages write HF safetensors (float) or GPTQ checkpoints; llama.cpp reads GGUF only. This
+writes one with gguf-py (the package llama.cpp's own converter uses), following what
+`convert_hf_to_gguf.py` does for LlamaForCausalLM:
+
+- tensor names come from gguf-py's TensorNameMap for MODEL_ARCH.LLAMA, not a hand-kept table;
+- q/k rows are permuted per head (`permute_qk`): HF Llama rotates (first half, second half) of
+  each head, GGML's rope rotates adjacent pairs; transformers' GGUF loader undoes exactly this;
+- head_dim is written as key/value length and rope dimension, so pruned models whose head_dim
+  is not hidden/heads (query-head pruning) keep their real geometry;
+- tokenizer.* metadata is copied from a reference GGUF whose vocabulary equals the model's
+  (building a GGUF tokenizer from HF files is out of scope, so no match means a refusal).
+
+Weights: a GPTQ checkpoint is exported from its dequantized grid values (`load_dequantized`).
+GGUF's Q8_0/Q4_0 are llama.cpp's own grids (blocks of 32 weights along a row, one fp16 scale,
+no zero point), not the GPTQ grid, so q8_0/q4_0 of a GPTQ model is a re-quantization; f16 keeps
+the grid values up to fp16 rounding of scale * (code - zero). The result is checked by loading
+it back with transformers' GGUF loader (`tasks.quantize.gguf_verify`); llama.cpp is not
+installed here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.core.common import set_offline_env
+
+QTYPES = ("f16", "q8_0", "q4_0")
+SUPPORTED_ARCH = "LlamaForCausalLM"
+BLOCK = 32  # Q8_0 and Q4_0 block width along each row (in_features)
+LLAMA_CPP_NOTE = ("llama.cpp is not installed on this machine: the file was checked with "
+                  "transformers' GGUF loader and gguf-py only")
+GRID_NOTE = ("GGUF Q8_0/Q4_0 are llama.cpp's own block grids (32 weights per block, one fp16 "
+             "scale), not the GPTQ grid: exporting a GPTQ checkpoint to them re-quantizes its "
+             "dequantized values; f16 keeps those values up to fp16 rounding")
+# llama-quantize stores the embedding/output of a Q4_0 model as Q6_K, which gguf-py cannot
+# write; Q8_0 keeps them at least that fine.
+Q4_EMBEDDING_TYPE = "Q8_0"
+_EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
+
+
+class GgufExportError(RuntimeError):
+    """The model or request cannot be exported to GGUF; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The hyperparameters llama.cpp reads from `llama.*` keys, taken from the real tensors."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    context: int
+    rope_theta: float
+    rms_eps: float
+    tied: bool
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tensor as written: bytes (or float array), its GGML type, and why it fell back."""
+
+    name: str
+    data: np.ndarray
+    ggml_type: str
+    fallback: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_qtype(qtype: str) -> None:
+    if qtype not in QTYPES:
+        raise GgufExportError(f"GGUF qtype {qtype!r} is not supported; use one of "
+                              f"{', '.join(QTYPES)}")
+
+
+def check_architecture(config: dict[str, Any], path: Path) -> None:
+    """Refuse what the Llama GGUF layout cannot hold, before any weight is read."""
+    archs = config.get("architectures") or [config.get("model_type", "?")]
+    if archs != [SUPPORTED_ARCH] or config.get("model_type") != "llama":
+        raise GgufExportError(f"GGUF export supports {SUPPORTED_ARCH} (model_type llama: SmolLM2 "
+                              f"and its pruned variants) only; {path} is {', '.join(archs)}")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise GgufExportError(f"GGUF export does not support Llama models with biases ({path})")
+    if config.get("hidden_act", "silu") != "silu":
+        raise GgufExportError(f"GGUF llama needs hidden_act silu; {path} has "
+                              f"{config['hidden_act']}")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise GgufExportError(f"GGUF export writes plain RoPE only; {path} uses rope_type "
+                              f"{rope_type!r}")
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise GgufExportError("config has no rope_theta")
+    return float(theta)
+
+
+def llama_shape(model: Any) -> LlamaShape:
+    """Sizes from the loaded tensors (pruned models), cross-checked with the config."""
+    config = model.config
+    layers = model.model.layers
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    q_rows, k_rows = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+    if q_rows != heads * head_dim or k_rows != kv_heads * head_dim or head_dim % 2:
+        raise GgufExportError(f"q/k shapes ({q_rows}, {k_rows} rows) do not match {heads} heads, "
+                              f"{kv_heads} KV heads of head_dim {head_dim}")
+    embed = model.get_input_embeddings().weight
+    return LlamaShape(
+        layers=len(layers), hidden=int(embed.shape[1]), ffn=int(mlp.gate_proj.weight.shape[0]),
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=int(embed.shape[0]),
+        context=int(config.max_position_embeddings), rope_theta=_rope_theta(config),
+        rms_eps=float(config.rms_norm_eps),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------
+
+
+def permute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute`: per head, interleave the two rotary halves of the rows.
+
+    `heads` is the head count of this projection (query heads for q, KV heads for k).
+    transformers' `LlamaTensorProcessor._reverse_permute_weights` is its inverse.
+    """
+    rows = weight.shape[0]
+    return (weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def gguf_tensors(model: Any, shape: LlamaShape) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array [out, in]) for every tensor llama.cpp's llama graph reads."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.layers)
+    for key, tensor in model.state_dict().items():
+        if shape.tied and key == "lm_head.weight":
+            continue  # llama.cpp uses token_embd as the output when output.weight is absent
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GgufExportError(f"tensor {key} has no llama GGUF name")
+        data = tensor.detach().float().cpu().numpy()
+        if name.endswith(".attn_q.weight"):
+            data = permute_qk(data, shape.heads)
+        elif name.endswith(".attn_k.weight"):
+            data = permute_qk(data, shape.kv_heads)
+        yield name, data
+
+
+def expected_tensor_names(shape: LlamaShape) -> set[str]:
+    """What llama.cpp's LLM_ARCH_LLAMA loader requires (dense model, no biases)."""
+    per_block = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down")
+    names = {"token_embd.weight", "output_norm.weight"}
+    names |= {f"blk.{i}.{part}.weight" for i in range(shape.layers) for part in per_block}
+    return names if shape.tied else names | {"output.weight"}
+
+
+def _target_type(name: str, data: np.ndarray, qtype: str) -> str:
+    if data.ndim == 1:
+        return "F32"  # norms stay F32, as in llama.cpp's converter
+    if qtype == "f16":
+        return "F16"
+    if qtype == "q4_0" and name in _EMBEDDING_NAMES:
+        return Q4_EMBEDDING_TYPE
+    return qtype.upper()
+
+
+def encode_tensor(name: str, data: np.ndarray, qtype: str) -> Encoded:
+    """Quantize one tensor with gguf-py; rows not a multiple of 32 fall back to F16."""
+    import gguf
+
+    target = _target_type(name, data, qtype)
+    fallback = None
+    if target not in ("F32", "F16") and data.shape[-1] % BLOCK:
+        fallback = f"{data.shape[-1]} columns is not a multiple of {BLOCK}: F16 (as llama.cpp)"
+        target = "F16"
+    ggml = gguf.GGMLQuantizationType[target]
+    try:
+        out = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), ggml)
+    except NotImplementedError as exc:
+        raise GgufExportError(f"gguf {metadata.version('gguf')} cannot quantize to {target}"
+                              ) from exc
+    return Encoded(name, out, target, fallback)
+
+
+def _decoded(enc: Encoded) -> np.ndarray:
+    import gguf
+
+    if enc.ggml_type in ("F32", "F16"):
+        return enc.data.astype(np.float32)
+    return gguf.quants.dequantize(enc.data, gguf.GGMLQuantizationType[enc.ggml_type])
+
+
+class _ErrorStats:
+    """Stored-vs-source error over the matrices: what GGUF's rounding costs, in one place."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.sq_err = 0.0
+        self.sq_ref = 0.0
+
+    def add(self, source: np.ndarray, enc: Encoded) -> None:
+        if source.ndim < 2:
+            return
+        diff = _decoded(enc).astype(np.float64) - source
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+        self.sq_err += float((diff * diff).sum())
+        self.sq_ref += float((source.astype(np.float64) ** 2).sum())
+
+    def summary(self) -> dict[str, float]:
+        rel = (self.sq_err / self.sq_ref) ** 0.5 if self.sq_ref else 0.0
+        return {"max_abs": self.max_abs, "relative_rms": rel}
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer metadata
+# --------------------------------------------------------------------------------------------
+
+
+def _vocab(tokenizer: Any) -> list[str]:
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
+def _reference_tokens(path: Path) -> list[str] | None:
+    for key, value, _, _ in tokenizer_fields(path):
+        if key == "tokenizer.ggml.tokens":
+            return [token.decode("utf-8", errors="replace") for token in value]
+    return None
+
+
+def find_reference_gguf(model_path: Path, tokenizer: Any,
+                        reference: Path | None = None) -> Path:
+    """A GGUF whose tokenizer.ggml.tokens equal the model's vocabulary, id for id.
+
+    Looks at `reference` if given (then only there), else .gguf files in the model folder, then
+    the built-in models' GGUFs already on disk (SmolLM2's for SmolLM2 and its pruned variants).
+    """
+    from tasks.core.model_store import builtin_ggufs_on_disk
+
+    vocab = _vocab(tokenizer)
+    if reference is not None:
+        if not Path(reference).is_file():
+            raise GgufExportError(f"reference GGUF {reference} does not exist")
+        if _reference_tokens(Path(reference)) != vocab:
+            raise GgufExportError(f"reference GGUF {reference} has a different tokenizer "
+                                  f"vocabulary than {model_path}")
+        return Path(reference)
+    candidates = sorted(Path(model_path).glob("*.gguf")) + builtin_ggufs_on_disk()
+    for candidate in candidates:
+        if _reference_tokens(candidate) == vocab:
+            return candidate
+    raise GgufExportError(f"no GGUF with the tokenizer of {model_path} found (looked in the "
+                          "folder and the built-in models' GGUFs); pass a reference GGUF with "
+                          "the same vocabulary (pkdq does not build GGUF tokenizers)")
+
+
+def tokenizer_fields(reference: Path) -> list[tuple[str, Any, Any, Any]]:
+    """(key, value, type, array item type) of every tokenizer.* key, strings as raw bytes.
+
+    Cached per file and size: parsing a 49k-token vocabulary with GGUFReader takes seconds,
+    and the reference lookup and the writer both need it.
+    """
+    path = Path(reference).resolve()
+    return _tokenizer_fields(str(path), path.stat().st_size, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(path: str, _size: int, _mtime: int) -> list[tuple[str, Any, Any, Any]]:
+    import gguf
+
+    out = []
+    for key, field in gguf.GGUFReader(path).fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        main, sub = field.types[0], field.types[-1] if len(field.types) > 1 else None
+        if main == gguf.GGUFValueType.ARRAY and sub == gguf.GGUFValueType.STRING:
+            value: Any = [bytes(field.parts[i]) for i in field.data]
+        elif main == gguf.GGUFValueType.STRING:
+            value = bytes(field.parts[-1])
+        else:
+            value = field.contents()
+        out.append((key, value, main, sub))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Source model + writer
+# --------------------------------------------------------------------------------------------
+
+
+def load_source(model_path: Path) -> tuple[Any, Any, str]:
+    """(float model, tokenizer, what the weights are): GPTQ folders give their grid values."""
+    from tasks.core.model_store import is_quantized, load_model, read_config
+
+    quant = read_config(model_path).get("quantization_config") or {}
+    if is_quantized(model_path):
+        if quant.get("quant_method") != "gptq":
+            raise GgufExportError(f"GGUF export reads float or GPTQ-format checkpoints; "
+                                  f"{model_path} is {quant.get('quant_method')}")
+        from tasks.core.gptq_checkpoint import load_dequantized
+
+        model, tokenizer = load_dequantized(model_path)
+        return model, tokenizer, (f"gptq W{quant.get('bits')} g{quant.get('group_size')} "
+                                  "dequantized grid values")
+    model, tokenizer = load_model(model_path)
+    return model, tokenizer, "float weights"
+
+
+def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
+                    fields: list[tuple[str, Any, Any, Any]]) -> dict[str, Any]:
+    import gguf
+
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    arch = {
+        "context_length": shape.context, "embedding_length": shape.hidden,
+        "block_count": shape.layers, "feed_forward_length": shape.ffn,
+        "attention.head_count": shape.heads, "attention.head_count_kv": shape.kv_heads,
+        "attention.key_length": shape.head_dim, "attention.value_length": shape.head_dim,
+        "rope.dimension_count": shape.head_dim, "rope.freq_base": shape.rope_theta,
+        "attention.layer_norm_rms_epsilon": shape.rms_eps, "vocab_size": shape.vocab,
+    }
+    writer.add_context_length(shape.context)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_key_length(shape.head_dim)
+    writer.add_value_length(shape.head_dim)
+    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_freq_base(shape.rope_theta)
+    writer.add_layer_norm_rms_eps(shape.rms_eps)
+    writer.add_vocab_size(shape.vocab)
+    for key, value, vtype, sub in fields:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    return {f"llama.{k}": v for k, v in arch.items()}
+
+
+def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
+                fields: list[tuple[str, Any, Any, Any]]) -> dict[str, Any]:
+    """Write the GGUF into `tmp`; returns what was written (types, fallbacks, error)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    arch = _write_metadata(writer, shape, qtype, name, fields)
+    types: Counter[str] = Counter()
+    fallbacks: dict[str, str] = {}
+    errors = _ErrorStats()
+    written: set[str] = set()
+    for tensor_name, data in gguf_tensors(model, shape):
+        enc = encode_tensor(tensor_name, data, qtype)
+        errors.add(data, enc)
+        raw = None if enc.ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[enc.ggml_type]
+        writer.add_tensor(tensor_name, enc.data, raw_dtype=raw)
+        types[enc.ggml_type] += 1
+        written.add(tensor_name)
+        if enc.fallback:
+            fallbacks[tensor_name] = enc.fallback
+    missing = expected_tensor_names(shape) - written
+    if missing:
+        raise GgufExportError(f"GGUF would lack tensors llama.cpp needs: {sorted(missing)[:4]}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"architecture": arch, "tensor_count": len(written), "tensor_types": dict(types),
+            "fallbacks": fallbacks, "weight_error": errors.summary()}
+
+
+def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) -> Path:
+    """Every refusal that needs no weights (qtype, architecture, tokenizer reference), so a
+    stage can fail before hours of quantization; returns the reference GGUF to copy from."""
+    set_offline_env()
+    from transformers import AutoTokenizer
+
+    check_qtype(qtype)
+    model_path = Path(model_path)
+    check_architecture(json.loads((model_path / "config.json").read_text()), model_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    return find_reference_gguf(model_path, tokenizer, reference_gguf)
+
+
+def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
+                reference_gguf: Path | None = None, verify: bool = True) -> dict[str, Any]:
+    """Write `model_path` (Llama, float or GPTQ) as a GGUF llama.cpp can load; return metrics.
+
+    The file appears under its name only when complete (written as .partial, then renamed).
+    `verify` loads it back with transformers and compares logits with the source model.
+    """
+    model_path, out_file = Path(model_path), Path(out_file)
+    reference = preflight(model_path, qtype, reference_gguf)
+    model, tokenizer, source = load_source(model_path)
+    shape = llama_shape(model)
+    if len(tokenizer) != shape.vocab:
+        raise GgufExportError(f"embedding has {shape.vocab} rows but the tokenizer has "
+                              f"{len(tokenizer)} tokens; GGUF needs them equal")
+    print(f"[gguf] {qtype} export of {model_path} -> {out_file}", file=sys.stderr, flush=True)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".partial")
+    name = f"pkdq {model_path.parent.name}/{model_path.name}"
+    try:
+        written = _write_file(tmp, model, shape, qtype, name, tokenizer_fields(reference))
+        os.replace(tmp, out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    metrics: dict[str, Any] = {
+        "file": str(out_file), "bytes": out_file.stat().st_size, "qtype": qtype,
+        "source": {"path": str(model_path), "weights": source},
+        "reference_gguf": str(reference), **written,
+        "grid_note": GRID_NOTE,
+        "llama_cpp_verified": False, "llama_cpp_note": LLAMA_CPP_NOTE,
+        "versions": {d: metadata.version(d) for d in ("gguf", "transformers")},
+    }
+    if verify:
+        from tasks.quantize.gguf_verify import verify_gguf
+
+        metrics["verified_loader"] = "transformers-gguf"
+        metrics["verification"] = verify_gguf(out_file, model, tokenizer)
+    return metrics

@@ -1,0 +1,20 @@
+"""Reports built from a run folder alone: Markdown, JSON, one self-contained HTML page."""
+
+from tasks.core.lazy import lazy_exports
+
+_EXPORTS = {
+    "write_report": "run_report",  # report.md / report.json / report.html of a run folder
+    "SAMPLES_FILE": "run_report",
+    "quality_figures": "page",
+    "retention_columns": "page",
+    "retention_rows": "page",
+    "table_records": "page",
+    "FIGURE_TITLES": "page",
+    "render_html": "html",
+    "pm": "format",
+    "retention": "retention",  # stage score / baseline score, with standard errors
+    "loss_curve": "plots",
+}
+_MODULES = ("plots", "browser")  # PNG plots every page draws with; headless Chromium checks
+__all__ = sorted([*_EXPORTS, *_MODULES])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _MODULES)

@@ -1,0 +1,159 @@
+"""The run report from the run folder alone: report.json (every number), report.md, report.html.
+
+Nothing here reads live state: a report can be rebuilt on another machine from a copied folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.core.common import read_json, write_json_atomic
+from tasks.report.format import RETENTION_NOTE
+from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
+from tasks.report.format import pm as _pm
+from tasks.report.retention import retention
+
+SAMPLES_FILE = Path("eval") / "eval_samples.json"
+
+
+def _maybe_json(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """Every number of the run, stage by stage, with retention against the baseline."""
+    run = read_json(run_dir / "run.json")
+    stages: list[dict[str, Any]] = []
+    baseline_eval = baseline_samples = None
+    for folder in run["stages"]:
+        stage_dir = run_dir / folder
+        evaluation = _maybe_json(stage_dir / "eval.json")
+        samples = _maybe_json(stage_dir / SAMPLES_FILE)
+        record = _maybe_json(stage_dir / "stage.json")
+        metrics = _maybe_json(stage_dir / "metrics.json") or {}
+        entry: dict[str, Any] = {"stage": folder, "finished": evaluation is not None,
+                                 "metrics": metrics, "eval": evaluation,
+                                 "model": (record or {}).get("model")}
+        if folder.endswith("baseline"):
+            baseline_eval, baseline_samples = evaluation, samples
+        elif evaluation is not None and baseline_eval is not None:
+            entry["retention"] = retention(baseline_eval, evaluation, baseline_samples, samples)
+        stages.append(entry)
+    return {"run": run, "stages": stages, "warnings": warnings(stages)}
+
+
+def warnings(stages: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for entry in stages:
+        ret = entry.get("retention") or {}
+        for name, bench in (ret.get("benchmarks") or {}).items():
+            if bench.get("uninformative"):
+                out.append(f"{name}: baseline within 2 standard errors of chance — "
+                           "uninformative at this size, kept out of averages")
+        if not entry["finished"]:
+            out.append(f"{entry['stage']}: not finished")
+        metrics = entry.get("metrics") or {}
+        for layer in metrics.get("layers_skipped") or []:
+            out.append(f"{entry['stage']}: layer skipped by quantization: {layer}")
+        if metrics.get("early_stopped"):
+            out.append(f"{entry['stage']}: KD stopped early at step {metrics.get('steps')}")
+    return sorted(set(out), key=out.index)
+
+
+def _stage_rows(data: dict[str, Any]) -> list[str]:
+    rows = ["| stage | params | bytes on disk | WikiText-2 ppl | ppl ratio | size ratio "
+            "| wall time |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for entry in data["stages"]:
+        ev = entry.get("eval") or {}
+        ret = entry.get("retention") or {}
+        wiki = ev.get("wikitext") or {}
+        ppl = wiki.get("token_perplexity")
+        wall = (entry["metrics"] or {}).get("stage_wall_s")
+        rows.append("| {} | {} | {} | {} | {} | {} | {} |".format(
+            entry["stage"],
+            f"{ev['params']:,}" if "params" in ev else "–",
+            f"{ev['bytes_on_disk'] / 1e6:,.1f} MB" if "bytes_on_disk" in ev else "–",
+            f"{ppl:.2f}" if ppl else "–",
+            _fmt((ret.get("perplexity") or {}).get("ratio")),
+            _fmt((ret.get("size") or {}).get("bytes_ratio")),
+            f"{wall:,.0f} s" if wall else "–",
+        ))
+    return rows
+
+
+def _retention_rows(data: dict[str, Any]) -> list[str]:
+    measured = [e for e in data["stages"] if e.get("retention")]
+    if not measured:
+        return ["(no stage evaluated against the baseline yet)"]
+    rows = ["| stage | benchmark | metric | n | score | retention s/b | chance-normalised "
+            "| paired Δ vs baseline |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in measured[0]["retention"]["benchmarks"].items():
+        rows.append(f"| baseline | {name} | {r['metric']} | {r.get('n', '–')} | "
+                    f"{_pm(r['baseline'], r['baseline_stderr'], pct=True)} | 1 | 1 | – |")
+    for entry in measured:
+        ret = entry["retention"]
+        for name, r in ret["benchmarks"].items():
+            flag = " (uninformative)" if r.get("uninformative") else ""
+            rows.append(
+                f"| {entry['stage']} | {name}{flag} | {r['metric']} | {r.get('n', '–')} | "
+                f"{_pm(r['score'], r['stderr'], pct=True)} | "
+                f"{_pm(r['ratio'], r['ratio_stderr'])} | "
+                f"{_pm(r['norm_ratio'], r['norm_ratio_stderr'])} | "
+                f"{_pm(r['diff'], r['diff_stderr'], pct=True)} |")
+        avg, norm = ret.get("average_retention"), ret.get("average_norm_retention")
+        if avg:
+            rows.append(f"| {entry['stage']} | **mean of {avg['k']} informative** | | | | "
+                        f"{_pm(avg['mean'], avg['stderr'])} | "
+                        f"{_pm(norm['mean'], norm['stderr']) if norm else '–'} | |")
+    return rows
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    run = data["run"]
+    recipe = run["recipe"]
+    stage_chain = " → ".join(k for s in recipe["stages"] for k in s)
+    lines = [
+        f"# pkdq report: {run['run_id']}",
+        "",
+        f"Recipe **{recipe['name']}** ({stage_chain}) on `{run['model']['spec']}`; "
+        f"status **{run.get('status', '?')}**, seed {run['seed']}.",
+        "",
+        "## Stages",
+        "",
+        *_stage_rows(data),
+        "",
+        "## Retention per benchmark",
+        "",
+        RETENTION_NOTE,
+        "",
+        *_retention_rows(data),
+        "",
+    ]
+    if data["warnings"]:
+        lines += ["## Warnings", "", *[f"- {w}" for w in data["warnings"]], ""]
+    versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items() if k != "platform")
+    lines += [
+        "## Reproduce",
+        "",
+        f"- model fingerprint `{run['model']['fingerprint']}`, data fingerprint "
+        f"`{run['data']['fingerprint']}`",
+        f"- versions: {versions}",
+        f"- `pkdq run {run['recipe_source']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path) -> dict[str, Path]:
+    """report.json, report.md and the self-contained report.html (plots inline)."""
+    from tasks.report.page import write_html  # matplotlib: only when a page is written
+
+    run_dir = Path(run_dir)
+    data = collect(run_dir)
+    json_path, md_path = run_dir / "report.json", run_dir / "report.md"
+    write_json_atomic(json_path, data)
+    md_path.write_text(render_markdown(data))
+    return {"markdown": md_path, "json": json_path, "html": write_html(run_dir, data)}
