@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.core.common import StageContext, data_dir, set_offline_env  # noqa: E402
+from tasks.core.dims import Dims
 from tasks.core.model_store import load_model, resolve_model  # noqa: E402
 from tasks.core.recipe import (  # noqa: E402
     DepthTarget,
@@ -32,7 +33,7 @@ from tasks.core.recipe import (  # noqa: E402
     TextSample,
 )
 from tasks.evaluate.stage import wikitext_perplexity  # noqa: E402
-from tasks.prune.plan import Dims, plan_prune  # noqa: E402
+from tasks.prune.plan import plan_prune  # noqa: E402
 from tasks.prune.stage import (  # noqa: E402
     AxisScores,
     Measurements,

@@ -23,6 +23,7 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.compare import (
+    COMPARE_FILE,
     baseline_folder,
     evaluate_folder,
     init_compare,
@@ -35,8 +36,9 @@ from tasks.compare import (
 from tasks.core.common import ModelRef
 from tasks.core.model_folder import is_sealed
 from tasks.core.model_store import resolve_model
-from tasks.core.recipe import load_recipe
+from tasks.core.recipe import Recipe, load_recipe
 from tasks.core.resources import check_machine
+from tasks.pipeline import frozen_recipe
 
 
 def _scope(run_dir: str) -> str:
@@ -48,16 +50,23 @@ def _unit_key(context: Any, params: dict[str, Any]) -> str:
 
 
 def _eval_key(context: Any, params: dict[str, Any]) -> str:
-    eval_cfg = load_recipe(params["recipe_file"]).evaluate.model_dump_json()
-    digest = hashlib.sha256(eval_cfg.encode()).hexdigest()[:8]
-    return f"pkdq-eval-{_scope(params['run_dir'])}-{params['unit']}-{digest}"
+    return f"pkdq-eval-{_scope(params['run_dir'])}-{params['unit']}-{params['eval_digest']}"
+
+
+def _eval_digest(recipe: Recipe) -> str:
+    """Short hash of the evaluation config: an eval cached under another config is not reused."""
+    return hashlib.sha256(recipe.evaluate.model_dump_json().encode()).hexdigest()[:8]
+
+
+def _recipe(run_dir: str) -> Recipe:
+    return frozen_recipe(Path(run_dir) / COMPARE_FILE)
 
 
 @task(cache_key_fn=_unit_key, persist_result=True)
-def step_task(run_dir: str, recipe_file: str, order: str, index: int, input_model: dict[str, str],
+def step_task(run_dir: str, order: str, index: int, input_model: dict[str, str],
               base: dict[str, str], unit: str) -> dict[str, str]:
     """One step of one ordering; returns the output ModelRef (JSON)."""
-    recipe = load_recipe(recipe_file)
+    recipe = _recipe(run_dir)
     ordering = plan_ordering(recipe, order)
     record, reused = run_ordering_step(Path(run_dir), recipe, ordering, index,
                                        ModelRef.from_json(input_model), ModelRef.from_json(base))
@@ -67,10 +76,10 @@ def step_task(run_dir: str, recipe_file: str, order: str, index: int, input_mode
 
 
 @task(cache_key_fn=_eval_key, persist_result=True)
-def eval_unit_task(run_dir: str, recipe_file: str, unit: str, model: dict[str, str],
+def eval_unit_task(run_dir: str, eval_digest: str, unit: str, model: dict[str, str],
                    baseline: bool = False) -> str:
     """Evaluate a unit's model (same doc ids for every unit: same seed and eval config)."""
-    recipe = load_recipe(recipe_file)
+    recipe = _recipe(run_dir)
     folder = Path(run_dir) / "units" / unit
     _, reused = evaluate_folder(folder, recipe, ModelRef.from_json(model), baseline=baseline)
     get_run_logger().info("eval %s %s", unit, "reused" if reused else "done")
@@ -133,8 +142,9 @@ def compare_flow(recipe_file: str, run_dir: str, orders: list[str]) -> str:
     info = init_compare(root, recipe, recipe_file, base, orderings,
                         concurrency=_concurrency_of_runner())
     first = shared_prefixes(orderings, base.fingerprint, recipe.seed)
+    digest = _eval_digest(recipe)
     futures: list[Any] = [eval_unit_task.with_options(name="eval baseline").submit(
-        run_dir, recipe_file, baseline_folder(root).name, base.to_json(), baseline=True)]
+        run_dir, digest, baseline_folder(root).name, base.to_json(), baseline=True)]
     by_unit: dict[str, Any] = {}  # unit -> the first step future computing it
     evals: dict[str, Any] = {}
     try:
@@ -149,11 +159,11 @@ def compare_flow(recipe_file: str, run_dir: str, orders: list[str]) -> str:
                     print(f"[compare] {name}: same unit {unit} as {first[uid]}: Prefect cache "
                           "hit, not recomputed", flush=True)
                 future = step_task.with_options(name=name).submit(
-                    run_dir, recipe_file, ordering.name, index, upstream, base.to_json(), unit,
+                    run_dir, ordering.name, index, upstream, base.to_json(), unit,
                     wait_for=[earlier] if earlier is not None else None)
                 earlier_eval = evals.get(unit)
                 evaluation = eval_unit_task.with_options(name=f"eval {name}").submit(
-                    run_dir, recipe_file, unit, future,
+                    run_dir, digest, unit, future,
                     wait_for=[earlier_eval] if earlier_eval is not None else None)
                 futures += [future, evaluation]
                 by_unit.setdefault(unit, future)

@@ -2,7 +2,9 @@
 
 Tasks pass ModelRefs (paths + fingerprints), never model objects: a 135M model as a Prefect result
 is a 736 MB pickle. Resuming is the run folder's job (tasks.pipeline), so Prefect result caching is
-off; a reused unit shows up in the task's log and in the run log.
+off; a reused unit shows up in the task's log and in the run log. The flow reads the user's recipe
+once and freezes it in run.json; tasks read that frozen copy, and the plan (`tasks.pipeline.plan`)
+says which model feeds and teaches each stage: this file only wires.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from tasks.core.recipe import load_recipe
 from tasks.core.resources import check_machine
 from tasks.pipeline import (
     BASELINE,
+    RUN_FILE,
     evaluate_stage,
+    frozen_recipe,
     init_run,
     mark_run,
     plan,
@@ -34,9 +38,9 @@ def resolve_task(spec: str) -> dict[str, str]:
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def stage_task(run_dir: str, index: int, recipe_file: str, input_ref: dict[str, str],
+def stage_task(run_dir: str, index: int, input_ref: dict[str, str],
                teacher: dict[str, str] | None) -> dict[str, Any]:
-    recipe = load_recipe(recipe_file)
+    recipe = frozen_recipe(Path(run_dir) / RUN_FILE)
     stage = plan(recipe)[index]
     record, reused = run_stage(Path(run_dir), stage, recipe, ModelRef.from_json(input_ref),
                                ModelRef.from_json(teacher) if teacher else None)
@@ -45,8 +49,8 @@ def stage_task(run_dir: str, index: int, recipe_file: str, input_ref: dict[str, 
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def eval_task(run_dir: str, index: int, recipe_file: str, model: dict[str, str]) -> dict[str, Any]:
-    recipe = load_recipe(recipe_file)
+def eval_task(run_dir: str, index: int, model: dict[str, str]) -> dict[str, Any]:
+    recipe = frozen_recipe(Path(run_dir) / RUN_FILE)
     stage = plan(recipe)[index]
     record, reused = evaluate_stage(Path(run_dir), stage, recipe, ModelRef.from_json(model))
     get_run_logger().info("eval %s %s", stage.folder, "reused" if reused else "done")
@@ -74,19 +78,20 @@ def compress_flow(recipe_file: str, run_dir: str) -> str:
     check_machine(recipe.resources)  # on the machine that runs it, before any stage starts
     base = ModelRef.from_json(resolve_task(recipe.model))
     init_run(Path(run_dir), recipe, recipe_file, base)
+    outputs: dict[int, ModelRef] = {}  # stage index -> the model it produced
     try:
-        stages = plan(recipe)
-        current, teacher = base, base
-        for stage in stages:
-            if stage.kind != BASELINE:
-                if stage.kind == "prune":
-                    teacher = current
+        for stage in plan(recipe):
+            if stage.kind == BASELINE:
+                outputs[stage.index] = base
+            else:
+                teacher = outputs[stage.teacher] if stage.teacher is not None else None
                 record = stage_task.with_options(name=stage.folder)(
-                    run_dir, stage.index, recipe_file, current.to_json(),
-                    teacher.to_json() if stage.kind == "distill" else None)
-                current = ModelRef.from_json(record["model"])
+                    run_dir, stage.index, outputs[stage.index - 1].to_json(),
+                    teacher.to_json() if teacher else None)
+                outputs[stage.index] = ModelRef.from_json(record["model"])
             eval_task.with_options(name=f"eval-{stage.folder}")(
-                run_dir, stage.index, recipe_file, current.to_json())
+                run_dir, stage.index, outputs[stage.index].to_json())
+        current = outputs[max(outputs)]
     except BaseException as exc:
         mark_run(Path(run_dir), "failed", error=f"{type(exc).__name__}: {exc}")
         raise

@@ -1,3 +1,5 @@
 """pkdq: prune -> distill -> quantize, with an honest per-stage report."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+__version__ = metadata.version("pkdq")  # one place: pyproject.toml's [project] version

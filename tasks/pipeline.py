@@ -2,6 +2,9 @@
 
 Flows call these; they also run without Prefect (tests, notebooks). Each unit (a stage, or the
 evaluation of a stage's model) is keyed by content, so a rerun reuses every finished unit.
+The plan holds every decision a run makes (which stage runs where, which model teaches KD), so
+flows only wire; the validated recipe is frozen in the run file once and every unit reads it
+from there (`frozen_recipe`), never from the user's YAML, which may change while a run goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tasks.core.common import (
     read_json,
     write_json_atomic,
 )
-from tasks.core.recipe import Recipe
+from tasks.core.recipe import Recipe, parse_recipe
 from tasks.core.resources import Resources
 from tasks.run_folder import (
     EVAL_FILE,
@@ -34,6 +37,7 @@ from tasks.run_folder import (
 )
 
 BASELINE = "baseline"
+RUN_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class PlannedStage:
     index: int
     kind: str
     config: Any  # the stage's pydantic config; None for the baseline
+    teacher: int | None = None  # distill: index of the stage whose output model teaches
 
     @property
     def folder(self) -> str:
@@ -48,10 +53,24 @@ class PlannedStage:
 
 
 def plan(recipe: Recipe) -> list[PlannedStage]:
+    """The baseline, then the recipe's stages in order, each with its teacher when it has one.
+
+    KD's teacher is the model as it was before the most recent prune stage (the base model when
+    nothing was pruned): what the student lost by pruning is what it should learn back.
+    """
     stages = [PlannedStage(0, BASELINE, None)]
+    before_prune = 0  # the base model is stage 0's output
     for i, (kind, config) in enumerate(recipe.stage_list(), start=1):
-        stages.append(PlannedStage(i, kind, config))
+        if kind == "prune":
+            before_prune = i - 1
+        stages.append(PlannedStage(i, kind, config,
+                                   teacher=before_prune if kind == "distill" else None))
     return stages
+
+
+def frozen_recipe(run_file: Path) -> Recipe:
+    """The recipe a run or comparison was started with, as frozen in its run file."""
+    return parse_recipe(read_json(run_file)["recipe"], source=str(run_file))
 
 
 def stage_runner(kind: str, resources: Resources | None = None
@@ -109,23 +128,18 @@ def mark_run_file(path: Path, status: str, **extra: Any) -> None:
 
 def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict[str, Any]:
     """Write run.json (see `write_run_file`) with the run's stage folders."""
-    return write_run_file(run_dir / "run.json", recipe, source, base,
+    return write_run_file(run_dir / RUN_FILE, recipe, source, base,
                           stages=[s.folder for s in plan(recipe)])
 
 
 def mark_run(run_dir: Path, status: str, **extra: Any) -> None:
-    mark_run_file(run_dir / "run.json", status, **extra)
+    mark_run_file(run_dir / RUN_FILE, status, **extra)
 
 
 def unit_context(folder: Path, name: str, recipe: Recipe,
                  teacher: ModelRef | None) -> StageContext:
     return StageContext(out_dir=folder, seed=recipe.seed, threads=recipe.threads,
                         data=data_dir(), teacher=teacher, stage_name=name)
-
-
-def stage_context(run_dir: Path, stage: PlannedStage, recipe: Recipe,
-                  teacher: ModelRef | None) -> StageContext:
-    return unit_context(run_dir / stage.folder, stage.folder, recipe, teacher)
 
 
 def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,

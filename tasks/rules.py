@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tasks.core.dims import Dims
 from tasks.core.model_store import cached_config
 from tasks.core.recipe import PruneConfig, QuantizeConfig, Recipe
-from tasks.prune import Dims, PrunePlan, plan_prune
+from tasks.prune import PrunePlan, plan_prune
 from tasks.quantize import (
     MARLIN_K_MULTIPLE,
     MARLIN_SOURCE,

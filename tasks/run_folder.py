@@ -1,7 +1,8 @@
 """The run folder is the source of truth: finished stages are reused, partial ones restarted.
 
 A stage folder counts as finished only when its `stage.json` exists and carries the same key
-(input fingerprint + stage config + seed + pkdq version). `stage.json` is written last and
+(input fingerprint + stage config + seed + pkdq version, read from the installed package's
+metadata: pyproject.toml is its one home). `stage.json` is written last and
 atomically, so a process killed at any point leaves either a finished stage or a folder that the
 next run clears and redoes.
 """
@@ -17,8 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pkdq import __version__
-from tasks.core.common import ModelRef, read_json, write_json_atomic
+from tasks.core.common import ModelRef, pkdq_version, read_json, write_json_atomic
 from tasks.core.model_folder import is_sealed
 
 STAGE_FILE = "stage.json"
@@ -31,13 +31,13 @@ def stage_key(kind: str, input_fp: str, config: dict[str, Any], seed: int,
               extra: dict[str, Any] | None = None) -> str:
     """Content key of a stage: same input, config, seed and pkdq version -> same result."""
     payload = json.dumps({"kind": kind, "input": input_fp, "config": config, "seed": seed,
-                          "extra": extra or {}, "pkdq": __version__}, sort_keys=True)
+                          "extra": extra or {}, "pkdq": pkdq_version()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "platform": platform.platform(),
-                "pkdq": __version__}
+                "pkdq": pkdq_version()}
     for name in TRACKED_PACKAGES:
         try:
             versions[name] = metadata.version(name)

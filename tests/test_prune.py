@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks.core.common import StageContext
+from tasks.core.dims import Dims
 from tasks.core.model_store import load_model, save_model
 from tasks.core.recipe import (
     DepthTarget,
@@ -26,7 +27,7 @@ from tasks.core.recipe import (
     parse_recipe,
 )
 from tasks.prune.importance import _Skip, activation_scores, weight_scores
-from tasks.prune.plan import Dims, kept_width, plan_prune
+from tasks.prune.plan import kept_width, plan_prune
 from tasks.prune.slicing import (
     remove_layers,
     slice_ffn,

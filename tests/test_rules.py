@@ -48,7 +48,7 @@ def only(found: list[RuleWarning], code: str) -> RuleWarning:
 
 
 def test_param_estimate_matches_smollm2():
-    from tasks.prune.plan import Dims
+    from tasks.core.dims import Dims
 
     assert approx_params(Dims.from_config(SMOLLM2), 49152, tied=True) == 134_515_008
 

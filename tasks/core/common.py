@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ def set_offline_env() -> None:
     """Force every HF library offline: pkdq must never reach a hub at run time."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def pkdq_version() -> str:
+    """The installed pkdq's version (pyproject.toml is its one home); part of every unit key."""
+    return metadata.version("pkdq")
 
 
 def cache_dir() -> Path:

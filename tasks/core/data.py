@@ -6,7 +6,6 @@ training so that KD can measure held-out KL/perplexity on text it never trained 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -77,11 +76,3 @@ def token_blocks(
     if len(ids) < need:
         raise ValueError(f"training text has {len(ids)} tokens, {need} needed")
     return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, seq_len)
-
-
-def texts_fingerprint(texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]

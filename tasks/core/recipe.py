@@ -59,27 +59,34 @@ def _exactly_one(ratio: Any, size: Any, size_key: str = "size") -> None:
         raise ValueError(f"give exactly one of ratio (fraction removed, 0..1) or {size_key}")
 
 
-class FfnTarget(Strict):
-    """FFN neurons, the same count removed in every layer (HF configs hold one size)."""
+class _RatioOrSize(Strict):
+    """An axis cut given as the fraction removed or the size kept: exactly one of the two."""
 
-    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of neurons removed")
-    size: int | None = Field(None, ge=1, description="neurons kept per layer")
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction removed")
+    size: int | None = Field(None, ge=1, description="size kept")
     criterion: UnitCriterion = "activation"
 
     @model_validator(mode="after")
-    def _one_target(self) -> FfnTarget:
+    def _one_target(self) -> _RatioOrSize:
         _exactly_one(self.ratio, self.size)
         return self
 
 
-class HiddenTarget(FfnTarget):
+class FfnTarget(_RatioOrSize):
+    """FFN neurons, the same count removed in every layer (HF configs hold one size)."""
+
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of neurons removed")
+    size: int | None = Field(None, ge=1, description="neurons kept per layer")
+
+
+class HiddenTarget(_RatioOrSize):
     """Hidden width (embedding channels), cut in every norm and projection at once (Minitron)."""
 
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed")
     size: int | None = Field(None, ge=1, description="hidden size kept")
 
 
-class HeadsTarget(Strict):
+class HeadsTarget(_RatioOrSize):
     """Attention heads, GQA-aware: whole KV groups, or query heads inside every KV group."""
 
     mode: Literal["kv_groups", "query"] = "kv_groups"
@@ -87,12 +94,6 @@ class HeadsTarget(Strict):
                                 description="fraction of KV groups (or query heads) removed")
     size: int | None = Field(None, ge=1, description="KV groups kept (mode kv_groups) or query "
                                                      "heads kept per KV group (mode query)")
-    criterion: UnitCriterion = "activation"
-
-    @model_validator(mode="after")
-    def _one_target(self) -> HeadsTarget:
-        _exactly_one(self.ratio, self.size)
-        return self
 
 
 class DepthTarget(Strict):

@@ -7,7 +7,6 @@ _EXPORTS = {
     "prune_model": "stage",  # prune a loaded model in memory (benchmarks, search)
     "prune_scan": "scan",  # importance of every unit, to choose targets (`pkdq prune-scan`)
     "plan_prune": "plan",  # kept sizes per axis from a config and the model's dimensions
-    "Dims": "plan",
     "PrunePlan": "plan",
     "UnsupportedModelError": "units",
 }

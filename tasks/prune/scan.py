@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from tasks.core.common import StageContext, data_dir, write_json_atomic
+from tasks.core.dims import Dims
 from tasks.core.recipe import DepthTarget, PruneConfig, TextSample
 from tasks.prune.importance import activation_scores, skip_layer_ppl_increase
-from tasks.prune.plan import Dims
 from tasks.prune.stage import calibration_blocks
 from tasks.prune.units import Anatomy, count_params
 

@@ -19,6 +19,7 @@ import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult
 from tasks.core.data import load_train_texts, token_blocks
+from tasks.core.dims import Dims
 from tasks.core.model_store import is_quantized, load_model, save_model
 from tasks.core.recipe import PruneConfig
 from tasks.prune.importance import (
@@ -30,7 +31,7 @@ from tasks.prune.importance import (
     skip_layer_ppl_increase,
     weight_scores,
 )
-from tasks.prune.plan import Dims, PrunePlan, plan_prune
+from tasks.prune.plan import PrunePlan, plan_prune
 from tasks.prune.slicing import (
     remove_layers,
     slice_ffn,

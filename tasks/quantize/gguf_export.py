@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from tasks.core.common import set_offline_env
+from tasks.core.dims import Dims
 
 QTYPES = ("f16", "q8_0", "q4_0")
 SUPPORTED_ARCH = "LlamaForCausalLM"
@@ -56,15 +57,10 @@ class GgufExportError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class LlamaShape:
-    """The hyperparameters llama.cpp reads from `llama.*` keys, taken from the real tensors."""
+class LlamaShape(Dims):
+    """The hyperparameters llama.cpp reads from `llama.*` keys, taken from the real tensors:
+    the model's `Dims` plus what llama.cpp needs besides."""
 
-    layers: int
-    hidden: int
-    ffn: int
-    heads: int
-    kv_heads: int
-    head_dim: int
     vocab: int
     context: int
     rope_theta: float
@@ -342,29 +338,25 @@ def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    arch = {
-        "context_length": shape.context, "embedding_length": shape.hidden,
-        "block_count": shape.layers, "feed_forward_length": shape.ffn,
-        "attention.head_count": shape.heads, "attention.head_count_kv": shape.kv_heads,
-        "attention.key_length": shape.head_dim, "attention.value_length": shape.head_dim,
-        "rope.dimension_count": shape.head_dim, "rope.freq_base": shape.rope_theta,
-        "attention.layer_norm_rms_epsilon": shape.rms_eps, "vocab_size": shape.vocab,
+    arch = {  # `llama.<key>`: (value, the writer method that types it as llama.cpp expects)
+        "context_length": (shape.context, writer.add_context_length),
+        "embedding_length": (shape.hidden, writer.add_embedding_length),
+        "block_count": (shape.layers, writer.add_block_count),
+        "feed_forward_length": (shape.ffn, writer.add_feed_forward_length),
+        "attention.head_count": (shape.heads, writer.add_head_count),
+        "attention.head_count_kv": (shape.kv_heads, writer.add_head_count_kv),
+        "attention.key_length": (shape.head_dim, writer.add_key_length),
+        "attention.value_length": (shape.head_dim, writer.add_value_length),
+        "rope.dimension_count": (shape.head_dim, writer.add_rope_dimension_count),
+        "rope.freq_base": (shape.rope_theta, writer.add_rope_freq_base),
+        "attention.layer_norm_rms_epsilon": (shape.rms_eps, writer.add_layer_norm_rms_eps),
+        "vocab_size": (shape.vocab, writer.add_vocab_size),
     }
-    writer.add_context_length(shape.context)
-    writer.add_embedding_length(shape.hidden)
-    writer.add_block_count(shape.layers)
-    writer.add_feed_forward_length(shape.ffn)
-    writer.add_head_count(shape.heads)
-    writer.add_head_count_kv(shape.kv_heads)
-    writer.add_key_length(shape.head_dim)
-    writer.add_value_length(shape.head_dim)
-    writer.add_rope_dimension_count(shape.head_dim)
-    writer.add_rope_freq_base(shape.rope_theta)
-    writer.add_layer_norm_rms_eps(shape.rms_eps)
-    writer.add_vocab_size(shape.vocab)
+    for value, add in arch.values():
+        add(value)
     for key, value, vtype, sub in fields:
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    return {f"llama.{k}": v for k, v in arch.items()}
+    return {f"llama.{key}": value for key, (value, _) in arch.items()}
 
 
 def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,

@@ -222,17 +222,6 @@ def load_docs(task: str, data_dir: str | os.PathLike[str] | None = None) -> list
     return DOC_LOADERS[task](resolve_data_dir(data_dir))
 
 
-def num_choices(task: str, doc: dict[str, Any]) -> int:
-    """Answer options of a doc (chance = 1/this); 0 for LAMBADA's open-vocabulary last word."""
-    if task in ("arc_easy", "arc_challenge"):
-        return len(doc["choices"]["text"])
-    if task == "hellaswag":
-        return len(doc["choices"])
-    if task in ("lambada_openai", "wikitext"):
-        return 0
-    return 2
-
-
 # --------------------------------------------------------------------------- lm-eval hooks
 
 

@@ -1,0 +1,1 @@
+"""Named recipes (`pkdq recipes`): one YAML file each, shipped with the package."""
