@@ -1,6 +1,7 @@
 """Shared setup for the KD benchmarks: the SmolLM2 teacher and its 50%-FFN-pruned student.
 
-The pruned student is built once with `tasks.prune.stage.prune_stage` (activation criterion, round_to
+The pruned student is built once with `tasks.prune.stage.prune_stage` (activation criterion,
+round_to
 64) and kept under `<pkdq cache>/bench/`, so re-running a benchmark measures KD, not pruning.
 """
 

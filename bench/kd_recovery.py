@@ -2,8 +2,10 @@
 
     flock /tmp/pkdq-heavy.lock python bench/kd_recovery.py --tokens 12288
 
-Student = SmolLM2-135M with half its FFN neurons removed (`tasks.prune.stage`, activation criterion);
-teacher = SmolLM2-135M. Each variant runs the real distill stage (`tasks.distill.stage.distill_stage`:
+Student = SmolLM2-135M with half its FFN neurons removed (`tasks.prune.stage`, activation
+criterion);
+teacher = SmolLM2-135M. Each variant runs the real distill stage
+(`tasks.distill.stage.distill_stage`:
 bf16 autocast, chunked loss, top-k logit cache shared by the variants that do not need live
 teacher states) for the same token budget, data and seed, then WikiText-2 test perplexity
 (`tasks.evaluate.stage.wikitext_perplexity`, first 8192 tokens, 512-token windows) is measured:

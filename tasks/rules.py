@@ -31,7 +31,7 @@ ORDERING_STUDY = ('"A Systematic Study of Compression Ordering for Large Languag
                   '(2025), arXiv:2511.19495')
 GPTQ_GROUPS = ("GPTQ/AWQ keep one scale per group of input columns, so a partial group is not "
                "representable; tasks/quantize.check_group_size refuses it at stage start")
-PRUNE_PLAN = "tasks/prune_plan.py: the prune stage checks targets against the model's sizes"
+PRUNE_PLAN = "tasks/prune/plan.py: the prune stage checks targets against the model's sizes"
 
 ONE_SHOT_LIMIT = 0.5  # fraction of an axis, or of all parameters, cut in one prune step
 # Dims field each prune axis shrinks, and what its units are called in a message.

@@ -14,6 +14,7 @@ import ast
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -91,19 +92,27 @@ def test_cli_help_does_not_import_torch():
 
 
 def test_wheel_ships_packages_task_yamls_and_recipes(tmp_path):
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps",
+    # Build from a copy of the tracked files: setuptools writes build/ beside its source.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        if (REPO_ROOT / rel).is_file():
+            (source / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / rel, source / rel)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps",
                             "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")],
                            capture_output=True, text=True, timeout=300,
                            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("pkdq-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for yaml in (REPO_ROOT / "tasks" / "evaluate" / "lm_eval_tasks").glob("*.yaml"):
+    for yaml in (source / "tasks" / "evaluate" / "lm_eval_tasks").glob("*.yaml"):
         assert f"tasks/evaluate/lm_eval_tasks/{yaml.name}" in names
-    for recipe in (REPO_ROOT / "recipes").glob("*.yaml"):
+    for recipe in (source / "recipes").glob("*.yaml"):
         assert f"recipes/{recipe.name}" in names
-    for init in REPO_ROOT.glob("tasks/**/__init__.py"):
-        assert init.relative_to(REPO_ROOT).as_posix() in names
+    for init in source.glob("tasks/**/__init__.py"):
+        assert init.relative_to(source).as_posix() in names
     assert not any(n.startswith("tests/") or n.endswith(".log") for n in names)
 
     # Installed away from the checkout (no repo on sys.path): recipes and task YAMLs resolve,

@@ -100,7 +100,7 @@ def test_without_a_config_only_ratios_are_judged_and_shape_rules_skip_silently()
 def test_a_target_the_model_cannot_meet_is_reported():
     found = rule_warnings(recipe({"heads": {"ratio": 0.5}}), model_config=SMOLLM2)
     w = only(found, "prune-target-invalid")
-    assert "valid sizes" in w.message  # prune_plan's own message: 1.5 of 3 KV groups
+    assert "valid sizes" in w.message  # the prune plan's own message: 1.5 of 3 KV groups
 
 
 # order rules --------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def builtin_ggufs_on_disk() -> list[Path]:
     """The built-in models' GGUF files already on disk, in BUILTIN_MODELS order.
 
     The GGUF export (`tasks.quantize.gguf_export`) looks here for a file whose tokenizer
-    matches a model folder, to copy its tokenizer metadata; nothing is installed, joined or converted.
+    matches a model folder, to copy its tokenizer metadata; nothing is installed, joined or
+    converted.
     """
     found = (_builtin_gguf_on_disk(name) for name in BUILTIN_MODELS)
     return [path for path in found if path is not None]

@@ -11,7 +11,8 @@ object owns what happens inside one micro-batch:
   intermediate states are matched, which need its hidden states);
 - chunked LM head + loss (`tasks.distill.sparse.chunked_kd_loss`) so the full [B, L, V] logits are
   never held for backward;
-- optional hidden-state / attention-output matching with learned projections (`tasks.distill.hidden`).
+- optional hidden-state / attention-output matching with learned projections
+(`tasks.distill.hidden`).
 
 With none of these options it computes exactly the plain `kd_loss` step.
 """

@@ -13,8 +13,8 @@ Why buckets: a cached teacher keeps only its top-k logits and the log-sum-exp of
 vocabulary (at the training temperature). Its distribution is exact on the k ids, and the
 probability it puts everywhere else (the tail) is one "rest" bucket: 1 - sum(top-k probs). The
 student is collapsed the same way: its probabilities on the same k ids plus its own rest mass.
-Any divergence from `kd_losses.LOGP_DIVERGENCES` is then taken over these k+1 buckets; with
-k = vocab the rest buckets are empty and it equals the full-vocabulary divergence.
+Any divergence from `tasks.distill.losses.LOGP_DIVERGENCES` is then taken over these k+1
+buckets; with k = vocab the rest buckets are empty and it equals the full-vocabulary divergence.
 """
 
 from __future__ import annotations
@@ -137,8 +137,9 @@ def chunked_kd_loss(
     """alpha * T^2 * mean divergence + (1 - alpha) * next-token CE, one position chunk at a time.
 
     `hidden` is the student's final (post-norm) hidden state [B, L, H] with its graph; `head`
-    its LM head. Same value and gradient as `kd_losses.kd_loss` on full logits (dense teacher)
-    or as the bucketed divergence (sparse teacher), without holding [B*L, V] logits for backward.
+    its LM head. Same value and gradient as `tasks.distill.losses.kd_loss` on full logits (dense
+    teacher) or as the bucketed divergence (sparse teacher), without holding [B*L, V] logits for
+    backward.
     """
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     targets = next_token_targets(input_ids).reshape(-1)

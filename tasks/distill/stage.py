@@ -1,7 +1,8 @@
 """Distill stage: recover a pruned student by matching the unpruned teacher's logits.
 
 The teacher is the model before pruning (`ctx.teacher`), frozen. The student trains on packed
-training text (never evaluation data) with `tasks.distill.losses.kd_loss`: alpha * T^2 * KL + (1-alpha) * CE,
+training text (never evaluation data) with `tasks.distill.losses.kd_loss`: alpha * T^2 * KL +
+(1-alpha) * CE,
 AdamW, linear warmup then cosine decay, gradient clipping and accumulation, for a token budget.
 Held-out KL(teacher || student) and student perplexity on the held-out Wikipedia slice are
 measured before and after (and every `eval_every` steps), so the report can show what KD bought

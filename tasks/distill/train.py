@@ -98,7 +98,8 @@ def train_loop(
 @contextlib.contextmanager
 def training_context(student, cfg: DistillConfig) -> Iterator[None]:
     """What the student's training forward runs under: activation checkpointing and the lean
-    RMSNorm (`tasks.distill.lean_norm`), each as the config asks. Held-out evals inside it are unchanged
+    RMSNorm (`tasks.distill.lean_norm`), each as the config asks. Held-out evals inside it are
+    unchanged
     (no-grad forwards save nothing either way)."""
     from tasks.distill.lean_norm import lean_norm
 

@@ -6,7 +6,8 @@
 
 Every rank runs `tasks.distill.stage.distill_stage` with its `Runtime`; rank 0 writes the stage's
 outputs into `--out` and the StageResult (model ref + metrics) as JSON into `--result`, which the
-launching process (`tasks.distill.launch`) reads back. `pkdq` builds this command itself from a recipe's
+launching process (`tasks.distill.launch`) reads back. `pkdq` builds this command itself from a
+recipe's
 `resources:` section; running it by hand is for debugging.
 """
 

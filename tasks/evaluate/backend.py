@@ -1,7 +1,8 @@
 """pkdq's lm-eval model backend (`--model pkdq`): HFLM's scores for less compute.
 
 Stock HFLM runs one forward of context + continuation per request and projects every position
-onto the vocabulary. Here requests are packed into prefix trees (`tasks.evaluate.tree_pack`): a question's
+onto the vocabulary. Here requests are packed into prefix trees (`tasks.evaluate.tree_pack`): a
+question's
 context is encoded once for all its choices (and any longer shared prefix, e.g. PIQA solutions
 that start alike) in one forward with a tree attention mask, and the vocabulary projection runs
 only where a continuation token is scored (transformers' boolean `logits_to_keep`). Rows are
@@ -68,7 +69,8 @@ def load_for_eval(spec: str | os.PathLike[str], dtype: torch.dtype,
                   device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) for any model spec pkdq resolves (built-in name, folder, GGUF, HF id).
 
-    Quantized folders load through `tasks.core.gptq_checkpoint.load_quantized` (their own compute dtype).
+    Quantized folders load through `tasks.core.gptq_checkpoint.load_quantized` (their own compute
+    dtype).
     """
     from tasks.core.model_store import load_model, resolve_model
 

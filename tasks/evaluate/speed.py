@@ -48,7 +48,8 @@ def weights_bytes(path: Path) -> int:
 
 
 def _load(path: Path, dtype: str) -> torch.nn.Module:
-    """Float folders load in `dtype`; quantized ones via tasks.quantize.stage (fp32 or bf16 compute)."""
+    """Float folders load in `dtype`; quantized ones via tasks.core.gptq_checkpoint (fp32 or bf16
+    compute)."""
     from tasks.core.model_store import is_quantized, load_model
 
     if is_quantized(path):

@@ -3,8 +3,10 @@
 Every stage of a run is scored on the same docs (a seeded sample of doc ids per task, stored in
 the metrics and reusable through `doc_ids=`), so stage-vs-baseline differences are paired and
 their error bars shrink accordingly. Benchmarks run through lm-eval's own `simple_evaluate` with
-the task YAMLs in `tasks/evaluate/lm_eval_tasks/` (stock prompts, offline files) and, by default, pkdq's
-lm-eval backend (`tasks.evaluate.backend`: HFLM's scores for a fraction of the compute; `backend: hf`
+the task YAMLs in `tasks/evaluate/lm_eval_tasks/` (stock prompts, offline files) and, by default,
+pkdq's
+lm-eval backend (`tasks.evaluate.backend`: HFLM's scores for a fraction of the compute; `backend:
+hf`
 runs stock HFLM). WikiText-2 is scored twice: a fast direct token perplexity over a fixed slice
 (what the report compares) and lm-eval's stock rolling-window word perplexity on a few seeded
 articles (comparable with published numbers). Size, peak memory and CPU generation speed are

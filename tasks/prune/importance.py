@@ -4,7 +4,7 @@ Criteria (higher score = more important = kept):
 - activation (Minitron): |activation| per unit, mean over the sequence, L2 over calibration
   sequences. FFN neuron: the down_proj input; query head: the L2 norm of its attention output
   (o_proj input); hidden channel: the outputs of every hidden-size norm, summed.
-- magnitude / magnitude_l2: L1 / L2 norm of all the weights a unit owns (`prune_units`).
+- magnitude / magnitude_l2: L1 / L2 norm of all the weights a unit owns (`tasks.prune.units`).
 - taylor (LLM-Pruner, element-wise first order): sum over a unit's weights of |w * dL/dw|, with
   dL/dw accumulated over calibration blocks of the language-modelling loss.
 - random: the control.

@@ -4,7 +4,7 @@ One-shot, as Minitron and LLM-Pruner do: every importance score is measured on t
 (calibration text from `<data>/train/`, never evaluation splits), then the axes are cut in the order
 depth -> heads -> FFN -> hidden. The result is a smaller dense checkpoint with an updated
 config.json that stock `AutoModelForCausalLM.from_pretrained` loads. Kept sizes come from
-`prune_plan` (uniform across layers, rounded for quantization kernels, whole KV groups).
+`tasks.prune.plan` (uniform across layers, rounded for quantization kernels, whole KV groups).
 """
 
 from __future__ import annotations

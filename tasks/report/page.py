@@ -1,4 +1,5 @@
-"""The HTML report page of one run, from `tasks.report.run_report.collect`'s data; reusable pieces for others.
+"""The HTML report page of one run, from `tasks.report.run_report.collect`'s data; reusable pieces
+for others.
 
 Helpers take plain dicts (a run's collected data, i.e. report.json) and return page sections or
 table rows for `tasks.report.html.render_html`, so a comparison report can stack several runs:

@@ -37,7 +37,8 @@ DATA_DIR_KEY = "pkdq_data_dir"
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """The folder holding arc/, piqa/, ...: explicit, else PKDQ_DATA_DIR, else ../shared/data.
 
-    Resolved here (not imported from tasks.core.common) so lm-eval can load this file by path even when
+    Resolved here (not imported from tasks.core.common) so lm-eval can load this file by path even
+    when
     the repo root is not importable.
     """
     if data_dir:
