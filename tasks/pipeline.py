@@ -25,7 +25,7 @@ from tasks.core.common import (
     write_json_atomic,
 )
 from tasks.core.recipe import Recipe, parse_recipe
-from tasks.core.resources import Resources
+from tasks.core.resources import Resources, settle_for_machine
 from tasks.run_folder import (
     EVAL_FILE,
     begin_stage,
@@ -150,6 +150,7 @@ def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
     Shared by the compress flow (numbered stage folders) and the ordering comparison (unit
     folders shared by orderings with a common prefix).
     """
+    config = settle_for_machine(kind, config, recipe.resources)
     extra = dict(extra or {})
     if kind == "distill" and teacher:
         extra["teacher"] = teacher.fingerprint

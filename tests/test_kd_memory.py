@@ -58,8 +58,11 @@ def test_fused_adamw_is_used_and_matches_the_default_kernel(tiny_llama_ref, stud
     fused, f_curve = _trained(tiny_llama_ref, student_ref, weight_decay=0.01)
     plain, p_curve = _trained(tiny_llama_ref, student_ref, weight_decay=0.01, fused_adamw=False)
     assert [r["loss"] for r in f_curve] == pytest.approx([r["loss"] for r in p_curve], rel=1e-4)
+    # The fused kernel orders its float ops differently: after 3 steps at lr 3e-3 a parameter
+    # whose second moment is tiny can differ by ~2e-6 (seen on 1 of 3.1M elements), i.e. 0.07%
+    # of one step's update; 1e-5 still catches any real difference in what AdamW computes.
     for a, b in zip(fused.parameters(), plain.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     original, _ = load_model(student_ref)
     assert any(not torch.equal(a, b) for a, b in zip(fused.parameters(), original.parameters(),
                                                      strict=True))

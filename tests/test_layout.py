@@ -75,7 +75,12 @@ def test_outside_code_uses_only_each_package_public_names():
 def test_every_exported_name_resolves():
     for package in STAGE_PACKAGES:
         module = importlib.import_module(package)
+        submodules = {p.stem for p in Path(module.__file__).parent.glob("*.py")}
+        modules = set(getattr(module, "_MODULES", ()))
         for name in module.__all__:
+            # a function named like a submodule would be shadowed by the submodule as soon
+            # as anything imports that submodule (Python sets it on the package)
+            assert name in modules or name not in submodules, f"{package}.{name}: clash"
             assert getattr(module, name) is not None, f"{package}.{name}"
         with pytest.raises(AttributeError):
             module.no_such_name  # noqa: B018 - the face must not invent names

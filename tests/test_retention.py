@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from tasks.report.retention import paired_stats, ratio_stderr, retention, retention_from_dirs
+from tasks.report.retention import (
+    paired_stats,
+    ratio_stderr,
+    retention_from_dirs,
+    stage_retention,
+)
 
 
 def _eval(tasks: dict, ppl: float = 20.0, params: int = 100, size: int = 1000) -> dict:
@@ -22,7 +27,7 @@ def _task(score: float, stderr: float, chance: float, metric: str = "acc_norm", 
 def test_ratio_and_normalised_ratio_unpaired():
     base = _eval({"arc_easy": _task(0.6, 0.05, 0.25)})
     stage = _eval({"arc_easy": _task(0.45, 0.05, 0.25)})
-    row = retention(base, stage)["benchmarks"]["arc_easy"]
+    row = stage_retention(base, stage)["benchmarks"]["arc_easy"]
     # R = 0.45/0.6 = 0.75; se = sqrt(0.05^2 + 0.75^2 * 0.05^2) / 0.6 = 0.05 * 1.25 / 0.6
     assert row["ratio"] == pytest.approx(0.75)
     assert row["ratio_stderr"] == pytest.approx(0.05 * 1.25 / 0.6)
@@ -50,7 +55,7 @@ def test_paired_difference_and_covariance():
     se = math.sqrt(0.3 / 5)  # sample stderr of a mean of 3 ones in 5
     base = _eval({"piqa": _task(0.6, se, 0.5, metric="acc", n=5)})
     stage = _eval({"piqa": _task(0.4, se, 0.5, metric="acc", n=5)})
-    row = retention(base, stage, {"piqa": {"acc": base_docs}}, {"piqa": {"acc": stage_docs}})
+    row = stage_retention(base, stage, {"piqa": {"acc": base_docs}}, {"piqa": {"acc": stage_docs}})
     row = row["benchmarks"]["piqa"]
     # R = 2/3; var = (0.06 + (4/9)*0.06 - 2*(2/3)*0.04) / 0.36 = (1/30) / 0.36
     assert row["ratio_stderr"] == pytest.approx(math.sqrt((1 / 30) / 0.36))
@@ -65,7 +70,7 @@ def test_flat_per_doc_mapping_is_accepted():
     stage = _eval({"boolq": _task(0.4, 0.2, 0.5, metric="acc", n=5)})
     flat_b = {"boolq": {"0": 1, "1": 1, "2": 0, "3": 0, "4": 1}}
     flat_s = {"boolq": {"0": 1, "1": 0, "2": 0, "3": 0, "4": 1}}
-    row = retention(base, stage, flat_b, flat_s)["benchmarks"]["boolq"]
+    row = stage_retention(base, stage, flat_b, flat_s)["benchmarks"]["boolq"]
     assert row["paired"] and row["diff_stderr"] == pytest.approx(0.2)
 
 
@@ -81,7 +86,7 @@ def test_uninformative_benchmark_is_kept_out_of_averages():
         "piqa": _task(0.72, 0.04, 0.5),
         "arc_challenge": _task(0.10, 0.02, 0.25),
     })
-    out = retention(base, stage)
+    out = stage_retention(base, stage)
     assert out["uninformative"] == ["arc_challenge"]
     assert out["informative"] == ["arc_easy", "piqa"]
     avg = out["average_retention"]
@@ -97,8 +102,8 @@ def test_uninformative_benchmark_is_kept_out_of_averages():
 
 def test_baseline_exactly_two_stderr_above_chance_is_uninformative_just_above_is_not():
     stage = _eval({"boolq": _task(0.55, 0.02, 0.5, metric="acc")})
-    at = retention(_eval({"boolq": _task(0.54, 0.02, 0.5, metric="acc")}), stage)
-    above = retention(_eval({"boolq": _task(0.5401, 0.02, 0.5, metric="acc")}), stage)
+    at = stage_retention(_eval({"boolq": _task(0.54, 0.02, 0.5, metric="acc")}), stage)
+    above = stage_retention(_eval({"boolq": _task(0.5401, 0.02, 0.5, metric="acc")}), stage)
     assert at["benchmarks"]["boolq"]["uninformative"] is True
     assert above["benchmarks"]["boolq"]["uninformative"] is False
     assert at["average_retention"] is None
@@ -107,7 +112,7 @@ def test_baseline_exactly_two_stderr_above_chance_is_uninformative_just_above_is
 def test_perplexity_and_size_ratios():
     base = _eval({}, ppl=20.0, params=200, size=4000)
     stage = _eval({}, ppl=25.0, params=150, size=1000)
-    out = retention(base, stage)
+    out = stage_retention(base, stage)
     assert out["perplexity"]["ratio"] == pytest.approx(1.25)
     assert out["perplexity"]["word_ratio"] == pytest.approx(1.25)
     assert out["perplexity"]["same_slice"] is True

@@ -13,7 +13,7 @@ from typing import Any
 from tasks.compare.folder import COMPARE_FILE, baseline_folder
 from tasks.compare.orderings import PRODUCTION_ORDER
 from tasks.core.common import read_json, write_json_atomic
-from tasks.report import SAMPLES_FILE, retention
+from tasks.report import SAMPLES_FILE, stage_retention
 from tasks.report import pm as _pm
 
 STUDY = ("arXiv 2511.19495 (2025 ordering study): P-KD-Q ranks best; orders that quantize "
@@ -43,7 +43,7 @@ def _step_entry(unit: dict[str, Any], step: dict[str, Any], base: dict[str, Any]
              "metrics": unit["metrics"], "eval": ev, "ppl": _ppl(ev),
              "bytes": (ev or {}).get("bytes_on_disk"), "params": (ev or {}).get("params")}
     if ev is not None and base["eval"] is not None:
-        entry["retention"] = retention(base["eval"], ev, base["samples"], unit["samples"])
+        entry["retention"] = stage_retention(base["eval"], ev, base["samples"], unit["samples"])
     return entry
 
 

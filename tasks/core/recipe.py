@@ -180,8 +180,9 @@ class DistillConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
     eval_every: int = Field(0, ge=0, description="held-out eval every N steps; 0 = before/after")
     eval_blocks: int = Field(8, ge=1, le=1024, description="held-out blocks of seq_len tokens")
-    precision: Literal["fp32", "bf16-autocast"] = Field(
-        "fp32", description="compute precision; weights and the saved model stay fp32"
+    precision: Literal["fp32", "bf16-autocast", "auto"] = Field(
+        "fp32", description="compute precision; weights and the saved model stay fp32; auto: "
+        "bf16-autocast where bf16 is native (CUDA, AVX512-BF16/AMX CPUs), else fp32"
     )
     fused_adamw: bool = Field(True, description="AdamW's fused kernel (CPU/CUDA): one pass per "
                               "tensor and no full-size foreach temporaries; same update within "

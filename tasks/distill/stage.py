@@ -31,6 +31,7 @@ from tasks.core.data import load_train_texts, token_blocks
 from tasks.core.model_folder import model_ref
 from tasks.core.model_store import load_model, read_config, save_model
 from tasks.core.recipe import DistillConfig
+from tasks.core.resources import concrete_precision
 from tasks.distill.checkpoint import Checkpointer, ListState, PlateauMonitor, run_fingerprint
 from tasks.distill.distributed import Runtime
 from tasks.distill.engine import KDEngine
@@ -119,11 +120,14 @@ def distill_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     set_offline_env()
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
+    rt = runtime or Runtime()
+    device_type = str(rt.device).split(":")[0]
+    cfg = cfg.model_copy(update={"precision": concrete_precision(cfg.precision, device_type)})
     get_divergence(cfg.loss)  # fail on an unknown loss before loading anything
     # Chunked loss allocates [chunk, V] temporaries that glibc already reuses from its heap;
     # keeping every freed page would only raise the resident high-water mark.
     with keep_freed_memory() if not cfg.loss_chunk else contextlib.nullcontext():
-        return _run_stage(student, cfg, ctx, runtime or Runtime())
+        return _run_stage(student, cfg, ctx, rt)
 
 
 def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
@@ -178,17 +182,7 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     model = rt.export(model, lambda: load_model(student)[0])  # None on ranks other than 0
     qat_metrics: dict[str, Any] = {}
     if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.eval()
-        from tasks.distill.qat import finalize_qat, qat_handle
-
-        if (qat := qat_handle(model)) is not None:  # pack onto the same grid, GPTQ format
-            qat_metrics = finalize_qat(qat, out_dir / "model")[1]
-        else:
-            model.to(input_dtype(student.path))
-            save_model(model, tokenizer, out_dir / "model")
-        write_json_atomic(out_dir / "loss_curve.json", {"steps": curve, "heldout": heldout})
-        plot_curve(curve, heldout, out_dir / "loss_curve.png")
+        qat_metrics = _save_outputs(model, tokenizer, student, out_dir, curve, heldout)
         checkpoints.clear()
     rt.barrier()
     metrics = summarize(curve, heldout, plan, cfg, train_s, time.perf_counter() - wall_start)
@@ -196,6 +190,29 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     metrics.update(cache_stats)
     metrics.update(qat_metrics)
     return StageResult(model_ref(out_dir / "model"), metrics)
+
+
+def _save_outputs(model, tokenizer, student: ModelRef, out_dir: Path,
+                  curve: list[dict[str, float]], heldout: list[dict[str, float]]
+                  ) -> dict[str, Any]:
+    """Write model/, loss_curve.json and loss_curve.png (rank 0); returns QAT metrics if any.
+
+    A quantization-aware student is packed back onto its frozen grid (GPTQ format); any other
+    student is saved in the dtype its input folder had.
+    """
+    from tasks.distill.qat import finalize_qat, qat_handle
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    qat_metrics: dict[str, Any] = {}
+    if (qat := qat_handle(model)) is not None:
+        qat_metrics = finalize_qat(qat, out_dir / "model")[1]
+    else:
+        model.to(input_dtype(student.path))
+        save_model(model, tokenizer, out_dir / "model")
+    write_json_atomic(out_dir / "loss_curve.json", {"steps": curve, "heldout": heldout})
+    plot_curve(curve, heldout, out_dir / "loss_curve.png")
+    return qat_metrics
 
 
 def build_logit_cache(teacher, tokenizer, blocks: torch.Tensor, cfg: DistillConfig,

@@ -358,6 +358,41 @@ def count_params(model: Any) -> int:
     return total
 
 
+def _score_tasks(lm: Any, cfg: EvalConfig, ids: dict[str, list[int]], data: Path, manager: Any,
+                 seed: int, start: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary per task, per-doc scores per task) on the seeded doc ids, one task at a time."""
+    tasks: dict[str, Any] = {}
+    per_doc_all: dict[str, Any] = {}
+    for task in cfg.tasks:
+        t0 = time.perf_counter()
+        raw = run_task(lm, task, ids[task], task_size(task, data), manager, seed)
+        tasks[task] = summarise_task(task, raw)
+        tasks[task]["wall_s"] = time.perf_counter() - t0
+        per_doc_all[task] = per_doc(raw)
+        metric = tasks[task]["metric"]
+        _log(f"{task}: {metric} {tasks[task].get(metric, float('nan')):.4f} "
+             f"(n={tasks[task]['n']}, {tasks[task]['wall_s']:.1f}s)", start)
+    return tasks, per_doc_all
+
+
+def _score_wikitext(model: Any, tokenizer: Any, cfg: EvalConfig, data: Path, seed: int,
+                    manager: Any, start: float) -> dict[str, Any]:
+    """Direct token perplexity on the fixed slice, plus lm-eval's rolling word perplexity."""
+    wt = cfg.wikitext
+    t0 = time.perf_counter()
+    wikitext = wikitext_perplexity(model, tokenizer, data / "wikitext" / "wiki.test.raw",
+                                   wt.tokens, wt.max_length)
+    wikitext["wall_s"] = time.perf_counter() - t0
+    _log(f"wikitext: token ppl {wikitext['token_perplexity']:.3f} "
+         f"({wikitext['tokens']} tokens, {wikitext['wall_s']:.1f}s)", start)
+    rolling = wikitext_rolling(model, tokenizer, cfg, data, seed, manager)
+    if rolling is not None:
+        wikitext["lm_eval"] = rolling
+        _log(f"wikitext (lm-eval rolling, {rolling['n']} pages): word ppl "
+             f"{rolling['word_perplexity']:.3f} ({rolling['wall_s']:.1f}s)", start)
+    return wikitext
+
+
 # --------------------------------------------------------------------------- stage entry point
 
 
@@ -388,30 +423,8 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     ids = select_doc_ids(cfg, data, seed, doc_ids)
     manager = task_manager(data)
     lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size)
-    tasks: dict[str, Any] = {}
-    per_doc_all: dict[str, Any] = {}
-    for task in cfg.tasks:
-        t0 = time.perf_counter()
-        raw = run_task(lm, task, ids[task], task_size(task, data), manager, seed)
-        tasks[task] = summarise_task(task, raw)
-        tasks[task]["wall_s"] = time.perf_counter() - t0
-        per_doc_all[task] = per_doc(raw)
-        metric = tasks[task]["metric"]
-        _log(f"{task}: {metric} {tasks[task].get(metric, float('nan')):.4f} "
-             f"(n={tasks[task]['n']}, {tasks[task]['wall_s']:.1f}s)", start)
-
-    wt = cfg.wikitext
-    t0 = time.perf_counter()
-    wikitext = wikitext_perplexity(model, tokenizer, data / "wikitext" / "wiki.test.raw",
-                                   wt.tokens, wt.max_length)
-    wikitext["wall_s"] = time.perf_counter() - t0
-    _log(f"wikitext: token ppl {wikitext['token_perplexity']:.3f} "
-         f"({wikitext['tokens']} tokens, {wikitext['wall_s']:.1f}s)", start)
-    rolling = wikitext_rolling(model, tokenizer, cfg, data, seed, manager)
-    if rolling is not None:
-        wikitext["lm_eval"] = rolling
-        _log(f"wikitext (lm-eval rolling, {rolling['n']} pages): word ppl "
-             f"{rolling['word_perplexity']:.3f} ({rolling['wall_s']:.1f}s)", start)
+    tasks, per_doc_all = _score_tasks(lm, cfg, ids, data, manager, seed, start)
+    wikitext = _score_wikitext(model, tokenizer, cfg, data, seed, manager, start)
     speed = speed_section(model, cfg.speed)
     if speed is not None:
         _log(f"speed: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode "

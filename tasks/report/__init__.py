@@ -12,7 +12,7 @@ _EXPORTS = {
     "FIGURE_TITLES": "page",
     "render_html": "html",
     "pm": "format",
-    "retention": "retention",  # stage score / baseline score, with standard errors
+    "stage_retention": "retention",  # stage score / baseline score, with standard errors
     "loss_curve": "plots",
 }
 _MODULES = ("plots", "browser")  # PNG plots every page draws with; headless Chromium checks

@@ -147,7 +147,7 @@ def size_ratio(baseline: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any
     }
 
 
-def retention(baseline: dict[str, Any], stage: dict[str, Any],
+def stage_retention(baseline: dict[str, Any], stage: dict[str, Any],
               baseline_samples: dict[str, Any] | None = None,
               stage_samples: dict[str, Any] | None = None) -> dict[str, Any]:
     """Retention of `stage` against `baseline` on every benchmark both evaluated.
@@ -183,5 +183,5 @@ def retention_from_dirs(baseline_dir: Path, stage_dir: Path) -> dict[str, Any]:
         path = Path(folder) / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    return retention(load(baseline_dir, "eval.json"), load(stage_dir, "eval.json"),
+    return stage_retention(load(baseline_dir, "eval.json"), load(stage_dir, "eval.json"),
                      load(baseline_dir, "eval_samples.json"), load(stage_dir, "eval_samples.json"))

@@ -12,7 +12,7 @@ from tasks.core.common import read_json, write_json_atomic
 from tasks.report.format import RETENTION_NOTE
 from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
 from tasks.report.format import pm as _pm
-from tasks.report.retention import retention
+from tasks.report.retention import stage_retention
 
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
 
@@ -38,7 +38,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
         if folder.endswith("baseline"):
             baseline_eval, baseline_samples = evaluation, samples
         elif evaluation is not None and baseline_eval is not None:
-            entry["retention"] = retention(baseline_eval, evaluation, baseline_samples, samples)
+            entry["retention"] = stage_retention(baseline_eval, evaluation, baseline_samples,
+                                                 samples)
         stages.append(entry)
     return {"run": run, "stages": stages, "warnings": warnings(stages)}
 
