@@ -20,6 +20,7 @@ from pkdq.env import configure_environment
 
 if TYPE_CHECKING:
     from tasks.core.recipe import Recipe
+    from tasks.rules import RuleWarning
 
 configure_environment()
 
@@ -34,7 +35,7 @@ class OneLineErrors(TyperGroup):
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True,
              **extra: Any) -> Any:
-        try:  # typer >= 0.22 carries its own copy of click
+        try:  # newer typer carries its own copy of click
             from typer._click import exceptions as clickx
         except ImportError:  # pragma: no cover - older typer runs on click itself
             from click import exceptions as clickx
@@ -119,19 +120,24 @@ def recipes_cmd() -> None:
         typer.echo(f"{name:28s} {description}")
 
 
-def _checked(recipe: Recipe, source: str, here: bool = True) -> int:
-    """Refuse (exit 2, one line) what will fail (tasks.rules.check_recipe's errors: model not
-    found offline, missing data, impossible prune targets, a KD budget of years); else print
-    the other findings on stderr, one line each, and return the warning count.
-
-    Info lines are printed but not counted: they never call for a change to the recipe.
-    """
+def _findings(recipe: Recipe, source: str, here: bool = True) -> list[RuleWarning]:
+    """tasks.rules.check_recipe's findings; refuses (exit 2, one line) on the first error:
+    what will fail (model not found offline, missing data, impossible prune targets, a KD
+    budget of years) is refused before anything runs."""
     from tasks.rules import check_recipe
 
     found = check_recipe(recipe, here=here)
     errors = [finding for finding in found if finding.level == "error"]
     if errors:
         _fail(f"{source}: {errors[0].message}")
+    return found
+
+
+def _echo_findings(found: list[RuleWarning]) -> int:
+    """Print the findings on stderr, one line each; returns the warning count.
+
+    Info lines are printed but not counted: they never call for a change to the recipe.
+    """
     for finding in found:
         typer.echo(finding.line(), err=True)
     return sum(finding.level == "warning" for finding in found)
@@ -163,17 +169,10 @@ def validate_cmd(
     stderr and does not change the exit code unless --strict.
     """
     parsed, source = _load(recipe)
-    from tasks.rules import check_recipe
-
-    found = check_recipe(parsed)
-    errors = [finding for finding in found if finding.level == "error"]
-    if errors:
-        _fail(f"{source}: {errors[0].message}")
+    found = _findings(parsed, source)
     stages = " -> ".join(kind for kind, _ in parsed.stage_list())
     typer.echo(f"ok: {parsed.name}: {stages} on {parsed.model}")
-    for finding in found:
-        typer.echo(finding.line(), err=True)
-    if strict and any(finding.level == "warning" for finding in found):
+    if _echo_findings(found) and strict:
         raise typer.Exit(1)
 
 
@@ -199,7 +198,7 @@ def run_cmd(
     source = str(Path(source).resolve())
     # errors stop here, before any stage; warnings are advice and the run goes ahead. A pool's
     # worker has its own disk: model and data are checked there (compress_flow), not here.
-    _checked(parsed, source, here=not pool)
+    _echo_findings(_findings(parsed, source, here=not pool))
     if pool:
         _run_on_pool(Path(source), f"{runs_dir.rstrip('/')}/{run_id or parsed.name}", pool,
                      api_url, wait)

@@ -190,8 +190,7 @@ def _dump(doc: Any) -> str:
         return repr(doc)  # not YAML at all: the loader must say so in one line
 
 
-@FUZZ
-@settings(max_examples=1100)
+@settings(FUZZ, max_examples=1100)
 @given(doc=mutated_recipes(), strict=st.booleans())
 def test_mutated_recipes_never_raise(work, doc, strict):
     path = work / "mutated.yaml"
@@ -237,8 +236,7 @@ def garbage_files(draw) -> bytes:
     return b""
 
 
-@FUZZ
-@settings(max_examples=250)
+@settings(FUZZ, max_examples=250)
 @given(data=garbage_files(), suffix=st.sampled_from([".yaml", ".yml", ""]))
 def test_garbage_files_never_raise(work, data, suffix):
     path = work / f"garbage{suffix}"
@@ -289,9 +287,16 @@ def options(draw, spec: dict[str, Any], poison: dict[str, Any] | None = None) ->
 
 
 def bad_recipe(work: Path):
-    """A recipe argument that validation refuses: missing, garbage, or a broken recipe file."""
+    """A recipe argument that validation refuses: missing, garbage, or a broken recipe file
+    (5 of a local model's 3 KV groups: refused with or without --pool, wheel or no wheel)."""
+    model = work / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text(json.dumps({
+        "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "num_hidden_layers": 30, "vocab_size": 49152}))
     broken = work / "broken.yaml"
-    broken.write_text("name: b\nstages: [{prune: {heads: {size: 5}, round_to: 64}}]\n")
+    broken.write_text(f"name: b\nmodel: {model}\n"
+                      "stages: [{prune: {heads: {size: 5}, round_to: 64}}]\n")
     return st.sampled_from([f"{MISSING}/r.yaml", "no-such-recipe", str(broken),
                             str(Path(__file__).parent / "recipes" / "bad-order.yaml"),
                             str(Path(__file__).parent / "recipes" / "unknown-key.yaml")])
@@ -362,8 +367,7 @@ def command_lines(draw, work: Path) -> list[str]:
     return ["prune-scan", draw(missing_model), *o(spec)]
 
 
-@FUZZ
-@settings(max_examples=450)
+@settings(FUZZ, max_examples=450)
 @given(data=st.data())
 def test_command_lines_never_raise(work, data):
     args = data.draw(command_lines(work))

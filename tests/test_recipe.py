@@ -158,3 +158,21 @@ def test_cli_validate_refuses_a_model_it_cannot_find(tmp_path):
         f"error: {path}: model '/nonexistent/pkdq-model' not found offline: looked for a "
         "built-in name (smollm2-135m, gemma3-270m), a local folder with config.json, a .gguf "
         "file, and an HF id in the local HF cache (HF_HOME); pkdq never downloads"]
+
+
+def test_validate_stays_torch_free():
+    """validate resolves the model, data and prune targets offline without importing torch,
+    numpy or transformers: it is the check people run in a loop while editing a recipe."""
+    import subprocess
+    import sys
+
+    from tasks.core.common import REPO_ROOT
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom pkdq.cli import app\n"
+            "result = CliRunner().invoke(app, ['validate', 'smollm2-ffn25-kd-w4'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
