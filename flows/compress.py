@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.core.common import ModelRef
 from tasks.core.model_store import resolve_model
-from tasks.core.recipe import load_recipe
+from tasks.core.recipe import RecipeError, load_recipe
 from tasks.core.resources import check_machine
 from tasks.pipeline import (
     BASELINE,
@@ -30,6 +30,7 @@ from tasks.pipeline import (
     plan,
     run_stage,
 )
+from tasks.rules import recipe_errors
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, persist_result=False)
@@ -76,6 +77,9 @@ def compress_flow(recipe_file: str, run_dir: str) -> str:
     """Baseline eval, then each stage and its eval in recipe order, then the report."""
     recipe = load_recipe(recipe_file)
     check_machine(recipe.resources)  # on the machine that runs it, before any stage starts
+    errors = recipe_errors(recipe)  # model, data, prune targets: here too for pool workers
+    if errors:
+        raise RecipeError(f"{recipe_file}: {errors[0].message}")
     base = ModelRef.from_json(resolve_task(recipe.model))
     init_run(Path(run_dir), recipe, recipe_file, base)
     outputs: dict[int, ModelRef] = {}  # stage index -> the model it produced

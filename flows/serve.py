@@ -182,9 +182,16 @@ def serve(port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, home: Path | None 
 
 def read_service(home: Path) -> Service | None:
     path = Path(home) / STATE_FILE
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return None
+    except OSError:  # a --home no file system can hold records nothing
         return None
-    return Service(**json.loads(path.read_text()))
+    try:
+        return Service(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:  # edited or truncated: say so, kill nothing
+        raise ServeError(f"{path} is not a pkdq server record ({exc}); stop the processes "
+                         "yourself and delete it") from None
 
 
 def alive(pid: int) -> bool:

@@ -1,30 +1,114 @@
-"""The `pkdq` command line. Every command has --help; bad input exits 2 with one line."""
+"""The `pkdq` command line. Every command has --help; bad input exits 2 with one line.
+
+Bad input never reaches the work: option values are range-checked by the parser, recipes and
+models are checked offline (no weights, no torch) before anything heavy is imported, and every
+refusal, the parser's own included, is one `error: ...` line on stderr with exit code 2.
+"""
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
+from typer.core import TyperGroup
 
 from pkdq.env import configure_environment
 
 if TYPE_CHECKING:
     from tasks.core.recipe import Recipe
+    from tasks.rules import RuleWarning
 
 configure_environment()
 
+SEED_MAX = 2**32 - 1  # numpy's seed range (lm-eval seeds numpy with it)
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, a missing argument, an unknown command) as one
+    `error:` line and exit 2, the shape of every other refusal, instead of click's usage block.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:  # newer typer carries its own copy of click
+            from typer._click import exceptions as clickx
+        except ImportError:  # pragma: no cover - older typer runs on click itself
+            from click import exceptions as clickx
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except clickx.NoArgsIsHelpError as exc:
+            exc.show()  # `pkdq` alone: the help text
+            sys.exit(exc.exit_code)
+        except clickx.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "pkdq"
+            _echo_error(f"{exc.format_message()} (see `{command} --help`)")
+            sys.exit(exc.exit_code)
+        except clickx.ClickException as exc:
+            _echo_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            _echo_error("aborted")
+            sys.exit(1)
+        except BrokenPipeError:  # `pkdq ... | head`: the reader left, nothing to say
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     help="pkdq: prune -> distill -> quantize an LLM, with an honest per-stage report.",
 )
 
 
+def _echo_error(message: str) -> None:
+    typer.echo("error: " + " ".join(str(message).split()), err=True)
+
+
 def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    """Refuse in one line (newlines inside `message` are folded) and exit."""
+    _echo_error(message)
     raise typer.Exit(code)
+
+
+def _check_model(spec: str) -> None:
+    """Refuse a model spec that names nothing offline, before heavy imports or conversion."""
+    from tasks.core.model_store import ModelNotFoundError, offline_config
+
+    try:
+        offline_config(spec)
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+
+
+def _check_run_id(run_id: str | None) -> None:
+    """A run id is one folder name under runs_dir, like a recipe name: nothing that climbs out."""
+    import re
+
+    from tasks.core.recipe import NAME_PATTERN, shown
+
+    if run_id is not None and (len(run_id) > 100 or not re.match(NAME_PATTERN, run_id)):
+        _fail(f"--run-id {shown(run_id)}: use letters, digits, '_', '.', '-' (at most 100, "
+              "starting with a letter or digit)")
+
+
+def _validation_line(exc: Any) -> str:
+    """A pydantic ValidationError of an option-built config as one line (its first error)."""
+    from tasks.core.recipe import short_repr
+
+    err = exc.errors()[0]
+    where = ".".join(map(str, err["loc"])) or "value"
+    got = f" (got {short_repr(err['input'])})" if "input" in err else ""
+    return f"{where}: {err['msg']}{got}"
 
 
 @app.command("recipes")
@@ -36,17 +120,38 @@ def recipes_cmd() -> None:
         typer.echo(f"{name:28s} {description}")
 
 
-def _echo_rule_warnings(recipe: Recipe) -> int:
-    """Print the rule check (tasks.rules) on stderr, one line each; returns the warning count.
+def _findings(recipe: Recipe, source: str, here: bool = True) -> list[RuleWarning]:
+    """tasks.rules.check_recipe's findings; refuses (exit 2, one line) on the first error:
+    what will fail (model not found offline, missing data, impossible prune targets, a KD
+    budget of years) is refused before anything runs."""
+    from tasks.rules import check_recipe
+
+    found = check_recipe(recipe, here=here)
+    errors = [finding for finding in found if finding.level == "error"]
+    if errors:
+        _fail(f"{source}: {errors[0].message}")
+    return found
+
+
+def _echo_findings(found: list[RuleWarning]) -> int:
+    """Print the findings on stderr, one line each; returns the warning count.
 
     Info lines are printed but not counted: they never call for a change to the recipe.
     """
-    from tasks.rules import rule_warnings
-
-    found = rule_warnings(recipe)
     for finding in found:
         typer.echo(finding.line(), err=True)
     return sum(finding.level == "warning" for finding in found)
+
+
+def _load(recipe: str) -> tuple[Recipe, str]:
+    """(the parsed recipe, its file) or one line saying what is wrong."""
+    from tasks.core.recipe import RecipeError, load_recipe, recipe_path
+
+    try:
+        return load_recipe(recipe), str(recipe_path(recipe))
+    except RecipeError as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
 
 
 @app.command("validate")
@@ -57,19 +162,17 @@ def validate_cmd(
 ) -> None:
     """Check a recipe: exit 0, or one line saying what is wrong and where.
 
-    A valid recipe is also checked against rules backed by published results (one-shot prune
-    over 50%, stage order, quantization groups on the pruned shapes); each finding is one line
-    on stderr and does not change the exit code unless --strict.
+    Besides the schema it refuses (exit 2) what a run would fail on: a model not found offline,
+    training or benchmark files missing, prune targets the model's sizes cannot meet, a KD budget
+    of years. It is also checked against rules backed by published results (one-shot prune over
+    50%, stage order, quantization groups on the pruned shapes); each finding is one line on
+    stderr and does not change the exit code unless --strict.
     """
-    from tasks.core.recipe import RecipeError, load_recipe
-
-    try:
-        parsed = load_recipe(recipe)
-    except RecipeError as exc:
-        _fail(str(exc))
+    parsed, source = _load(recipe)
+    found = _findings(parsed, source)
     stages = " -> ".join(kind for kind, _ in parsed.stage_list())
     typer.echo(f"ok: {parsed.name}: {stages} on {parsed.model}")
-    if _echo_rule_warnings(parsed) and strict:
+    if _echo_findings(found) and strict:
         raise typer.Exit(1)
 
 
@@ -88,15 +191,14 @@ def run_cmd(
 ) -> None:
     """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage."""
     from tasks.core.model_store import ModelNotFoundError
-    from tasks.core.recipe import RecipeError, load_recipe, recipe_path
     from tasks.core.resources import ResourceError, check_machine
 
-    try:
-        parsed = load_recipe(recipe)
-        source = str(recipe_path(recipe).resolve())
-    except RecipeError as exc:
-        _fail(str(exc))
-    _echo_rule_warnings(parsed)  # advice only: the run goes ahead
+    _check_run_id(run_id)
+    parsed, source = _load(recipe)
+    source = str(Path(source).resolve())
+    # errors stop here, before any stage; warnings are advice and the run goes ahead. A pool's
+    # worker has its own disk: model and data are checked there (compress_flow), not here.
+    _echo_findings(_findings(parsed, source, here=not pool))
     if pool:
         _run_on_pool(Path(source), f"{runs_dir.rstrip('/')}/{run_id or parsed.name}", pool,
                      api_url, wait)
@@ -152,15 +254,18 @@ def _run_on_pool(recipe_file: Path, run_dir: str, pool: str, api_url: str | None
 
 @app.command("serve")
 def serve_cmd(
-    port: int = typer.Option(4200, help="Prefect API port on 127.0.0.1"),
+    port: int = typer.Option(4200, min=1, max=65535, help="Prefect API port on 127.0.0.1"),
     pool: str = typer.Option("pkdq", help="process work pool (created if missing)"),
     home: Path = typer.Option(None, help="PREFECT_HOME of this server (default: "
                                          "<cache>/prefect-serve/<port>)"),
     ui: bool = typer.Option(False, help="serve the Prefect UI too"),
-    query_seconds: float = typer.Option(5.0, help="how often the worker polls the pool"),
-    limit: int = typer.Option(1, min=1, help="flow runs the worker runs at once"),
+    query_seconds: float = typer.Option(5.0, min=0.1, max=3600,
+                                        help="how often the worker polls the pool"),
+    limit: int = typer.Option(1, min=1, max=64, help="flow runs the worker runs at once"),
 ) -> None:
     """Start a local Prefect server (127.0.0.1 only) and a process worker on a work pool."""
+    if not math.isfinite(query_seconds):  # the parser's range lets nan through
+        _fail(f"--query-seconds {query_seconds}: give a number of seconds, 0.1 to 3600")
     from flows.serve import ServeError, serve
 
     try:
@@ -177,7 +282,7 @@ def serve_cmd(
 
 @app.command("stop")
 def stop_cmd(
-    port: int = typer.Option(4200, help="the port given to `pkdq serve`"),
+    port: int = typer.Option(4200, min=1, max=65535, help="the port given to `pkdq serve`"),
     home: Path = typer.Option(None, help="the --home given to `pkdq serve`, if any"),
 ) -> None:
     """Stop the server and worker that `pkdq serve` started (by their recorded pids)."""
@@ -201,27 +306,30 @@ def quantize_cmd(
     samples: int = typer.Option(16, help="calibration blocks (C4 train text)"),
     seq_len: int = typer.Option(512, help="calibration block length"),
     out: Path = typer.Option(None, help="output stage folder (default: runs/quantize-<...>)"),
-    threads: int = typer.Option(2, help="CPU threads"),
-    seed: int = typer.Option(0),
+    threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX),
     gguf: str = typer.Option("none", help="also write OUT/model.gguf for llama.cpp: none, f16, "
                                           "q8_0 or q4_0 (Llama models)"),
 ) -> None:
     """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
     from pydantic import ValidationError
 
-    from tasks.core.common import StageContext, write_json_atomic
-    from tasks.core.gptq_checkpoint import QuantizeError
     from tasks.core.model_store import ModelNotFoundError, resolve_model
     from tasks.core.recipe import QuantizeConfig
-    from tasks.quantize import quantize_stage
 
     try:
         cfg = QuantizeConfig(method=method, bits=bits, group_size=group, desc_act=desc_act,
                              damp_percent=damp, gguf=gguf,
                              calibration={"source": "c4", "samples": samples, "seq_len": seq_len})
-        ref = resolve_model(model)
     except ValidationError as exc:
-        _fail(" ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        _fail(_validation_line(exc))
+    _check_model(model)  # offline and torch-free: a bad spec never waits for torch/GPTQModel
+    from tasks.core.common import StageContext, write_json_atomic
+    from tasks.core.gptq_checkpoint import QuantizeError
+    from tasks.quantize import quantize_stage
+
+    try:
+        ref = resolve_model(model)
     except ModelNotFoundError as exc:
         _fail(str(exc))
     out = (out or Path("runs") / f"quantize-{Path(model).stem}-{method}-w{bits}-g{group}").resolve()
@@ -262,14 +370,23 @@ def export_gguf_cmd(
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="reload with transformers and compare logits"),
     metrics_out: Path = typer.Option(None, "--metrics", help="write the metrics JSON here"),
-    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    threads: int = typer.Option(1, min=1, max=256, help="torch CPU threads"),
 ) -> None:
     """Write a model as a GGUF file for llama.cpp (a GPTQ folder exports its grid values)."""
+    from tasks.quantize import GgufExportError, check_qtype
+
+    try:
+        check_qtype(qtype)
+    except GgufExportError as exc:
+        _fail(str(exc))
+    if reference is not None and not _is_file(reference):
+        _fail(f"--reference {reference}: no such GGUF file")
+    _check_model(model)
     import torch
 
     from tasks.core.common import write_json_atomic
     from tasks.core.model_store import ModelNotFoundError, resolve_model
-    from tasks.quantize import GgufExportError, GgufVerifyError, export_gguf
+    from tasks.quantize import GgufVerifyError, export_gguf
 
     torch.set_num_threads(threads)
     try:
@@ -297,8 +414,9 @@ def eval_cmd(
     wikitext_pages: int = typer.Option(2, min=-1, help="articles for lm-eval's rolling wikitext "
                                                        "(0 = skip, -1 = all 62)"),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="measure prefill/decode speed"),
-    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
-    seed: int = typer.Option(1234, help="picks the doc subset (same seed = same docs)"),
+    threads: int = typer.Option(1, min=1, max=256, help="torch CPU threads"),
+    seed: int = typer.Option(1234, min=0, max=SEED_MAX,
+                             help="picks the doc subset (same seed = same docs)"),
 ) -> None:
     """Evaluate any model outside a recipe: benchmarks, WikiText-2, size, memory, speed."""
     import json
@@ -306,10 +424,10 @@ def eval_cmd(
 
     from pydantic import ValidationError
 
-    from tasks.core.common import write_json_atomic
+    from tasks.core.common import data_dir
     from tasks.core.model_store import ModelNotFoundError, resolve_model
     from tasks.core.recipe import EvalConfig
-    from tasks.evaluate import SAMPLES_JSON, evaluate_model
+    from tasks.evaluate import missing_eval_data
 
     try:
         cfg = EvalConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()],
@@ -317,9 +435,17 @@ def eval_cmd(
                          batch_size=batch_size, speed={"enabled": speed},
                          wikitext={"tokens": wikitext_tokens,
                                    "pages": None if wikitext_pages < 0 else wikitext_pages})
-        ref = resolve_model(model)
     except ValidationError as exc:
-        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        _fail(_validation_line(exc))
+    problem = missing_eval_data(list(cfg.tasks), data_dir())
+    if problem:
+        _fail(problem)
+    _check_model(model)
+    from tasks.core.common import write_json_atomic
+    from tasks.evaluate import SAMPLES_JSON, evaluate_model
+
+    try:
+        ref = resolve_model(model)
     except ModelNotFoundError as exc:
         _fail(str(exc))
     with tempfile.TemporaryDirectory(prefix="pkdq-eval-") as tmp:
@@ -345,21 +471,26 @@ def compare_cmd(
     runs_dir: str = typer.Option("runs", help="where the comparison folder is created"),
     run_id: str = typer.Option(None, help="folder name (default <recipe>-compare); running "
                                           "again with the same id resumes"),
-    concurrency: int = typer.Option(1, min=1, help="orderings run at once (Prefect thread-pool "
-                                                   "task runner); 1 on small machines"),
+    concurrency: int = typer.Option(1, min=1, max=64, help="orderings run at once (Prefect "
+                                    "thread-pool task runner); 1 on small machines"),
 ) -> None:
     """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow."""
     from tasks.compare import parse_orders, plan_ordering
     from tasks.core.model_store import ModelNotFoundError
-    from tasks.core.recipe import RecipeError, load_recipe, recipe_path
+    from tasks.core.recipe import RecipeError
     from tasks.core.resources import ResourceError, check_machine
+    from tasks.rules import recipe_errors
 
+    _check_run_id(run_id)
+    parsed, source = _load(recipe)
+    source = str(Path(source).resolve())
     try:
-        parsed = load_recipe(recipe)
-        source = str(recipe_path(recipe).resolve())
         order_list = parse_orders(orders, parsed)
     except RecipeError as exc:
         _fail(str(exc))
+    errors = recipe_errors(parsed)  # what fails in every ordering: model, data, prune targets
+    if errors:
+        _fail(f"{source}: {errors[0].message}")
     try:
         check_machine(parsed.resources)
     except ResourceError as exc:
@@ -387,7 +518,8 @@ def _print_rule_warnings(recipe, order_list: list[str]) -> None:
     seen: dict[str, list[str]] = {}
     for name in order_list:
         for warning in rule_warnings(recipe, order=[LETTERS[x] for x in name.split("-")]):
-            seen.setdefault(warning.line(), []).append(name)
+            if warning.level != "error":  # errors refused the comparison already
+                seen.setdefault(warning.line(), []).append(name)
     for line, names in seen.items():
         typer.echo(f"{','.join(names)}: {line}", err=True)
 
@@ -397,18 +529,34 @@ def report_cmd(
     run_dir: Path = typer.Argument(..., help="a run folder, e.g. runs/<run-id>"),
 ) -> None:
     """(Re)build the report of a run or an ordering comparison from its folder alone."""
+    import json
+
     from tasks.compare import COMPARE_FILE
 
-    if (run_dir / COMPARE_FILE).is_file():
-        from tasks.compare import write_compare_report
-
-        paths = write_compare_report(run_dir)
-    elif (run_dir / "run.json").is_file():
-        from tasks.report import write_report
-
-        paths = write_report(run_dir)
+    if _is_file(run_dir / COMPARE_FILE):
+        record = run_dir / COMPARE_FILE
+    elif _is_file(run_dir / "run.json"):
+        record = run_dir / "run.json"
     else:
         _fail(f"{run_dir}: not a run folder (no run.json or {COMPARE_FILE})")
+    try:
+        if not isinstance(json.loads(record.read_bytes()), dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        _fail(f"{record}: not a pkdq run record ({exc})")
+    try:
+        if record.name == COMPARE_FILE:
+            from tasks.compare import write_compare_report
+
+            paths = write_compare_report(run_dir)
+        else:
+            from tasks.report import write_report
+
+            paths = write_report(run_dir)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OSError) as exc:
+        # a folder pkdq wrote has every key; this one was edited, truncated or is not pkdq's
+        _fail(f"{run_dir}: cannot build a report from this folder ({type(exc).__name__}: "
+              f"{exc}); its {record.name} or stage files are damaged or not pkdq's")
     typer.echo(paths["markdown"].read_text())
     typer.echo(f"written: {', '.join(str(p) for p in paths.values())}")
 
@@ -422,10 +570,24 @@ def prune_scan_cmd(
     source: str = typer.Option("wikipedia", help="wikipedia, c4 or mixed"),
     ppl_skip: bool = typer.Option(False, help="also measure perplexity when each layer is "
                                               "skipped (one calibration pass per layer)"),
-    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    threads: int = typer.Option(1, min=1, max=256, help="torch CPU threads"),
 ) -> None:
     """Importance of every layer, KV group / query head, FFN neuron and hidden channel."""
+    from pydantic import ValidationError
+
+    from tasks.core.common import data_dir
+    from tasks.core.data import training_text_problem
     from tasks.core.model_store import ModelNotFoundError
+    from tasks.core.recipe import TextSample
+
+    try:
+        TextSample(source=source, samples=samples, seq_len=seq_len)
+    except ValidationError as exc:
+        _fail(_validation_line(exc))
+    problem = training_text_problem(data_dir(), source)
+    if problem:
+        _fail(problem)
+    _check_model(model)
     from tasks.prune import UnsupportedModelError, prune_scan
 
     try:
@@ -435,6 +597,14 @@ def prune_scan_cmd(
         _fail(str(exc))
     typer.echo(paths["text"].read_text())
     typer.echo(f"written: {', '.join(str(p) for p in paths.values())}")
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file for user-given paths: a name no file system can hold is no file."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> None:  # pragma: no cover - console entry

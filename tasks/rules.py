@@ -1,11 +1,16 @@
-"""Rule check before a run: warnings that cite the published result or constraint behind them.
+"""Checks before a run: errors for what will fail, warnings that cite the result behind them.
 
-The recipe loader refuses what cannot run at all. These rules flag what will run but is known to
-go badly (cutting more than half in one shot, quantizing before KD), or what will fail late: a
-quantization group size that does not divide the *pruned* widths is refused only when the quantize
-stage starts, after prune and KD have spent their time. Nothing here loads weights: shapes come
-from config.json and the prune plan (`tasks.prune.plan`, the sizes the prune stage will keep), so
-`pkdq validate` stays instant and `pkdq compare` can check every ordering it builds.
+The recipe loader refuses what is malformed. `check_recipe` then refuses, as errors, what is
+well-formed but will fail once the run starts: a model that cannot be found offline, training or
+benchmark files that are not there, a prune target the model's sizes cannot meet, a KD budget
+that would run for more than a year on this machine. `pkdq validate` and `pkdq run` both stop on
+them, before any stage starts. The rules (`rule_warnings`) flag what will run but is known to go
+badly (cutting more than half in one shot, quantizing before KD), or what will fail late: a
+quantization group size that does not divide the *pruned* widths is refused only when the
+quantize stage starts, after prune and KD have spent their time. Nothing here loads weights or
+imports torch: shapes come from config.json (or a GGUF header) and the prune plan
+(`tasks.prune.plan`, the sizes the prune stage will keep), so `pkdq validate` stays instant and
+`pkdq compare` can check every ordering it builds.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tasks.core.common import data_dir
+from tasks.core.data import training_text_problem
 from tasks.core.dims import Dims
-from tasks.core.model_store import cached_config
-from tasks.core.recipe import PruneConfig, QuantizeConfig, Recipe
+from tasks.core.model_store import ModelNotFoundError, cached_config, offline_config
+from tasks.core.recipe import DistillConfig, PruneConfig, QuantizeConfig, Recipe
+from tasks.core.resources import usable_cpus
+from tasks.evaluate import missing_eval_data
 from tasks.prune import PrunePlan, plan_prune
 from tasks.quantize import (
     MARLIN_K_MULTIPLE,
@@ -32,6 +41,18 @@ ORDERING_STUDY = ('"A Systematic Study of Compression Ordering for Large Languag
 GPTQ_GROUPS = ("GPTQ/AWQ keep one scale per group of input columns, so a partial group is not "
                "representable; tasks/quantize.check_group_size refuses it at stage start")
 PRUNE_PLAN = "tasks/prune/plan.py: the prune stage checks targets against the model's sizes"
+MODEL_STORE = "tasks/core/model_store.py: models resolve offline, pkdq never downloads"
+TRAIN_DATA = "tasks/core/data.py: calibration and KD read <data>/train only"
+EVAL_DATA = "tasks/evaluate/lm_eval_tasks: offline task YAMLs over the <data> benchmark files"
+# KD speed on CPU, for the time estimate: the README's default run distilled SmolLM2-135M
+# (pruned to 115M, the 135M teacher alongside) at 32k tokens in 182 s on 2 CPU threads.
+KD_CPU_TOKENS_PER_S = 180.0
+KD_REFERENCE_PARAMS = 134_515_008
+KD_REFERENCE_THREADS = 2
+KD_SPEED = ("KD of SmolLM2-135M ran at ~180 tokens/s on 2 CPU threads (README, default run); "
+            "scaled by parameters and threads")
+KD_WARN_S = 86_400  # a day
+KD_REFUSE_S = 365 * 86_400  # a year: no run of that length will finish
 
 ONE_SHOT_LIMIT = 0.5  # fraction of an axis, or of all parameters, cut in one prune step
 # Dims field each prune axis shrinks, and what its units are called in a message.
@@ -39,15 +60,17 @@ AXIS_FIELD = {"depth": "layers", "heads": "heads", "ffn": "ffn", "hidden": "hidd
 AXIS_UNITS = {"depth": "layers", "heads": "query heads", "ffn": "FFN neurons",
               "hidden": "hidden channels"}
 
-Level = Literal["warning", "info"]
+Level = Literal["error", "warning", "info"]
+LEVELS: tuple[Level, ...] = ("error", "warning", "info")  # the order findings are printed in
 
 
 @dataclass(frozen=True)
 class RuleWarning:
     """One finding: `message` is one line, `source` says where the rule comes from.
 
-    `info` findings are worth knowing but no reason to change the recipe (`--strict` ignores
-    them); SmolLM2's hidden size 576, for instance, always misses vLLM's Marlin tiling.
+    `error` findings are what will fail: validate and run refuse the recipe (exit 2). `info`
+    findings are worth knowing but no reason to change the recipe (`--strict` ignores them);
+    SmolLM2's hidden size 576, for instance, always misses vLLM's Marlin tiling.
     """
 
     code: str
@@ -57,6 +80,112 @@ class RuleWarning:
 
     def line(self) -> str:
         return f"{self.level} [{self.code}]: {self.message} ({self.source})"
+
+
+def check_recipe(recipe: Recipe, order: Sequence[str] | None = None, *,
+                 here: bool = True) -> list[RuleWarning]:
+    """Every finding before a run, errors first: what `pkdq validate` prints and `pkdq run`
+    refuses on (any `error`), then `rule_warnings` and the KD time estimate.
+
+    The model is looked up offline without converting anything (`offline_config`), and the
+    training and benchmark files the stages will open must be under the data dir. `here=False`
+    (a run submitted to another machine's work pool) skips what depends on this machine's disk:
+    the worker checks it where the run happens.
+    """
+    errors: list[RuleWarning] = []
+    config: dict[str, Any] | None = None
+    if here:
+        try:
+            config = offline_config(recipe.model)
+        except ModelNotFoundError as exc:
+            errors.append(RuleWarning("model-not-found", str(exc), MODEL_STORE, "error"))
+        errors.extend(_data_errors(recipe))
+    else:
+        config = cached_config(recipe.model)
+    found = rule_warnings(recipe, order, model_config=config or {})
+    if config is None and not errors and _needs_shapes(recipe):
+        found.append(RuleWarning(
+            "shapes-unchecked", f"the sizes of model '{recipe.model}' are not readable before "
+            "it is resolved (first use joins or converts it), so the prune targets and "
+            "quantization groups were not checked against them", MODEL_STORE, level="info"))
+    found.extend(_distill_budget(recipe, config))
+    return sorted(errors + found, key=lambda finding: LEVELS.index(finding.level))
+
+
+def recipe_errors(recipe: Recipe, *, here: bool = True) -> list[RuleWarning]:
+    """The `error` findings of `check_recipe`: what the run would fail on."""
+    return [f for f in check_recipe(recipe, here=here) if f.level == "error"]
+
+
+def _needs_shapes(recipe: Recipe) -> bool:
+    return any(kind in ("prune", "quantize") for kind, _ in recipe.stage_list())
+
+
+def _data_errors(recipe: Recipe) -> list[RuleWarning]:
+    """The first training or benchmark file a stage or an evaluation would miss, as an error."""
+    data = data_dir()
+    needs: list[tuple[str, str, bool]] = []  # (recipe key, source, held-out slice)
+    for i, (kind, cfg) in enumerate(recipe.stage_list()):
+        if kind == "quantize" or (kind == "prune" and cfg.needs_calibration()):
+            needs.append((f"stages[{i}].{kind}.calibration.source", cfg.calibration.source,
+                          False))
+        elif kind == "distill":
+            needs.append((f"stages[{i}].distill.source", cfg.source, False))
+            needs.append((f"stages[{i}].distill (held-out KL slice)", "wikipedia", True))
+    for key, source, heldout in needs:
+        problem = training_text_problem(data, source, heldout)
+        if problem:
+            return [RuleWarning("data-missing", f"{key} {source}: {problem}", TRAIN_DATA,
+                                "error")]
+    problem = missing_eval_data(list(recipe.evaluate.tasks), data)
+    if problem:
+        return [RuleWarning("eval-data-missing", f"evaluate.tasks: {problem}", EVAL_DATA,
+                            "error")]
+    return []
+
+
+def kd_seconds(cfg: DistillConfig, params: int, threads: int) -> float:
+    """Rough CPU wall time of a KD stage: tokens over the measured rate, scaled linearly by
+    parameter count (a step's work) and threads (optimistic: CPU KD scales worse)."""
+    rate = KD_CPU_TOKENS_PER_S * KD_REFERENCE_PARAMS / params * threads / KD_REFERENCE_THREADS
+    return cfg.tokens / rate
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365 * 86_400), ("days", 86_400), ("hours", 3600)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds / 60:.3g} minutes"
+
+
+def _distill_budget(recipe: Recipe, config: dict[str, Any] | None) -> list[RuleWarning]:
+    """A KD token budget that keeps this machine's CPUs busy past a day (warning) or a year
+    (error). GPU runs are not estimated: there is no measured rate to scale."""
+    if recipe.resources.distill.device != "cpu":
+        return []
+    dims = _dims(config)
+    params, assumed = KD_REFERENCE_PARAMS, " (sizes unknown: SmolLM2-135M's assumed)"
+    if dims is not None:
+        params = approx_params(dims, int((config or {}).get("vocab_size") or 0),
+                               bool((config or {}).get("tie_word_embeddings", True)))
+        assumed = ""
+    threads = max(1, min(recipe.threads, usable_cpus()))
+    found = []
+    for i, (kind, cfg) in enumerate(recipe.stage_list()):
+        if kind != "distill":
+            continue
+        seconds = kd_seconds(cfg, max(params, 1), threads)
+        if seconds < KD_WARN_S:
+            continue
+        level: Level = "error" if seconds >= KD_REFUSE_S else "warning"
+        per_day = int(cfg.tokens * KD_WARN_S / seconds)
+        found.append(RuleWarning(
+            "distill-budget",
+            f"stages[{i}].distill.tokens {cfg.tokens}: about {_duration(seconds)} of KD on "
+            f"{threads} CPU thread(s) of this machine for a {params / 1e6:.1f}M-parameter "
+            f"model{assumed}; about {per_day} tokens fit in a day",
+            KD_SPEED, level))
+    return found
 
 
 def rule_warnings(recipe: Recipe, order: Sequence[str] | None = None,
@@ -80,9 +209,10 @@ def rule_warnings(recipe: Recipe, order: Sequence[str] | None = None,
     if prune is not None and dims is not None:
         try:
             plan = plan_prune(dims, prune)
-        except ValueError as exc:
-            found.append(RuleWarning("prune-target-invalid",
-                                     f"{exc}; the prune stage will refuse it", PRUNE_PLAN))
+        except ValueError as exc:  # the prune stage would refuse it: an error before the run
+            index = next(i for i, (kind, _) in enumerate(recipe.stage_list()) if kind == "prune")
+            found.append(RuleWarning("prune-target-invalid", f"stages[{index}].{exc}",
+                                     PRUNE_PLAN, "error"))
     if prune is not None:
         found.extend(_prune_over_half(prune, plan, config or {}))
     found.extend(_order_rules(kinds))
@@ -100,13 +230,17 @@ def _checked_order(configs: dict[str, Any], order: Sequence[str] | None) -> list
 
 
 def _dims(config: dict[str, Any] | None) -> Dims | None:
-    """Dims of a config.json, or None when it lacks the sizes (then shape rules are skipped)."""
-    if not config:
+    """Dims of a config.json, or None when it lacks the sizes or they make no model (then shape
+    rules are skipped; loading such a config fails in transformers, not here)."""
+    if not isinstance(config, dict) or not config:
         return None
     try:
-        return Dims.from_config(config)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        dims = Dims.from_config(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
         return None
+    if min(dims.to_json().values()) < 1 or dims.heads % dims.kv_heads:
+        return None
+    return dims
 
 
 # --------------------------------------------------------------------------------------------

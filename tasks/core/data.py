@@ -9,19 +9,44 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where blocks are built: `pkdq validate` checks files torch-free
+    import torch
 
 HELDOUT_WIKI_FILES = ("wiki_49", "wiki_50")
 SOURCES = ("wikipedia", "c4", "mixed")
+C4_FILE = "c4/c4_sample.jsonl"
+
+
+def _wikipedia_files(train_dir: Path, heldout: bool) -> list[Path]:
+    """The Wikipedia extract files of the training side, or of the held-out slice."""
+    files = sorted((train_dir / "wikipedia").glob("wiki_*"))
+    return [f for f in files if (f.name in HELDOUT_WIKI_FILES) == heldout and f.is_file()]
+
+
+def training_text_problem(data: Path, source: str, heldout: bool = False) -> str | None:
+    """Why `load_train_texts(data, source, heldout)` would find no text (one line), or None.
+
+    Checked before a run, so a missing data folder stops `pkdq validate`, not the stage that
+    needs it an hour in. Only presence is checked here; reading the text is the stage's job.
+    """
+    train_dir = Path(data) / "train"
+    if not train_dir.is_dir():
+        return f"training data folder {train_dir} is missing (set PKDQ_DATA_DIR)"
+    if source not in SOURCES:
+        return f"unknown text source '{source}': allowed {', '.join(SOURCES)}"
+    if (heldout or source in ("wikipedia", "mixed")) and not _wikipedia_files(train_dir, heldout):
+        which = f"held-out files {' and '.join(HELDOUT_WIKI_FILES)}" if heldout else "wiki_* files"
+        return f"{train_dir / 'wikipedia'} has no {which}"
+    if not heldout and source in ("c4", "mixed") and not (train_dir / C4_FILE).is_file():
+        return f"{train_dir / C4_FILE} is missing"
+    return None
 
 
 def _wikipedia_docs(train_dir: Path, heldout: bool) -> list[str]:
     docs: list[str] = []
-    files = sorted((train_dir / "wikipedia").glob("wiki_*"))
-    for file in files:
-        if (file.name in HELDOUT_WIKI_FILES) != heldout:
-            continue
+    for file in _wikipedia_files(train_dir, heldout):
         body: list[str] = []
         for line in file.read_text(encoding="utf-8").splitlines():
             if line.startswith("<doc "):
@@ -36,7 +61,7 @@ def _wikipedia_docs(train_dir: Path, heldout: bool) -> list[str]:
 
 
 def _c4_docs(train_dir: Path) -> list[str]:
-    lines = (train_dir / "c4" / "c4_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (train_dir / C4_FILE).read_text(encoding="utf-8").splitlines()
     return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
@@ -63,6 +88,8 @@ def token_blocks(
 
     Packing wastes no positions on padding; shuffling by seed keeps the sample fixed per seed.
     """
+    import torch
+
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

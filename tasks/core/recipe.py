@@ -7,6 +7,8 @@ quantizing before KD throws away precision KD then cannot use.
 
 from __future__ import annotations
 
+import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +29,8 @@ from tasks.core.common import REPO_ROOT
 from tasks.core.resources import Resources
 
 RECIPES_DIR = REPO_ROOT / "recipes"
+# A recipe name, a run id: one path component, nothing that climbs out of recipes/ or runs/.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 STAGE_ORDER = ("prune", "distill", "quantize")
 PKDQ_RULE = (
     "P-KD-Q rule: production recipes run prune -> distill -> quantize "
@@ -35,8 +39,20 @@ PKDQ_RULE = (
 )
 
 
+# Upper bounds that no run on any machine pkdq targets comes near; past them a value is a typo
+# or a fuzzer, and refusing it here keeps it from becoming an hour-late failure (or a KD run of
+# years: `tasks.rules` also estimates KD time on this machine from the token budget).
+MAX_TOKENS = 10**11  # KD tokens: Minitron's whole distillation was 94B
+MAX_STEPS = 10**9  # step counters (warmup, eval/checkpoint intervals)
+MAX_BATCH = 4096  # sequences per batch / accumulation steps
+MAX_WIDTH = 10**9  # a kept size (neurons, channels, heads)
+SEED_MAX = 2**32 - 1  # numpy's seed range; lm-eval seeds numpy with the recipe seed
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a short YAML file
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: .inf / .nan pass every `gt=0`-style bound and then break a run late
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TextSample(Strict):
@@ -63,7 +79,7 @@ class _RatioOrSize(Strict):
     """An axis cut given as the fraction removed or the size kept: exactly one of the two."""
 
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction removed")
-    size: int | None = Field(None, ge=1, description="size kept")
+    size: int | None = Field(None, ge=1, le=MAX_WIDTH, description="size kept")
     criterion: UnitCriterion = "activation"
 
     @model_validator(mode="after")
@@ -76,14 +92,14 @@ class FfnTarget(_RatioOrSize):
     """FFN neurons, the same count removed in every layer (HF configs hold one size)."""
 
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of neurons removed")
-    size: int | None = Field(None, ge=1, description="neurons kept per layer")
+    size: int | None = Field(None, ge=1, le=MAX_WIDTH, description="neurons kept per layer")
 
 
 class HiddenTarget(_RatioOrSize):
     """Hidden width (embedding channels), cut in every norm and projection at once (Minitron)."""
 
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of channels removed")
-    size: int | None = Field(None, ge=1, description="hidden size kept")
+    size: int | None = Field(None, ge=1, le=MAX_WIDTH, description="hidden size kept")
 
 
 class HeadsTarget(_RatioOrSize):
@@ -92,14 +108,15 @@ class HeadsTarget(_RatioOrSize):
     mode: Literal["kv_groups", "query"] = "kv_groups"
     ratio: float | None = Field(None, gt=0.0, lt=1.0,
                                 description="fraction of KV groups (or query heads) removed")
-    size: int | None = Field(None, ge=1, description="KV groups kept (mode kv_groups) or query "
-                                                     "heads kept per KV group (mode query)")
+    size: int | None = Field(None, ge=1, le=MAX_WIDTH,
+                             description="KV groups kept (mode kv_groups) or query heads kept "
+                             "per KV group (mode query)")
 
 
 class DepthTarget(Strict):
     """Whole decoder layers."""
 
-    remove: int | None = Field(None, ge=1, description="layers removed")
+    remove: int | None = Field(None, ge=1, le=MAX_WIDTH, description="layers removed")
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="fraction of layers removed")
     criterion: DepthCriterion = "block_influence"
 
@@ -110,6 +127,7 @@ class DepthTarget(Strict):
 
 
 PRUNE_AXES = ("ffn", "heads", "depth", "hidden")
+DATA_FREE_CRITERIA = ("magnitude", "magnitude_l2", "random")  # score units from weights alone
 
 
 class PruneConfig(Strict):
@@ -134,18 +152,22 @@ class PruneConfig(Strict):
         """The axes this config prunes, in the order the stage applies them."""
         return [axis for axis in ("depth", "heads", "ffn", "hidden") if getattr(self, axis)]
 
+    def needs_calibration(self) -> bool:
+        """Whether some axis scores units on calibration text (weight-only and random don't)."""
+        return any(getattr(self, axis).criterion not in DATA_FREE_CRITERIA for axis in self.axes())
+
 
 class DistillConfig(Strict):
-    tokens: int = Field(100_000, ge=1, description="training token budget")
+    tokens: int = Field(100_000, ge=1, le=MAX_TOKENS, description="training token budget")
     seq_len: int = Field(256, ge=16, le=8192)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH)
     lr: float = Field(1e-4, gt=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    temperature: float = Field(1.0, gt=0, description="softens both distributions; the KD term "
-                               "is scaled by T^2. 1.0: at T=2 KD trailed plain CE on WikiText "
-                               "ppl (bench/kd_recovery.py)")
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
+    temperature: float = Field(1.0, gt=0, le=100, description="softens both distributions; the "
+                               "KD term is scaled by T^2. 1.0: at T=2 KD trailed plain CE on "
+                               "WikiText ppl (bench/kd_recovery.py)")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the KD term; 1-alpha for CE")
     loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_rkl"] = Field(
         "forward_kl", description="divergence: forward KL (Hinton), reverse KL (MiniLLM), "
@@ -160,25 +182,28 @@ class DistillConfig(Strict):
     taid_start: float = Field(0.2, ge=0, le=1, description="TAID's lambda at step 1")
     hidden_loss: Literal["none", "mse", "cosine"] = Field(
         "none", description="match hidden states via learned projections (mse is relative)")
-    hidden_weight: float = Field(1.0, ge=0, description="weight of the state-matching term")
+    hidden_weight: float = Field(1.0, ge=0, le=1e6, description="weight of the state-matching term")
     hidden_layers: Literal["uniform", "last"] = "uniform"
     hidden_num_layers: int = Field(4, ge=1, le=256, description="pairs matched (uniform map)")
     attention_match: bool = Field(False, description="also match attention outputs (same map)")
     logit_cache: bool = Field(False, description="precompute the teacher's top-k logits once "
                               "into the pkdq cache and train from them (no teacher forward)")
     cache_topk: int = Field(64, ge=1, le=65536, description="logits kept per position")
-    loss_chunk: int = Field(0, ge=0, description="positions per LM-head+loss chunk (checkpointed"
-                            "); 0 = full logits at once")
-    checkpoint_every: int = Field(0, ge=0, description="save resumable state every N steps")
-    early_stop_patience: int = Field(0, ge=0, description="held-out evals without improvement "
-                                     "before stopping; 0 = never (needs eval_every)")
-    early_stop_min_delta: float = Field(0.0, ge=0, description="held-out KL drop that counts")
+    loss_chunk: int = Field(0, ge=0, le=1 << 20, description="positions per LM-head+loss chunk "
+                            "(checkpointed); 0 = full logits at once")
+    checkpoint_every: int = Field(0, ge=0, le=MAX_STEPS,
+                                  description="save resumable state every N steps")
+    early_stop_patience: int = Field(0, ge=0, le=MAX_STEPS, description="held-out evals without "
+                                     "improvement before stopping; 0 = never (needs eval_every)")
+    early_stop_min_delta: float = Field(0.0, ge=0, le=1e6,
+                                        description="held-out KL drop that counts")
     keep_best: bool = Field(True, description="with eval_every: save the best held-out weights, "
                             "not the last")
     source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
-    max_grad_norm: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e9)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
-    eval_every: int = Field(0, ge=0, description="held-out eval every N steps; 0 = before/after")
+    eval_every: int = Field(0, ge=0, le=MAX_STEPS,
+                            description="held-out eval every N steps; 0 = before/after")
     eval_blocks: int = Field(8, ge=1, le=1024, description="held-out blocks of seq_len tokens")
     precision: Literal["fp32", "bf16-autocast", "auto"] = Field(
         "fp32", description="compute precision; weights and the saved model stay fp32; auto: "
@@ -232,7 +257,8 @@ class QuantizeConfig(Strict):
 
 
 class WikitextEval(Strict):
-    tokens: int | None = Field(8192, ge=256, description="slice of WikiText-2 test; null = all")
+    tokens: int | None = Field(8192, ge=256, le=MAX_WIDTH,
+                               description="slice of WikiText-2 test; null = all")
     max_length: int = Field(512, ge=64, le=8192, description="window length")
     pages: int | None = Field(2, ge=0, le=62, description="articles scored by lm-eval's "
                               "rolling wikitext task (seeded); 0 = skip, null = all 62")
@@ -250,9 +276,10 @@ class SpeedEval(Strict):
 class EvalConfig(Strict):
     tasks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
                         "lambada_openai", "boolq"]] = ["arc_easy", "piqa"]
-    samples: int | None = Field(100, ge=1, description="docs per task (seeded); null = full split")
+    samples: int | None = Field(100, ge=1, le=MAX_WIDTH,
+                                description="docs per task (seeded); null = full split")
     wikitext: WikitextEval = WikitextEval()
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     backend: Literal["pkdq", "hf"] = Field(
         "pkdq", description="lm-eval model: pkdq (shared-prefix packing, same scores) or stock hf")
     dtype: Literal["float32", "bfloat16"] = Field(
@@ -290,10 +317,10 @@ STAGE_MODELS: dict[str, type[BaseModel]] = {
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    description: str = ""
-    model: str = "smollm2-135m"
-    seed: int = 1234
+    name: str = Field(pattern=NAME_PATTERN, max_length=100)
+    description: str = Field("", max_length=10_000)
+    model: str = Field("smollm2-135m", min_length=1, max_length=4096)
+    seed: int = Field(1234, ge=0, le=SEED_MAX)
     threads: int = Field(1, ge=1, le=256)
     stages: list[Stage] = Field(min_length=1)
     evaluate: EvalConfig = EvalConfig()
@@ -395,10 +422,32 @@ def _format_validation(exc: ValidationError, source: str) -> str:
         allowed = _allowed_keys(parent)
         hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
         return f"{source}: {where}: unknown key{hint}"
-    msg = err["msg"]
+    msg = " ".join(str(err["msg"]).split())
     if "input" in err and err["type"] not in {"missing"}:
-        msg += f" (got {err['input']!r})"
+        msg += f" (got {short_repr(err['input'])})"
     return f"{source}: {where}: {msg}"
+
+
+_REPR = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist = 3, 4, 4
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+
+
+def short_repr(value: Any) -> str:
+    """repr for one error line: bounded length and depth, whatever a YAML file holds."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails still gets a line
+        return f"<{type(value).__name__}>"
+
+
+def shown(text: str, limit: int = 120) -> str:
+    """A user-given name or path for a message: as typed when short and printable, else quoted
+    and cut, so one error stays one readable line."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    quoted = repr(text)
+    return quoted if len(quoted) <= limit else quoted[:limit - 3] + "..."
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
@@ -440,26 +489,63 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
 def recipe_path(name_or_path: str) -> Path:
     """A named recipe (recipes/<name>.yaml) or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
-        if not path.is_file():
-            raise RecipeError(f"{path}: recipe file not found")
+    try:
+        is_path = path.suffix in {".yaml", ".yml"} or path.exists()
+        if is_path and path.is_dir():
+            raise RecipeError(f"{shown(name_or_path)}: a folder, not a recipe file")
+        if is_path and not path.is_file():
+            raise RecipeError(f"{shown(name_or_path)}: recipe file not found")
+    except OSError as exc:  # a name too long for the file system, say
+        raise RecipeError(f"{shown(name_or_path)}: not a usable path "
+                          f"({exc.strerror or exc})") from None
+    if is_path:
         return path
     named = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not named.is_file():
+    if not re.match(NAME_PATTERN, name_or_path) or not named.is_file():
         known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise RecipeError(f"recipe '{name_or_path}' not found; named recipes: {known}")
+        raise RecipeError(f"recipe '{shown(name_or_path)}' not found; named recipes: {known}")
     return named
+
+
+# libyaml when PyYAML was built with it: 10x faster, and it refuses nesting past 1000 levels with
+# a YAMLError where the pure-Python composer recurses until RecursionError.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> RecipeError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}" if mark else "?"
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+    text = " ".join(str(problem).split())
+    return RecipeError(f"{path}: {where}: not valid YAML ({text[:200]})")
+
+
+def read_recipe_text(path: Path) -> str:
+    """The file as UTF-8 text, or one line saying why it is not a recipe file."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size} bytes; a recipe is a short YAML file (at most "
+                              f"{MAX_RECIPE_BYTES} bytes)")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}); save the recipe as UTF-8") from None
 
 
 def load_recipe(name_or_path: str) -> Recipe:
     path = recipe_path(name_or_path)
+    text = read_recipe_text(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(text, Loader=_LOADER)  # noqa: S506 - a safe loader (C or Python)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        problem = getattr(exc, "problem", exc)
-        raise RecipeError(f"{path}: {where}: not valid YAML ({problem})") from None
+        raise _yaml_error(path, exc) from None
+    except RecursionError:
+        raise RecipeError(f"{path}: not valid YAML (nested too deeply)") from None
     return parse_recipe(raw, str(path))
 
 

@@ -10,6 +10,8 @@ _EXPORTS = {
     "PkdqLM": "backend",  # the lm-eval backend (`--model pkdq`)
     "measure_latency": "speed",
     "profile_in_subprocess": "speed",
+    # torch-free: what a run's evaluation would not find (task YAML, data file), before a run
+    "missing_eval_data": "lm_eval_tasks.utils",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

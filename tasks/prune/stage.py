@@ -198,8 +198,7 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
     anatomy = Anatomy.of(model)
     plan = plan_prune(Dims.from_config(model.config), cfg)
     criteria = _criteria(cfg)
-    needs_data = any(c not in {"magnitude", "magnitude_l2", "random"} for c in criteria.values())
-    blocks = calibration_blocks(tokenizer, cfg, ctx) if needs_data else None
+    blocks = calibration_blocks(tokenizer, cfg, ctx) if cfg.needs_calibration() else None
     params_before = count_params(model)
     measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,
                             ctx.stage_name or "prune")
@@ -214,7 +213,7 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
         "plan": plan.to_json(),
         **removed,
         "round_to": cfg.round_to,
-        "calibration": cfg.calibration.model_dump() if needs_data else None,
+        "calibration": cfg.calibration.model_dump() if cfg.needs_calibration() else None,
         "params_before": params_before,
         "params_after": count_params(model),
     }

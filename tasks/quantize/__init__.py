@@ -6,6 +6,7 @@ _EXPORTS = {
     "quantize_stage": "stage",  # the stage: (ModelRef, QuantizeConfig, StageContext)
     "export_gguf": "gguf_export",  # any Llama folder, float or GPTQ, to a GGUF file
     "GgufExportError": "gguf_export",
+    "check_qtype": "gguf_export",  # refuses a qtype before the model is touched
     "GgufVerifyError": "gguf_verify",
     # torch-free layout rules, shared with the recipe checks before a run
     "MARLIN_K_MULTIPLE": "shapes",

@@ -32,6 +32,17 @@ SPLITS: dict[str, str] = {
 }
 
 DATA_DIR_KEY = "pkdq_data_dir"
+# The files each task reads under the data dir (the loaders below open exactly these).
+TASK_FILES: dict[str, tuple[str, ...]] = {
+    "arc_easy": ("arc/ARC-Easy-Test.jsonl",),
+    "arc_challenge": ("arc/ARC-Challenge-Test.jsonl",),
+    "piqa": ("piqa/valid.jsonl", "piqa/valid-labels.lst"),
+    "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2",),
+    "winogrande": ("winogrande/dev.jsonl", "winogrande/dev-labels.lst"),
+    "lambada_openai": ("lambada/lambada_test.jsonl",),
+    "boolq": ("boolq/val.jsonl",),
+    "wikitext": ("wikitext/wiki.test.raw",),
+}
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -74,7 +85,7 @@ def arc_docs(root: Path, subset: str) -> list[dict[str, Any]]:
     `choices.label.index(answerKey)` works with either, as on the HF copy.
     """
     out = []
-    for row in _jsonl(root / "arc" / f"ARC-{subset}-Test.jsonl"):
+    for row in _jsonl(root / TASK_FILES[f"arc_{subset.lower()}"][0]):
         choices = row["question"]["choices"]
         out.append({
             "id": row["id"],
@@ -88,8 +99,9 @@ def arc_docs(root: Path, subset: str) -> list[dict[str, Any]]:
 
 def piqa_docs(root: Path) -> list[dict[str, Any]]:
     """PIQA jsonl + the line-aligned labels file (0 = sol1, 1 = sol2)."""
-    docs = _jsonl(root / "piqa" / "valid.jsonl")
-    labels = _labels(root / "piqa" / "valid-labels.lst")
+    docs_file, labels_file = TASK_FILES["piqa"]
+    docs = _jsonl(root / docs_file)
+    labels = _labels(root / labels_file)
     _check_aligned("piqa", docs, labels)
     return [{"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y}
             for d, y in zip(docs, labels, strict=True)]
@@ -128,7 +140,7 @@ def hellaswag_docs(root: Path) -> list[dict[str, Any]]:
     Produces the fields lm-eval's `process_docs` would (query, choices, label); see
     `_capitalise_ctx_b` for the one step that can only be approximated.
     """
-    with bz2.open(root / "hellaswag" / "hellaswag_val_full.txt.bz2", "rt", encoding="utf-8") as f:
+    with bz2.open(root / TASK_FILES["hellaswag"][0], "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -149,8 +161,9 @@ def hellaswag_docs(root: Path) -> list[dict[str, Any]]:
 
 def winogrande_docs(root: Path) -> list[dict[str, Any]]:
     """WinoGrande dev; the labels file is the source of truth and must agree with `answer`."""
-    docs = _jsonl(root / "winogrande" / "dev.jsonl")
-    labels = _labels(root / "winogrande" / "dev-labels.lst")
+    docs_file, labels_file = TASK_FILES["winogrande"]
+    docs = _jsonl(root / docs_file)
+    labels = _labels(root / labels_file)
     _check_aligned("winogrande", docs, labels)
     out = []
     for d, y in zip(docs, labels, strict=True):
@@ -163,13 +176,13 @@ def winogrande_docs(root: Path) -> list[dict[str, Any]]:
 
 def lambada_docs(root: Path) -> list[dict[str, Any]]:
     """OpenAI's detokenised LAMBADA test, used as is (field `text`)."""
-    return [{"text": d["text"]} for d in _jsonl(root / "lambada" / "lambada_test.jsonl")]
+    return [{"text": d["text"]} for d in _jsonl(root / TASK_FILES["lambada_openai"][0])]
 
 
 def boolq_docs(root: Path) -> list[dict[str, Any]]:
     """BoolQ val: the label is the string "true"/"false"; the stock task wants 1 = yes, 0 = no."""
     out = []
-    for d in _jsonl(root / "boolq" / "val.jsonl"):
+    for d in _jsonl(root / TASK_FILES["boolq"][0]):
         label = d["label"]
         value = label if isinstance(label, bool) else str(label).strip().lower()
         if value not in (True, False, "true", "false"):
@@ -192,7 +205,7 @@ def wikitext_docs(root: Path) -> list[dict[str, Any]]:
     every level-1 heading line and drops blank chunks; the same cut here gives the same 62 pages,
     so word/byte counts and rolling windows match the stock task.
     """
-    lines = (root / "wikitext" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")
+    lines = (root / TASK_FILES["wikitext"][0]).read_text(encoding="utf-8").split("\n")
     pages: list[str] = []
     current: list[str] = []
     for line in lines:
@@ -216,6 +229,21 @@ DOC_LOADERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
     "boolq": boolq_docs,
     "wikitext": wikitext_docs,
 }
+
+
+def missing_eval_data(tasks: list[str], data_dir: str | os.PathLike[str] | None = None
+                      ) -> str | None:
+    """What evaluating `tasks` (and WikiText-2, which every evaluation scores) would not find:
+    a task YAML or a data file, in one line; None when all are there. Checked before a run."""
+    root = resolve_data_dir(data_dir)
+    for task in [*tasks, "wikitext"]:
+        if task not in TASK_FILES or not (Path(__file__).parent / f"{task}.yaml").is_file():
+            return f"evaluation task '{task}' does not exist here (no {task}.yaml)"
+        for rel in TASK_FILES[task]:
+            if not (root / rel).is_file():
+                return (f"evaluation task {task} reads {root / rel}, which is missing "
+                        "(set PKDQ_DATA_DIR to the folder holding the benchmark files)")
+    return None
 
 
 def load_docs(task: str, data_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
