@@ -226,6 +226,8 @@ def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
     key = stage_key("evaluate", model.fingerprint, recipe.evaluate.model_dump(mode="json"),
                     recipe.seed)
     record, why = check_finished(folder, key, EVAL_DONE, check_model=False)
+    if record is not None and not (folder / EVAL_FILE).is_file():  # a record listing no files
+        record, why = None, f"{EVAL_FILE} is missing"
     if record is not None:
         print(f"[{name}] evaluation finished earlier: reused", flush=True)
         return record, True

@@ -68,25 +68,62 @@ def _named_file(exc: BaseException) -> Path | None:
     return None
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not e for e in out):
+        out.append(current)
+        current = current.__cause__ or current.__context__
+    return out
+
+
+def file_in_traceback(exc: BaseException, folder: Path) -> Path | None:
+    """The path below `folder` that the innermost frame of the failed write held in a local
+    variable: libraries that drop the file name from their error (safetensors' Rust writer says
+    only "File too large (os error 27)", and removes the half-written file) still had it in
+    hand (`save_file(tensors, filename)`)."""
+    root = Path(folder).resolve()
+    for link in reversed(_chain(exc)):  # the original error first
+        frames = []
+        tb = link.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        for frame in reversed(frames):  # innermost first
+            for value in list(frame.f_locals.values()):
+                if not isinstance(value, str | os.PathLike) or not str(value):
+                    continue
+                try:
+                    path = Path(value).resolve()
+                except (OSError, TypeError, ValueError):
+                    continue
+                if path != root and path.is_relative_to(root) and not path.is_dir():
+                    return path
+    return None
+
+
 def newest_file(folder: Path) -> Path | None:
-    """The most recently modified file under `folder`: the one a failed save was writing."""
-    best: tuple[int, Path] | None = None
+    """The most recently modified file under `folder` (the larger one on a tie: the kernel's
+    timestamps are coarse), most likely the one a failed save was writing."""
+    best: tuple[int, int, Path] | None = None
     for file in Path(folder).rglob("*"):
         try:
             if file.is_file():
-                mtime = file.stat().st_mtime_ns
-                if best is None or mtime > best[0]:
-                    best = (mtime, file)
+                stat = file.stat()
+                if best is None or (stat.st_mtime_ns, stat.st_size) > best[:2]:
+                    best = (stat.st_mtime_ns, stat.st_size, file)
         except OSError:
             continue
-    return best[1] if best else None
+    return best[2] if best else None
 
 
 def disk_full_error(exc: BaseException, folder: Path) -> DiskFullError:
-    """The DiskFullError for `exc`, naming its file, else the newest file under `folder`."""
+    """The DiskFullError for `exc`, naming the file its error or its traceback names, else the
+    newest file under `folder`, else `folder` itself."""
     if isinstance(exc, DiskFullError):
         return exc
-    return DiskFullError(_named_file(exc) or newest_file(folder) or folder)
+    return DiskFullError(_named_file(exc) or file_in_traceback(exc, folder)
+                         or newest_file(folder) or folder)
 
 
 @contextmanager
