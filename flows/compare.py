@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.holding import hold_for_flow
 from tasks.compare import (
     COMPARE_FILE,
     baseline_folder,
@@ -34,11 +35,12 @@ from tasks.compare import (
     unit_folder,
 )
 from tasks.core.common import ModelRef
-from tasks.core.model_folder import is_sealed
+from tasks.core.model_folder import check_folder
 from tasks.core.model_store import resolve_model
 from tasks.core.recipe import Recipe, load_recipe
 from tasks.core.resources import check_machine
-from tasks.pipeline import frozen_recipe
+from tasks.pipeline import EVAL_DONE, frozen_recipe
+from tasks.run_folder import STAGE_FILE, intact_record
 
 
 def _scope(run_dir: str) -> str:
@@ -124,16 +126,44 @@ def publish_compare_artifacts(paths: dict[str, Path]) -> None:
 
 
 def _ensure_folder(future: Any, run_dir: str) -> None:
-    """A cached result whose unit folder was deleted must not be trusted."""
+    """A result (cached or not) whose model folder changed or vanished must not be trusted: the
+    same integrity check as a unit's reuse (`tasks.core.model_folder.check_folder`)."""
     model = future.result()
-    if not is_sealed(Path(model["path"])):
-        raise RuntimeError(f"{model['path']} vanished after a cache hit; rerun with a fresh "
-                           f"--run-id or delete {run_dir}/compare.json")
+    problem = check_folder(Path(model["path"]), model["fingerprint"], label=model["path"])
+    if problem:
+        raise RuntimeError(f"{problem} after its step finished; rerun the comparison in "
+                           f"{run_dir} to recompute it")
+
+
+REFRESH: dict[str, Any] = {"refresh_cache": True}
+
+
+def _cache_options(folder: Path, label: str, filename: str = STAGE_FILE,
+                   check_model: bool = True) -> dict[str, Any]:
+    """Task options for a unit's first task run in this flow: a Prefect cache record may only
+    stand in for a unit whose folder is finished and intact, so otherwise the cache is refreshed
+    (the task runs, and `run_unit` recomputes what changed). Later task runs of the same unit
+    in this flow keep the cache: the first one has just made the folder whole."""
+    record, why = intact_record(folder, filename, check_model)
+    if record is not None:
+        return {}
+    if why:
+        print(f"[compare] {label}: {why}: not taken from the Prefect cache", flush=True)
+    return REFRESH
 
 
 @flow(name="pkdq-compare", log_prints=True)
 def compare_flow(recipe_file: str, run_dir: str, orders: list[str]) -> str:
-    """Baseline eval, then every ordering's steps and evals, then the comparison report."""
+    """Baseline eval, then every ordering's steps and evals, then the comparison report.
+
+    The folder is held for the whole flow (one writer; `hold_run_folder`), as in the compress
+    flow.
+    """
+    with hold_for_flow(run_dir, "pkdq compare", recipe_file):
+        return _compare(recipe_file, run_dir, orders)
+
+
+def _compare(recipe_file: str, run_dir: str, orders: list[str]) -> str:
     recipe = load_recipe(recipe_file)
     check_machine(recipe.resources)
     base = resolve_model(recipe.model)
@@ -143,13 +173,17 @@ def compare_flow(recipe_file: str, run_dir: str, orders: list[str]) -> str:
                         concurrency=_concurrency_of_runner())
     first = shared_prefixes(orderings, base.fingerprint, recipe.seed)
     digest = _eval_digest(recipe)
-    futures: list[Any] = [eval_unit_task.with_options(name="eval baseline").submit(
+    futures: list[Any] = [eval_unit_task.with_options(
+        name="eval baseline", **_cache_options(baseline_folder(root), "baseline eval", EVAL_DONE,
+                                               check_model=False)).submit(
         run_dir, digest, baseline_folder(root).name, base.to_json(), baseline=True)]
     by_unit: dict[str, Any] = {}  # unit -> the first step future computing it
     evals: dict[str, Any] = {}
     try:
+        refreshed: set[str] = set()  # units whose Prefect cache record is not trusted
         for ordering, described in zip(orderings, info["orderings"], strict=True):
             upstream: Any = base.to_json()
+            stale = False  # an earlier step of this ordering was not taken from the cache
             ids = ordering.unit_ids(base.fingerprint, recipe.seed)
             for index, (step, uid) in enumerate(zip(ordering.steps, ids, strict=True)):
                 unit = unit_folder(root, uid, step.role).name
@@ -158,11 +192,23 @@ def compare_flow(recipe_file: str, run_dir: str, orders: list[str]) -> str:
                 if earlier is not None:
                     print(f"[compare] {name}: same unit {unit} as {first[uid]}: Prefect cache "
                           "hit, not recomputed", flush=True)
-                future = step_task.with_options(name=name).submit(
+                folder = root / "units" / unit
+                options: dict[str, Any] = {}
+                if earlier is None:  # after an upstream refresh, run_unit checks the key
+                    options = REFRESH if stale else _cache_options(folder, unit)
+                    if options:
+                        refreshed.add(unit)
+                stale = stale or unit in refreshed
+                future = step_task.with_options(name=name, **options).submit(
                     run_dir, ordering.name, index, upstream, base.to_json(), unit,
                     wait_for=[earlier] if earlier is not None else None)
                 earlier_eval = evals.get(unit)
-                evaluation = eval_unit_task.with_options(name=f"eval {name}").submit(
+                eval_options: dict[str, Any] = {}
+                if earlier_eval is None:  # a recomputed step clears its folder's evaluation
+                    eval_options = REFRESH if unit in refreshed else _cache_options(
+                        folder, f"{unit} eval", EVAL_DONE, check_model=False)
+                evaluation = eval_unit_task.with_options(name=f"eval {name}",
+                                                         **eval_options).submit(
                     run_dir, digest, unit, future,
                     wait_for=[earlier_eval] if earlier_eval is not None else None)
                 futures += [future, evaluation]

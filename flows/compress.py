@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.holding import hold_for_flow
 from tasks.core.common import ModelRef
 from tasks.core.model_store import resolve_model
 from tasks.core.recipe import RecipeError, load_recipe
@@ -74,7 +75,16 @@ def report_task(run_dir: str) -> str:
 
 @flow(name="pkdq-compress", log_prints=True)
 def compress_flow(recipe_file: str, run_dir: str) -> str:
-    """Baseline eval, then each stage and its eval in recipe order, then the report."""
+    """Baseline eval, then each stage and its eval in recipe order, then the report.
+
+    The run folder is held for the whole flow (one writer; `hold_run_folder`), here rather than
+    in the CLI alone so that a run a pool worker picks up is covered too.
+    """
+    with hold_for_flow(run_dir, "pkdq run", recipe_file):
+        return _compress(recipe_file, run_dir)
+
+
+def _compress(recipe_file: str, run_dir: str) -> str:
     recipe = load_recipe(recipe_file)
     check_machine(recipe.resources)  # on the machine that runs it, before any stage starts
     errors = recipe_errors(recipe)  # model, data, prune targets: here too for pool workers
@@ -101,3 +111,4 @@ def compress_flow(recipe_file: str, run_dir: str) -> str:
         raise
     mark_run(Path(run_dir), "finished", final_model=current.to_json())
     return report_task(run_dir)  # after marking, so the report shows the final status
+

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,17 +217,40 @@ def run_cmd(
                    f"comparison of that one order in {run_dir}")
         from flows.compare import run_compare
 
-        report = run_compare(source, str(run_dir), [order])
+        with _holding(run_dir):
+            report = run_compare(source, str(run_dir), [order])
         typer.echo(f"pkdq: finished; report at {report}")
         return
     typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
-    from flows.compress import compress_flow
+    with _holding(run_dir):
+        from flows.compress import compress_flow
+
+        try:
+            report = compress_flow(source, str(run_dir))
+        except ModelNotFoundError as exc:
+            _fail(str(exc))
+    typer.echo(f"pkdq: finished; report at {report}")
+
+
+@contextmanager
+def _holding(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder (one writer; the flow takes it again, nested) and turn the errors
+    the user fixes into one line and exit 2: the folder is busy, or the disk is full (exit 2,
+    not 1: nothing is wrong with the run, the machine needs space, then a rerun resumes)."""
+    from tasks.core.disk_full import disk_full_error, is_disk_full
+    from tasks.run_folder import RunFolderBusyError, hold_run_folder
 
     try:
-        report = compress_flow(source, str(run_dir))
-    except ModelNotFoundError as exc:
+        with hold_run_folder(run_dir):
+            yield
+    except RunFolderBusyError as exc:
         _fail(str(exc))
-    typer.echo(f"pkdq: finished; report at {report}")
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        _fail(str(disk_full_error(exc, run_dir)))
 
 
 def _run_on_pool(recipe_file: Path, run_dir: str, pool: str, api_url: str | None,
@@ -503,10 +527,11 @@ def compare_cmd(
             typer.echo(f"  {name} {i}. {step.label}: {step.note}")
     from flows.compare import run_compare
 
-    try:
-        report = run_compare(source, str(run_dir), order_list, concurrency)
-    except ModelNotFoundError as exc:
-        _fail(str(exc))
+    with _holding(run_dir):
+        try:
+            report = run_compare(source, str(run_dir), order_list, concurrency)
+        except ModelNotFoundError as exc:
+            _fail(str(exc))
     typer.echo(f"pkdq: finished; report at {report} (and report.html beside it)")
 
 

@@ -9,8 +9,10 @@ from there (`frozen_recipe`), never from the user's YAML, which may change while
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,20 +26,23 @@ from tasks.core.common import (
     read_json,
     write_json_atomic,
 )
+from tasks.core.disk_full import DiskFullError, disk_full_error, is_disk_full
 from tasks.core.recipe import Recipe, parse_recipe
 from tasks.core.resources import Resources, settle_for_machine
 from tasks.run_folder import (
     EVAL_FILE,
+    STAGE_FILE,
     begin_stage,
+    check_finished,
     data_fingerprint,
     finish_record,
-    finished_record,
     package_versions,
     stage_key,
 )
 
 BASELINE = "baseline"
 RUN_FILE = "run.json"
+EVAL_DONE = EVAL_FILE + ".done"  # an evaluation's record, beside its stage's stage.json
 
 
 @dataclass(frozen=True)
@@ -145,10 +150,13 @@ def unit_context(folder: Path, name: str, recipe: Recipe,
 def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
              input_ref: ModelRef, teacher: ModelRef | None,
              extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
-    """Run one stage into `folder` unless an identical finished one is there: (record, reused).
+    """Run one stage into `folder` unless an identical, intact finished one is there:
+    (record, reused).
 
     Shared by the compress flow (numbered stage folders) and the ordering comparison (unit
-    folders shared by orderings with a common prefix).
+    folders shared by orderings with a common prefix). A finished unit whose files changed since
+    it finished is run again, with one line naming the file; a full disk ends the unit with a
+    one-line DiskFullError and removes its unfinished attempt, so a rerun starts clean.
     """
     config = settle_for_machine(kind, config, recipe.resources)
     extra = dict(extra or {})
@@ -156,19 +164,50 @@ def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
         extra["teacher"] = teacher.fingerprint
     key = stage_key(kind, input_ref.fingerprint, config.model_dump(mode="json"), recipe.seed,
                     extra or None)
-    record = finished_record(folder, key)
+    record, why = check_finished(folder, key)
     if record is not None:
         print(f"[{name}] finished earlier (key {key}): reused", flush=True)
         return record, True
+    if why:
+        print(f"[{name}] finished earlier but {why}: recomputing", flush=True)
     begin_stage(folder)
     print(f"[{name}] starting", flush=True)
     started = time.perf_counter()
-    result = stage_runner(kind, recipe.resources)(input_ref, config,
-                                                  unit_context(folder, name, recipe, teacher))
-    metrics = {"stage": kind, "input": input_ref.to_json(), **result.metrics,
-               "stage_wall_s": time.perf_counter() - started}
-    write_json_atomic(folder / "metrics.json", metrics)
-    return finish_record(folder, key, result.model, metrics), False
+    with _unfinished_on_disk_full(folder):
+        result = stage_runner(kind, recipe.resources)(input_ref, config,
+                                                      unit_context(folder, name, recipe, teacher))
+        metrics = {"stage": kind, "input": input_ref.to_json(), **result.metrics,
+                   "stage_wall_s": time.perf_counter() - started}
+        write_json_atomic(folder / "metrics.json", metrics)
+        return finish_record(folder, key, result.model, metrics,
+                             files=_unit_files(folder, result.model)), False
+
+
+def _unit_files(folder: Path, model: ModelRef | None) -> list[str]:
+    """Every file a stage left in its folder, outside its sealed model folder (which carries its
+    own manifest): metrics, loss curves, a GGUF export."""
+    skip = model.path.resolve() if model else None
+    files = []
+    for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        if skip is not None and file.resolve().is_relative_to(skip):
+            continue
+        if file.name != STAGE_FILE:
+            files.append(file.relative_to(folder).as_posix())
+    return files
+
+
+@contextmanager
+def _unfinished_on_disk_full(attempt: Path) -> Iterator[None]:
+    """A full disk: raise one line naming the file, then delete the unfinished `attempt` (its
+    half-written files hold the space the user is asked to free; no record names them)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        error = disk_full_error(exc, attempt)
+        shutil.rmtree(attempt, ignore_errors=True)
+        raise error from (None if isinstance(exc, DiskFullError) else exc)
 
 
 def run_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe, input_ref: ModelRef,
@@ -180,25 +219,37 @@ def run_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe, input_ref: Mod
 
 def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
                   baseline: bool = False) -> tuple[dict[str, Any], bool]:
-    """Evaluate a model into `folder` once per (model fingerprint, eval config, seed)."""
+    """Evaluate a model into `folder` once per (model fingerprint, eval config, seed); an
+    evaluation whose eval.json or per-doc samples changed since it finished is run again."""
     from tasks.evaluate import evaluate_model
 
     folder.mkdir(parents=True, exist_ok=True)
     key = stage_key("evaluate", model.fingerprint, recipe.evaluate.model_dump(mode="json"),
                     recipe.seed)
-    record = finished_record(folder, key, EVAL_FILE + ".done")
-    if record is not None and (folder / EVAL_FILE).is_file():
+    record, why = check_finished(folder, key, EVAL_DONE, check_model=False)
+    if record is not None and not (folder / EVAL_FILE).is_file():  # a record listing no files
+        record, why = None, f"{EVAL_FILE} is missing"
+    if record is not None:
         print(f"[{name}] evaluation finished earlier: reused", flush=True)
         return record, True
+    if why:
+        print(f"[{name}] evaluation finished earlier but {why}: recomputing", flush=True)
+    (folder / EVAL_DONE).unlink(missing_ok=True)
     print(f"[{name}] evaluating {model.path.name}", flush=True)
     out_dir = folder / "eval"
     begin_stage(out_dir)
-    metrics = evaluate_model(model.path, recipe.evaluate, out_dir, data=data_dir(),
-                             seed=recipe.seed, threads=recipe.threads)
-    write_json_atomic(folder / EVAL_FILE, metrics)
-    if baseline:
-        write_json_atomic(folder / "metrics.json", {"stage": BASELINE, "model": model.to_json()})
-    return finish_record(folder, key, model, {"eval": EVAL_FILE}, EVAL_FILE + ".done"), False
+    with _unfinished_on_disk_full(out_dir):
+        metrics = evaluate_model(model.path, recipe.evaluate, out_dir, data=data_dir(),
+                                 seed=recipe.seed, threads=recipe.threads)
+        write_json_atomic(folder / EVAL_FILE, metrics)
+        files = [EVAL_FILE] + [f"eval/{p.relative_to(out_dir).as_posix()}"
+                               for p in sorted(out_dir.rglob("*")) if p.is_file()]
+        if baseline:
+            write_json_atomic(folder / "metrics.json",
+                              {"stage": BASELINE, "model": model.to_json()})
+            files.append("metrics.json")
+        return finish_record(folder, key, model, {"eval": EVAL_FILE}, EVAL_DONE,
+                             files=files), False
 
 
 def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,

@@ -60,6 +60,7 @@ def test_flow_runs_and_resumes_after_kill(tiny_llama_ref, tmp_path):
     output = second.communicate(timeout=900)[0]
     assert second.returncode == 0, output[-4000:]
     assert "[01-prune] finished earlier" in output
+    assert "which is gone: taking it over" in output  # the killed run's folder lock
     # lm-eval runs with the real print: no bytecode listing from dill leaks into the run log
     assert "RETURN_VALUE" not in output and "LOAD_GLOBAL" not in output, output[-4000:]
     assert marker.read_text() == prune_record and marker.stat().st_mtime == prune_mtime

@@ -18,8 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.common import ModelRef, cache_dir, set_offline_env
+from tasks.core.disk_full import disk_full_guard
 from tasks.core.gguf_header import GgufHeaderError, config_from_gguf
-from tasks.core.model_folder import is_sealed, model_ref, seal_folder
+from tasks.core.model_folder import (
+    check_folder,
+    checked_model_ref,
+    is_sealed,
+    model_ref,
+    seal_folder,
+)
 
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     # name: (distribution holding the GGUF, file name inside it), or for a GGUF shipped as chunk
@@ -118,10 +125,14 @@ def converted_dir(gguf: Path) -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF into a safetensors HF folder, once; reused while the folder is whole."""
+    """Dequantize a GGUF into a safetensors HF folder, once; reused while the folder is whole
+    (every file as sealed: a damaged conversion is redone, with one line saying why)."""
     set_offline_env()
     if is_sealed(out_dir):
-        return out_dir
+        problem = check_folder(out_dir, label=str(out_dir))
+        if problem is None:
+            return out_dir
+        print(f"[model-store] {problem}: converting again", flush=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[model-store] converting {gguf.name} to safetensors in {out_dir} (once)", flush=True)
@@ -136,9 +147,14 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         rebuilt.tie_weights()
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    rebuilt.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    seal_folder(tmp, out_dir)
+    try:
+        with disk_full_guard(tmp):
+            rebuilt.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            seal_folder(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never left to look like a conversion
+        raise
     return out_dir
 
 
@@ -149,7 +165,7 @@ def resolve_model(spec: str) -> ModelRef:
         return model_ref(convert_gguf(gguf, converted_dir(gguf)))
     path, folder, ggufs = _local(spec)
     if folder is not None:
-        return model_ref(folder)
+        return checked_model_ref(folder)
     if len(ggufs) == 1:
         return model_ref(convert_gguf(ggufs[0], converted_dir(ggufs[0])))
     if _maybe_hub_id(spec, path):
