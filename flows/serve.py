@@ -45,6 +45,7 @@ class Service:
     worker_pid: int
     home: str
     logs: str
+    ui_url: str = ""  # empty when served without --ui
 
     def stop_hint(self) -> str:
         return f"pkdq stop --home {self.home}   (or: kill {self.worker_pid} {self.server_pid})"
@@ -57,6 +58,10 @@ def default_home(port: int) -> Path:
 
 def api_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/api"
+
+
+def ui_url(host: str, port: int) -> str:
+    return f"http://{host}:{port}"
 
 
 def prefect_env(home: Path, url: str | None = None, **extra: str) -> dict[str, str]:
@@ -145,6 +150,24 @@ def wait_worker_online(url: str, pool: str, proc: subprocess.Popen, log: Path,
                      f"log {log}")
 
 
+def server_settings(port: int, ui: bool) -> dict[str, str]:
+    """The server's own address as settings, not only as `--host/--port` flags.
+
+    `prefect server start --port P` binds P but leaves PREFECT_SERVER_API_PORT at its default
+    (4200), and the UI learns where the API is from `GET /ui-settings`, whose `api_url` is
+    PREFECT_UI_API_URL, else PREFECT_API_URL, else http://<api host>:<api port>/api from those
+    settings. So on any port but 4200 the UI called http://127.0.0.1:4200/api and showed
+    "Can't connect to Server API". Setting the address here makes all three agree.
+    """
+    return {
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": api_url("127.0.0.1", port),
+        "PREFECT_UI_URL": ui_url("127.0.0.1", port),
+        "PREFECT_UI_ENABLED": str(ui).lower(),
+    }
+
+
 def serve(port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, home: Path | None = None,
           ui: bool = False, query_seconds: float = 5.0, limit: int = 1) -> Service:
     """Start server (127.0.0.1:port) and worker, create the pool if missing, record the pids."""
@@ -159,7 +182,7 @@ def serve(port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, home: Path | None 
     server_log, worker_log = logs / "server.log", logs / "worker.log"
     server = _spawn([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                      "--port", str(port), "--ui" if ui else "--no-ui", "--analytics-off"],
-                    prefect_env(home, PREFECT_UI_ENABLED=str(ui).lower()), server_log)
+                    prefect_env(home, **server_settings(port, ui)), server_log)
     worker = None
     try:
         wait_healthy(url, server, server_log)
@@ -175,7 +198,8 @@ def serve(port: int = DEFAULT_PORT, pool: str = DEFAULT_POOL, home: Path | None 
             if proc is not None:
                 _stop_group(proc.pid)
         raise
-    service = Service(url, pool, server.pid, worker.pid, str(home), str(logs))
+    service = Service(url, pool, server.pid, worker.pid, str(home), str(logs),
+                      ui_url("127.0.0.1", port) if ui else "")
     write_json_atomic(home / STATE_FILE, asdict(service))
     return service
 

@@ -299,6 +299,8 @@ def serve_cmd(
         _fail(str(exc))
     typer.echo(f"pkdq: prefect server pid {svc.server_pid} at {svc.api_url}")
     typer.echo(f"pkdq: worker pid {svc.worker_pid} polling process pool '{svc.pool}'")
+    if svc.ui_url:
+        typer.echo(f"pkdq: Prefect UI at {svc.ui_url}")
     typer.echo(f"pkdq: logs in {svc.logs}")
     typer.echo(f"submit: pkdq run RECIPE --pool {svc.pool} --api-url {svc.api_url}")
     typer.echo(f"stop:   {svc.stop_hint()}")

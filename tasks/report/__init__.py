@@ -15,6 +15,6 @@ _EXPORTS = {
     "stage_retention": "retention",  # stage score / baseline score, with standard errors
     "loss_curve": "plots",
 }
-_MODULES = ("plots", "browser")  # PNG plots every page draws with; headless Chromium checks
+_MODULES = ("plots", "browser", "devtools")  # PNG plots; headless Chromium: files, live apps
 __all__ = sorted([*_EXPORTS, *_MODULES])
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _MODULES)
