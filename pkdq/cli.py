@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,9 +87,14 @@ def run_cmd(
     api_url: str = typer.Option(None, help="with --pool: the Prefect API (default: "
                                            "PREFECT_API_URL, else http://127.0.0.1:4200/api)"),
     wait: bool = typer.Option(True, help="with --pool: wait until the flow run ends"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
+                                 "banners and Prefect's log lines (always in <run>/run.log)"),
 ) -> None:
-    """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage."""
-    from tasks.core.model_store import ModelNotFoundError
+    """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage.
+
+    The terminal shows pkdq's own lines (stages, steps, tok/s, ETA, results); everything, library
+    output included, goes to the run folder's run.log.
+    """
     from tasks.core.recipe import RecipeError, load_recipe, recipe_path
     from tasks.core.resources import ResourceError, check_machine
 
@@ -96,16 +103,18 @@ def run_cmd(
         source = str(recipe_path(recipe).resolve())
     except RecipeError as exc:
         _fail(str(exc))
-    _echo_rule_warnings(parsed)  # advice only: the run goes ahead
     if pool:
+        _echo_rule_warnings(parsed)  # advice only: the run goes ahead
         _run_on_pool(Path(source), f"{runs_dir.rstrip('/')}/{run_id or parsed.name}", pool,
                      api_url, wait)
         return
     try:
-        check_machine(parsed.resources)  # refuse before any stage starts
+        check_machine(parsed.resources)  # refuse before any stage starts or folder exists
     except ResourceError as exc:
         _fail(str(exc))
     run_dir = (Path(runs_dir) / (run_id or parsed.name)).resolve()
+    log = _capture(run_dir, verbose)
+    _echo_rule_warnings(parsed)  # advice only: the run goes ahead
     if parsed.ordering_experiment:  # a non-production order: run it as a one-order comparison
         from tasks.compare import KIND_LETTER
 
@@ -114,17 +123,42 @@ def run_cmd(
                    f"comparison of that one order in {run_dir}")
         from flows.compare import run_compare
 
-        report = run_compare(source, str(run_dir), [order])
+        with _crash_to_one_line(log):
+            report = run_compare(source, str(run_dir), [order])
         typer.echo(f"pkdq: finished; report at {report}")
         return
     typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
     from flows.compress import compress_flow
 
-    try:
+    with _crash_to_one_line(log):
         report = compress_flow(source, str(run_dir))
+    typer.echo(f"pkdq: finished; report at {report}")
+
+
+def _capture(run_dir: Path, verbose: bool) -> Path:
+    """From here on the terminal shows pkdq's lines and run_dir/run.log gets everything."""
+    from pkdq.terminal import capture_terminal
+
+    return capture_terminal(run_dir, verbose, header=" ".join(["pkdq", *sys.argv[1:]])).log_path
+
+
+@contextmanager
+def _crash_to_one_line(log: Path) -> Iterator[None]:
+    """A failed flow: one line on the terminal; a genuine crash's traceback goes to run.log."""
+    import traceback
+
+    from tasks.core.common import one_line
+    from tasks.core.model_store import ModelNotFoundError
+
+    try:
+        yield
     except ModelNotFoundError as exc:
         _fail(str(exc))
-    typer.echo(f"pkdq: finished; report at {report}")
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the same command resumes (log: {log})", code=130)
+    except Exception as exc:
+        traceback.print_exc()  # stderr is captured: run.log only, unless --verbose
+        _fail(f"{one_line(exc)} (traceback in {log})", code=1)
 
 
 def _run_on_pool(recipe_file: Path, run_dir: str, pool: str, api_url: str | None,
@@ -347,10 +381,14 @@ def compare_cmd(
                                           "again with the same id resumes"),
     concurrency: int = typer.Option(1, min=1, help="orderings run at once (Prefect thread-pool "
                                                    "task runner); 1 on small machines"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
+                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
 ) -> None:
-    """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow."""
+    """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow.
+
+    The terminal shows pkdq's own lines; everything goes to the comparison folder's run.log.
+    """
     from tasks.compare import parse_orders, plan_ordering
-    from tasks.core.model_store import ModelNotFoundError
     from tasks.core.recipe import RecipeError, load_recipe, recipe_path
     from tasks.core.resources import ResourceError, check_machine
 
@@ -364,18 +402,17 @@ def compare_cmd(
         check_machine(parsed.resources)
     except ResourceError as exc:
         _fail(str(exc))
-    _print_rule_warnings(parsed, order_list)
     run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-compare")).resolve()
+    log = _capture(run_dir, verbose)
+    _print_rule_warnings(parsed, order_list)
     typer.echo(f"pkdq: comparing {', '.join(order_list)} of {parsed.name} in {run_dir}")
     for name in order_list:
         for i, step in enumerate(plan_ordering(parsed, name).steps, start=1):
             typer.echo(f"  {name} {i}. {step.label}: {step.note}")
     from flows.compare import run_compare
 
-    try:
+    with _crash_to_one_line(log):
         report = run_compare(source, str(run_dir), order_list, concurrency)
-    except ModelNotFoundError as exc:
-        _fail(str(exc))
     typer.echo(f"pkdq: finished; report at {report} (and report.html beside it)")
 
 
