@@ -72,7 +72,7 @@ def step_task(run_dir: str, order: str, index: int, input_model: dict[str, str],
     ordering = plan_ordering(recipe, order)
     record, reused = run_ordering_step(Path(run_dir), recipe, ordering, index,
                                        ModelRef.from_json(input_model), ModelRef.from_json(base))
-    get_run_logger().info("%s step %d (%s): %s", order, index + 1, unit,
+    get_run_logger().info("[compare] %s step %d (%s): %s", order, index + 1, unit,
                           "reused from the unit folder" if reused else "done")
     return record["model"]
 
@@ -84,7 +84,7 @@ def eval_unit_task(run_dir: str, eval_digest: str, unit: str, model: dict[str, s
     recipe = _recipe(run_dir)
     folder = Path(run_dir) / "units" / unit
     _, reused = evaluate_folder(folder, recipe, ModelRef.from_json(model), baseline=baseline)
-    get_run_logger().info("eval %s %s", unit, "reused" if reused else "done")
+    get_run_logger().info("[compare] eval %s %s", unit, "reused" if reused else "done")
     return unit
 
 

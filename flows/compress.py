@@ -46,7 +46,8 @@ def stage_task(run_dir: str, index: int, input_ref: dict[str, str],
     stage = plan(recipe)[index]
     record, reused = run_stage(Path(run_dir), stage, recipe, ModelRef.from_json(input_ref),
                                ModelRef.from_json(teacher) if teacher else None)
-    get_run_logger().info("%s %s", stage.folder, "reused (finished earlier)" if reused else "done")
+    get_run_logger().info("[%s] %s", stage.folder,
+                          "reused (finished earlier)" if reused else "done")
     return record
 
 
@@ -55,7 +56,7 @@ def eval_task(run_dir: str, index: int, model: dict[str, str]) -> dict[str, Any]
     recipe = frozen_recipe(Path(run_dir) / RUN_FILE)
     stage = plan(recipe)[index]
     record, reused = evaluate_stage(Path(run_dir), stage, recipe, ModelRef.from_json(model))
-    get_run_logger().info("eval %s %s", stage.folder, "reused" if reused else "done")
+    get_run_logger().info("[%s] evaluation %s", stage.folder, "reused" if reused else "done")
     return record
 
 

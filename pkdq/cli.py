@@ -189,9 +189,14 @@ def run_cmd(
     api_url: str = typer.Option(None, help="with --pool: the Prefect API (default: "
                                            "PREFECT_API_URL, else http://127.0.0.1:4200/api)"),
     wait: bool = typer.Option(True, help="with --pool: wait until the flow run ends"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
+                                 "banners and Prefect's log lines (always in <run>/run.log)"),
 ) -> None:
-    """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage."""
-    from tasks.core.model_store import ModelNotFoundError
+    """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage.
+
+    The terminal shows pkdq's own lines (stages, steps, tok/s, ETA, results); everything, library
+    output included, goes to the run folder's run.log.
+    """
     from tasks.core.resources import ResourceError, check_machine
 
     _check_run_id(run_id)
@@ -199,36 +204,37 @@ def run_cmd(
     source = str(Path(source).resolve())
     # errors stop here, before any stage; warnings are advice and the run goes ahead. A pool's
     # worker has its own disk: model and data are checked there (compress_flow), not here.
-    _echo_findings(_findings(parsed, source, here=not pool))
+    findings = _findings(parsed, source, here=not pool)
     if pool:
+        _echo_findings(findings)
         _run_on_pool(Path(source), f"{runs_dir.rstrip('/')}/{run_id or parsed.name}", pool,
                      api_url, wait)
         return
     try:
-        check_machine(parsed.resources)  # refuse before any stage starts
+        check_machine(parsed.resources)  # refuse before any stage starts or folder exists
     except ResourceError as exc:
         _fail(str(exc))
     run_dir = (Path(runs_dir) / (run_id or parsed.name)).resolve()
-    if parsed.ordering_experiment:  # a non-production order: run it as a one-order comparison
-        from tasks.compare import KIND_LETTER
-
-        order = "-".join(KIND_LETTER[kind] for kind, _ in parsed.stage_list())
-        typer.echo(f"pkdq: {parsed.name} is an ordering experiment ({order}); running it as a "
-                   f"comparison of that one order in {run_dir}")
-        from flows.compare import run_compare
-
-        with _holding(run_dir):
-            report = run_compare(source, str(run_dir), [order])
-        typer.echo(f"pkdq: finished; report at {report}")
-        return
-    typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
     with _holding(run_dir):
+        log = _capture(run_dir, verbose)
+        _echo_findings(findings)
+        if parsed.ordering_experiment:  # a non-production order: a one-order comparison
+            from tasks.compare import KIND_LETTER
+
+            order = "-".join(KIND_LETTER[kind] for kind, _ in parsed.stage_list())
+            typer.echo(f"pkdq: {parsed.name} is an ordering experiment ({order}); running it "
+                       f"as a comparison of that one order in {run_dir}")
+            from flows.compare import run_compare
+
+            with _crash_to_one_line(log):
+                report = run_compare(source, str(run_dir), [order])
+            typer.echo(f"pkdq: finished; report at {report}")
+            return
+        typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
         from flows.compress import compress_flow
 
-        try:
+        with _crash_to_one_line(log):
             report = compress_flow(source, str(run_dir))
-        except ModelNotFoundError as exc:
-            _fail(str(exc))
     typer.echo(f"pkdq: finished; report at {report}")
 
 
@@ -251,6 +257,42 @@ def _holding(run_dir: Path) -> Iterator[None]:
         if not is_disk_full(exc):
             raise
         _fail(str(disk_full_error(exc, run_dir)))
+
+
+def _capture(run_dir: Path, verbose: bool) -> Path:
+    """From here on the terminal shows pkdq's lines and run_dir/run.log gets everything."""
+    from pkdq.terminal import capture_terminal
+
+    return capture_terminal(run_dir, verbose, header=" ".join(["pkdq", *sys.argv[1:]])).log_path
+
+
+@contextmanager
+def _crash_to_one_line(log: Path) -> Iterator[None]:
+    """A failed flow: one line on the terminal; a genuine crash's traceback goes to run.log.
+
+    Errors the user fixes (model not found, busy folder, disk full) pass through to their own
+    one-line handlers first.
+    """
+    import traceback
+
+    from tasks.core.common import one_line
+    from tasks.core.disk_full import is_disk_full
+    from tasks.core.model_store import ModelNotFoundError
+    from tasks.run_folder import RunFolderBusyError
+
+    try:
+        yield
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    except (typer.Exit, RunFolderBusyError):
+        raise
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the same command resumes (log: {log})", code=130)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise
+        traceback.print_exc()  # stderr is captured: run.log only, unless --verbose
+        _fail(f"{one_line(exc)} (traceback in {log})", code=1)
 
 
 def _run_on_pool(recipe_file: Path, run_dir: str, pool: str, api_url: str | None,
@@ -499,10 +541,14 @@ def compare_cmd(
                                           "again with the same id resumes"),
     concurrency: int = typer.Option(1, min=1, max=64, help="orderings run at once (Prefect "
                                     "thread-pool task runner); 1 on small machines"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
+                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
 ) -> None:
-    """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow."""
+    """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow.
+
+    The terminal shows pkdq's own lines; everything goes to the comparison folder's run.log.
+    """
     from tasks.compare import parse_orders, plan_ordering
-    from tasks.core.model_store import ModelNotFoundError
     from tasks.core.recipe import RecipeError
     from tasks.core.resources import ResourceError, check_machine
     from tasks.rules import recipe_errors
@@ -521,19 +567,18 @@ def compare_cmd(
         check_machine(parsed.resources)
     except ResourceError as exc:
         _fail(str(exc))
-    _print_rule_warnings(parsed, order_list)
     run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-compare")).resolve()
-    typer.echo(f"pkdq: comparing {', '.join(order_list)} of {parsed.name} in {run_dir}")
-    for name in order_list:
-        for i, step in enumerate(plan_ordering(parsed, name).steps, start=1):
-            typer.echo(f"  {name} {i}. {step.label}: {step.note}")
-    from flows.compare import run_compare
-
     with _holding(run_dir):
-        try:
+        log = _capture(run_dir, verbose)
+        _print_rule_warnings(parsed, order_list)
+        typer.echo(f"pkdq: comparing {', '.join(order_list)} of {parsed.name} in {run_dir}")
+        for name in order_list:
+            for i, step in enumerate(plan_ordering(parsed, name).steps, start=1):
+                typer.echo(f"  {name} {i}. {step.label}: {step.note}")
+        from flows.compare import run_compare
+
+        with _crash_to_one_line(log):
             report = run_compare(source, str(run_dir), order_list, concurrency)
-        except ModelNotFoundError as exc:
-            _fail(str(exc))
     typer.echo(f"pkdq: finished; report at {report} (and report.html beside it)")
 
 
