@@ -38,11 +38,11 @@ def tiny_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-run") -> Pat
 def tiny_resume_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-resume") -> Path:
     """`tiny_recipe` for a test that restarts a run a dozen times: KD long enough to be killed
     mid-training after a checkpoint (16 steps, a checkpoint every 2), evaluation trimmed to what
-    each unit still needs to show (2 docs per task, a short WikiText slice, one rolling page,
-    no speed measurement: timings are not compared anyway)."""
+    each unit still needs to show (2 docs per task, a short WikiText slice, no lm-eval rolling
+    pages, no speed measurement: timings are not compared anyway)."""
     raw = tiny_recipe_raw(model_path, name)
     raw["stages"][1]["distill"].update(tokens=1024, checkpoint_every=2)
     raw["evaluate"] = {"tasks": ["arc_easy", "piqa"], "samples": 2, "batch_size": 4,
-                       "wikitext": {"tokens": 256, "max_length": 64, "pages": 1},
+                       "wikitext": {"tokens": 256, "max_length": 64, "pages": 0},
                        "speed": {"enabled": False}}
     return write_recipe(tmp_path, raw)
