@@ -33,7 +33,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import ModelRef, pkdq_version, read_json, write_json_atomic
+from tasks.core.common import (
+    CHECKPOINT_DIR,
+    ModelRef,
+    pkdq_version,
+    read_json,
+    write_json_atomic,
+)
 from tasks.core.disk_full import shown_path
 from tasks.core.model_folder import check_folder, files_problem, record_files
 
@@ -118,11 +124,22 @@ def finished_record(folder: Path, key: str, filename: str = STAGE_FILE) -> dict[
 
 
 def begin_stage(folder: Path) -> None:
-    """Clear whatever an interrupted attempt left, so nothing half-written is ever reused."""
+    """Clear whatever an interrupted attempt left, so nothing half-written is ever reused.
+
+    Only the stage's mid-stage checkpoint (`CHECKPOINT_DIR`) stays: it is how a killed KD stage
+    resumes from its last save instead of step 0, and it resumes only a run whose fingerprint
+    it carries (`tasks.distill.checkpoint`).
+    """
     folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    for child in folder.iterdir():
+        real_dir = child.is_dir() and not child.is_symlink()
+        if real_dir and child.name == CHECKPOINT_DIR:
+            continue
+        if real_dir:
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def finish_record(folder: Path, key: str, model: ModelRef | None, metrics: dict[str, Any],

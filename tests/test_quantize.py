@@ -90,6 +90,8 @@ def test_checkpoint_loads_and_stays_close(run, request, fp_logits):
     assert result.model.path == (out / "model").resolve()
     assert not any(p.name.endswith(".partial") for p in out.iterdir())
     assert any((out / "gptqmodel-logs").iterdir()), "GPTQModel's logs belong in the stage folder"
+    # its per-module log holds wall times: inside the model it would change the fingerprint
+    assert (out / "quant_log.csv").is_file() and not (result.model.path / "quant_log.csv").exists()
     qcfg = json.loads((result.model.path / "config.json").read_text())["quantization_config"]
     assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"]) == ("gptq", 4, 32)
     kl, max_diff = _kl_to_fp(result, fp_logits)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 
-def tiny_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-run") -> Path:
-    raw = {
+def tiny_recipe_raw(model_path: Path, name: str = "tiny-run") -> dict[str, Any]:
+    return {
         "name": name,
         "model": str(model_path),
         "seed": 7,
@@ -22,6 +23,26 @@ def tiny_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-run") -> Pat
         "evaluate": {"tasks": ["arc_easy", "piqa"], "samples": 4, "batch_size": 4,
                      "wikitext": {"tokens": 512, "max_length": 128}},
     }
-    path = tmp_path / f"{name}.yaml"
+
+
+def write_recipe(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    path = tmp_path / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def tiny_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-run") -> Path:
+    return write_recipe(tmp_path, tiny_recipe_raw(model_path, name))
+
+
+def tiny_resume_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-resume") -> Path:
+    """`tiny_recipe` for a test that restarts a run a dozen times: KD long enough to be killed
+    mid-training after a checkpoint (16 steps, a checkpoint every 2), evaluation trimmed to what
+    each unit still needs to show (2 docs per task, a short WikiText slice, no lm-eval rolling
+    pages, no speed measurement: timings are not compared anyway)."""
+    raw = tiny_recipe_raw(model_path, name)
+    raw["stages"][1]["distill"].update(tokens=1024, checkpoint_every=2)
+    raw["evaluate"] = {"tasks": ["arc_easy", "piqa"], "samples": 2, "batch_size": 4,
+                       "wikitext": {"tokens": 256, "max_length": 64, "pages": 0},
+                       "speed": {"enabled": False}}
+    return write_recipe(tmp_path, raw)

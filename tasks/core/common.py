@@ -68,6 +68,12 @@ class ModelRef:
         return cls(Path(data["path"]), data["fingerprint"])
 
 
+# Inside a stage's folder: its mid-stage resume state (KD's `tasks.distill.checkpoint`). The one
+# thing a restarted stage keeps of an interrupted attempt (`tasks.run_folder.begin_stage`): it
+# carries a fingerprint of the run it belongs to and is used only when that matches.
+CHECKPOINT_DIR = "checkpoint"
+
+
 @dataclass
 class StageContext:
     """What a stage needs besides its input model and config."""

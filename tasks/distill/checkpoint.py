@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from tasks.core.common import write_json_atomic
+
 
 def _base(model):
     return getattr(model, "module", model)
@@ -118,8 +120,9 @@ class Checkpointer:
             "extra": {name: obj.state_dict() for name, obj in self.extra.items()},
         }
         _save(state, self.path)
-        (self.folder / "state.json").write_text(json.dumps(
-            {"fingerprint": self.fingerprint, "step": step}))
+        # atomic too: a kill mid-write must not leave a sidecar that `matches` cannot parse
+        write_json_atomic(self.folder / "state.json", {"fingerprint": self.fingerprint,
+                                                       "step": step})
 
     def matches(self) -> bool:
         """A resumable checkpoint for this exact run exists (read from a small sidecar)."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import (
+    CHECKPOINT_DIR,
     ModelRef,
     StageContext,
     StageResult,
@@ -145,7 +146,7 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     engine = KDEngine.for_models(cfg, plan.steps, model, teacher, cache)
     teachers = TeacherHolder(teacher, ctx.teacher, offload=teacher_idle(cfg, rt))
     del teacher  # the holder owns it: offloaded, nothing else may keep it alive
-    ckpt_dir = Path(ctx.out_dir) / "checkpoint"
+    ckpt_dir = Path(ctx.out_dir) / CHECKPOINT_DIR
     keep_best = cfg.keep_best and cfg.eval_every > 0 and rt.world == 1
     monitor = PlateauMonitor(cfg.early_stop_patience, cfg.early_stop_min_delta,
                              ckpt_dir / "best.pt" if keep_best else None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,6 +149,9 @@ def _train_steps(student, teacher, blocks: torch.Tensor, cfg: DistillConfig, ste
     if resumed is not None:
         first, cursor, tokens = resumed["step"] + 1, resumed["cursor"], resumed["tokens"]
         curve = resumed["curve"]
+        if rt.is_main:
+            print(f"[{stage}] resumed from the checkpoint at step {resumed['step']} of {steps}",
+                  file=sys.stderr, flush=True)
     for step in range(first, steps + 1):
         engine.set_step(step)
         parts = {"loss": 0.0, "kl": 0.0, "ce": 0.0}

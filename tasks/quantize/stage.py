@@ -45,6 +45,10 @@ VERIFY_TOKENS = 256  # one short training-text block for the post-save sanity fo
 
 
 GGUF_FILE = "model.gguf"  # with `gguf:` set, written beside the stage's model folder
+# GPTQModel's per-module log, which it saves into the model folder. It holds each module's wall
+# time, so inside the folder it would give identical weights a new fingerprint every run (and a
+# resumed run a final model that differs from an uninterrupted one's): it goes beside the folder.
+QUANT_LOG = "quant_log.csv"
 
 
 def _calibration_blocks(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> torch.Tensor:
@@ -118,8 +122,12 @@ def _log_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _finalize(tmp: Path, final: Path, tokenizer) -> ModelRef:
-    """Tokenizer in, fingerprint stored, then one rename: a crash never leaves a 'done' folder."""
+    """Tokenizer in, GPTQModel's log out (`QUANT_LOG`), fingerprint stored, then one rename: a
+    crash never leaves a 'done' folder."""
     tokenizer.save_pretrained(str(tmp))
+    log = tmp / QUANT_LOG
+    if log.is_file():
+        log.replace(final.parent / QUANT_LOG)
     return seal_folder(tmp, final)
 
 
