@@ -14,6 +14,9 @@ set_offline_env()
 _PREFECT_HOME = tempfile.mkdtemp(prefix="pkdq-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
+# As pkdq.env sets for the CLI: a fresh database's first API start can pass the 20 s default
+# on a loaded machine (in-process flows in tests/test_compare.py start it).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 @pytest.fixture(scope="session")

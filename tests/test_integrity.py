@@ -6,6 +6,8 @@ a second) and, where the command line is the subject, `python -m pkdq` in a subp
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import resource
@@ -167,8 +169,12 @@ def test_input_folder_changed_since_sealing_gets_its_real_fingerprint(tiny_llama
     assert (copy / MANIFEST_FILE).is_file()
 
 
-def test_compare_cache_is_refreshed_for_a_changed_unit(tiny_llama_ref, tmp_path, capsys):
-    """The compare flow's Prefect cache may stand in only for an intact unit folder."""
+def test_compare_cache_is_refreshed_for_a_changed_unit(tiny_llama_ref, tmp_path):
+    """The compare flow's Prefect cache may stand in only for an intact unit folder.
+
+    No capsys here: Prefect binds its console handler to the sys.stderr of its first import,
+    and capsys closes its stream after the test, breaking every later flow in the session.
+    """
     from flows.compare import REFRESH, _cache_options, _ensure_folder
 
     recipe = load_recipe(str(_recipe_file(tmp_path, tiny_llama_ref.path)))
@@ -185,10 +191,11 @@ def test_compare_cache_is_refreshed_for_a_changed_unit(tiny_llama_ref, tmp_path,
 
     _ensure_folder(Done(), str(tmp_path))
     (model / "model.safetensors").write_bytes(b"")
-    capsys.readouterr()
-    assert _cache_options(folder, "abc-prune") == REFRESH
-    assert ("[compare] abc-prune: model/model.safetensors changed (size 0 != "
-            in capsys.readouterr().out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert _cache_options(folder, "abc-prune") == REFRESH
+    assert printed.getvalue().startswith(
+        "[compare] abc-prune: model/model.safetensors changed (size 0 != ")
     with pytest.raises(RuntimeError, match=r"model.safetensors changed \(size 0 != \d+ recorded"
                                            r"\) after its step finished"):
         _ensure_folder(Done(), str(tmp_path))
