@@ -89,6 +89,7 @@ class TerminalCapture:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._pid = os.getpid()  # a forked child inherits the atexit hook, not the reader
 
     # ------------------------------------------------------------------ start / close
     def start(self, header: str = "") -> TerminalCapture:
@@ -119,13 +120,13 @@ class TerminalCapture:
         atexit.register(self.close)
         return self
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = 2.0) -> None:
         """Put the terminal back and write out what is still in the pipes.
 
         Children that still hold the pipes (none, normally, by exit) keep the reader waiting up
-        to `timeout_s`; what they write after that is lost.
+        to `timeout_s`; what they write after that is lost, and the log says so.
         """
-        if self._closed or self._thread is None:
+        if self._closed or self._thread is None or os.getpid() != self._pid:
             return
         self._closed = True
         for stream in (sys.stdout, sys.stderr):
@@ -137,6 +138,9 @@ class TerminalCapture:
         with self._lock:
             for read_end in list(self._pipes):
                 self._drain(read_end)
+            if self._pipes:
+                _write_all(self._log_fd, b"==== pkdq: child processes still hold the terminal; "
+                                         b"what they write from here on is not logged\n")
             for fd in (1, 2):
                 self._flush_pending(fd)
             for read_end in list(self._pipes):

@@ -45,14 +45,14 @@ def test_flow_runs_and_resumes_after_kill(tiny_llama_ref, tmp_path):
     recipe = tiny_recipe(tmp_path, tiny_llama_ref.path)
     runs = tmp_path / "runs"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = _pkdq(["run", str(recipe), "--runs-dir", str(runs)], env)
+    first = _pkdq(["run", str(recipe), "--runs-dir", str(runs), "--verbose"], env)
     marker = runs / "tiny-run" / "01-prune" / "stage.json"
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
     assert marker.exists(), first.communicate()[0][-3000:]
     os.killpg(first.pid, signal.SIGKILL)  # a hard kill mid-run, as a crash would
-    first.wait()
+    verbose_terminal = first.communicate()[0]
     prune_record = marker.read_text()
     prune_mtime = marker.stat().st_mtime
 
@@ -81,11 +81,38 @@ def test_flow_runs_and_resumes_after_kill(tiny_llama_ref, tmp_path):
     assert "03-quantize" in md and "arc_easy" in md
     assert "status **finished**" in md
 
+    _check_terminal(verbose_terminal, output, (run_dir / "run.log").read_text())
+
     # pkdq report rebuilds from the folder alone.
     rebuilt = subprocess.run([sys.executable, "-m", "pkdq", "report", str(run_dir)],
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "Retention per benchmark" in rebuilt.stdout
+
+
+# Library lines of a tiny run: Prefect's per-task INFO lines, GPTQModel's banner and tables, the
+# startup warnings of torch/torchao/accelerate (these come and go with library versions).
+PREFECT_CHATTER = ("| INFO    | Task run", "Finished in state Completed()", "Beginning flow run")
+LIBRARY_NOISE = (*PREFECT_CHATTER, "GPT-QModel", "INFO  Kernel:", "_pytree.py", "torchao",
+                 "Failed to load", "recompil", "| WARNING |", "Loading weights")
+
+
+def _check_terminal(verbose: str, default: str, log: str) -> None:
+    """pkdq's lines on the terminal, library output only in run.log (and with --verbose)."""
+    for text in LIBRARY_NOISE:
+        assert text not in default, f"{text!r} on the terminal:\n{default[-3000:]}"
+    for text in ("[02-distill] step 4/4 |", "tok/s", "ETA", "[03-quantize] starting",
+                 "[evaluate] piqa: acc_norm", "[01-prune] finished earlier",
+                 "[03-quantize] done", "pkdq: finished; report at"):
+        assert text in default, f"{text!r} missing:\n{default[-3000:]}"
+        assert text in log, text
+    for text in (*PREFECT_CHATTER, "GPT-QModel", "INFO  Kernel:"):
+        assert text in log, text
+    # the verbose first attempt (killed after prune) showed the library lines as they came
+    assert "| INFO    | Task run" in verbose and "[00-baseline] evaluating" in verbose
+    assert sum(line in log for line in verbose.splitlines()) >= len(verbose.splitlines()) - 1
+    headers = [line for line in log.splitlines() if line.startswith("==== ")]
+    assert len(headers) == 2  # one header per attempt: run.log is appended to
 
 
 @pytest.mark.parametrize("missing", ["no-such-model-xyz", "/nonexistent/folder"])
