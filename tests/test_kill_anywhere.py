@@ -128,13 +128,21 @@ def audit_summary(rows: list[dict[str, Any]]) -> dict[str, int]:
 # --------------------------------------------------------------------------- running pkdq
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the test process dies (Linux PR_SET_PDEATHSIG), so a
+    test run that is itself killed leaves no server or pkdq run behind in its own session."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+
+
 def _launch(recipe: Path, runs: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     """`pkdq run RECIPE --runs-dir RUNS` in its own session (so killpg reaches every child)."""
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "pkdq", "run", str(recipe),
                                  "--runs-dir", str(runs)], cwd=REPO_ROOT, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def _finish(proc: subprocess.Popen, log: Path, timeout: float = RUN_TIMEOUT_S) -> None:
@@ -408,7 +416,8 @@ def prefect_server(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host",
                                  "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"],
                                 cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
     try:
         yield proc, log, url, home
     finally:
