@@ -263,3 +263,54 @@ def _gguf_config(gguf: Path) -> dict[str, Any]:
         return config_from_gguf(gguf)
     except (OSError, GgufHeaderError) as exc:
         raise ModelNotFoundError(f"{gguf}: not a readable GGUF file ({exc})") from None
+
+
+def _quant_method(quant: Any) -> str | None:
+    if isinstance(quant, dict):
+        return quant.get("quant_method")
+    return getattr(quant, "quant_method", None)
+
+
+def is_quantized(path: Path) -> bool:
+    """True for weight-quantized checkpoints; a GGUF-converted folder is plain dequantized fp32."""
+    quant = read_config(path).get("quantization_config")
+    return bool(quant) and quant.get("quant_method") != "gguf"
+
+
+def load_model(ref: ModelRef | Path, dtype: Any = None, device: str = "cpu"):
+    """Load (model, tokenizer) from a folder; quantized folders go through `gptq_checkpoint`."""
+    set_offline_env()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ref.path if isinstance(ref, ModelRef) else Path(ref)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if is_quantized(path):
+        from tasks.core.gptq_checkpoint import load_quantized
+
+        return load_quantized(path, device=device), tokenizer
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    if _quant_method(getattr(config, "quantization_config", None)) == "gguf":
+        # Folders converted by early pkdq builds kept the GGUF tag; loading with it would make
+        # transformers treat the dense weights as quantized and refuse to save them.
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(str(path), config=config,
+                                                 dtype=dtype or torch.float32)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out_dir: Path) -> ModelRef:
+    """Save into `out_dir` via a temp folder + rename, then store the fingerprint inside it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is not None and _quant_method(quant) == "gguf":
+        del model.config.quantization_config  # stale tag from a GGUF source; weights are fp
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    return seal_folder(tmp, out_dir)
