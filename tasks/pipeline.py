@@ -9,7 +9,6 @@ from there (`frozen_recipe`), never from the user's YAML, which may change while
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.common import (
+    CHECKPOINT_DIR,
     ModelRef,
     StageContext,
     StageResult,
@@ -191,22 +191,27 @@ def _unit_files(folder: Path, model: ModelRef | None) -> list[str]:
     for file in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         if skip is not None and file.resolve().is_relative_to(skip):
             continue
-        if file.name != STAGE_FILE:
-            files.append(file.relative_to(folder).as_posix())
+        rel = file.relative_to(folder).as_posix()
+        if file.name != STAGE_FILE and not rel.startswith(f"{CHECKPOINT_DIR}/"):
+            files.append(rel)
     return files
 
 
 @contextmanager
 def _unfinished_on_disk_full(attempt: Path) -> Iterator[None]:
-    """A full disk: raise one line naming the file, then delete the unfinished `attempt` (its
-    half-written files hold the space the user is asked to free; no record names them)."""
+    """A full disk: raise one line naming the file, after clearing the unfinished `attempt` as
+    `begin_stage` would (its half-written files hold the space the user is asked to free; no
+    record names them). A KD stage's last complete checkpoint stays, so the rerun resumes from
+    it; only a checkpoint file cut short (`*.tmp`) goes."""
     try:
         yield
     except Exception as exc:
-        if not is_disk_full(exc):
+        if not is_disk_full(exc, attempt):
             raise
         error = disk_full_error(exc, attempt)
-        shutil.rmtree(attempt, ignore_errors=True)
+        begin_stage(attempt)
+        for partial in (attempt / CHECKPOINT_DIR).glob("*.tmp"):
+            partial.unlink(missing_ok=True)
         raise error from (None if isinstance(exc, DiskFullError) else exc)
 
 

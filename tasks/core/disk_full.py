@@ -39,20 +39,47 @@ def shown_path(path: Path) -> str:
         return str(path)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True when `exc` or anything in its cause/context chain is a full disk or file-size limit."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+def is_disk_full(exc: BaseException, folder: Path | None = None) -> bool:
+    """True when `exc` or anything in its cause/context chain is a full disk or file-size limit.
+
+    Some writers lose the errno: torch.save's C++ stream says only "basic_ios::clear: iostream
+    error". Such a bare write failure counts when `folder` is given and its file system has no
+    room left, or this process runs under a file-size limit (RLIMIT_FSIZE).
+    """
+    chain = _chain(exc)
+    for current in chain:
         if isinstance(current, DiskFullError):
             return True
         if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
             return True
         if _DISK_FULL_TEXT.search(str(current)):
             return True
-        current = current.__cause__ or current.__context__
+    if folder is not None and any(_WRITE_FAILED_TEXT.search(str(c)) for c in chain):
+        return no_room(folder)
     return False
+
+
+_WRITE_FAILED_TEXT = re.compile(r"iostream error|file write failed|PytorchStreamWriter failed")
+NO_ROOM_BYTES = 64 << 20
+
+
+def no_room(folder: Path) -> bool:
+    """True when the file system holding `folder` has under 64 MiB free (a failed write leaves
+    its partial file behind, so little is left), or a file-size limit is set for this process."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return True
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return False
+    free = (stat.f_bfree if os.geteuid() == 0 else stat.f_bavail) * stat.f_frsize
+    return free < NO_ROOM_BYTES
 
 
 def _named_file(exc: BaseException) -> Path | None:
@@ -134,6 +161,6 @@ def disk_full_guard(folder: Path) -> Iterator[None]:
     except DiskFullError:
         raise
     except Exception as exc:
-        if not is_disk_full(exc):
+        if not is_disk_full(exc, folder):
             raise
         raise disk_full_error(exc, folder) from exc
