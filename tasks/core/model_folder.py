@@ -58,7 +58,13 @@ def fingerprint_folder(path: Path) -> str:
     Paths alone are not enough: a folder rewritten in place must not hit a stale cache entry.
     This function is frozen: run keys written by earlier versions embed its values.
     """
-    return _fingerprint_and_manifest(path)[0]
+    digest = hashlib.sha256()
+    for rel, file in _content_files(path):
+        digest.update(rel.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda h=handle: h.read(_CHUNK), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _fingerprint_and_manifest(path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
