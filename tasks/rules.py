@@ -144,11 +144,15 @@ def _data_errors(recipe: Recipe) -> list[RuleWarning]:
     return []
 
 
+def kd_tokens_per_s(params: int, threads: int) -> float:
+    """Rough CPU KD throughput: the measured rate scaled linearly by parameter count (a step's
+    work) and threads (optimistic: CPU KD scales worse than that)."""
+    return KD_CPU_TOKENS_PER_S * KD_REFERENCE_PARAMS / params * threads / KD_REFERENCE_THREADS
+
+
 def kd_seconds(cfg: DistillConfig, params: int, threads: int) -> float:
-    """Rough CPU wall time of a KD stage: tokens over the measured rate, scaled linearly by
-    parameter count (a step's work) and threads (optimistic: CPU KD scales worse)."""
-    rate = KD_CPU_TOKENS_PER_S * KD_REFERENCE_PARAMS / params * threads / KD_REFERENCE_THREADS
-    return cfg.tokens / rate
+    """Rough CPU wall time of a KD stage's token budget."""
+    return cfg.tokens / kd_tokens_per_s(params, threads)
 
 
 def _duration(seconds: float) -> str:
@@ -178,7 +182,7 @@ def _distill_budget(recipe: Recipe, config: dict[str, Any] | None) -> list[RuleW
         if seconds < KD_WARN_S:
             continue
         level: Level = "error" if seconds >= KD_REFUSE_S else "warning"
-        per_day = int(cfg.tokens * KD_WARN_S / seconds)
+        per_day = int(kd_tokens_per_s(max(params, 1), threads) * KD_WARN_S)
         found.append(RuleWarning(
             "distill-budget",
             f"stages[{i}].distill.tokens {cfg.tokens}: about {_duration(seconds)} of KD on "
