@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from tasks.core.common import data_dir
+from tasks.core.contamination import refusal
 from tasks.core.data import training_text_problem
 from tasks.core.dims import Dims
 from tasks.core.model_store import ModelNotFoundError, cached_config, offline_config
-from tasks.core.recipe import DistillConfig, PruneConfig, QuantizeConfig, Recipe
+from tasks.core.recipe import DataSpec, DistillConfig, PruneConfig, QuantizeConfig, Recipe
 from tasks.core.resources import usable_cpus
-from tasks.evaluate import missing_eval_data
+from tasks.core.text_sources import DataError, byte_count, load_corpus, min_bytes_per_token
+from tasks.evaluate import missing_eval_data, training_overlap
 from tasks.prune import PrunePlan, plan_prune
 from tasks.quantize import (
     MARLIN_K_MULTIPLE,
@@ -42,7 +44,10 @@ GPTQ_GROUPS = ("GPTQ/AWQ keep one scale per group of input columns, so a partial
                "representable; tasks/quantize.check_group_size refuses it at stage start")
 PRUNE_PLAN = "tasks/prune/plan.py: the prune stage checks targets against the model's sizes"
 MODEL_STORE = "tasks/core/model_store.py: models resolve offline, pkdq never downloads"
-TRAIN_DATA = "tasks/core/data.py: calibration and KD read <data>/train only"
+TRAIN_DATA = ("tasks/core/text_sources.py: calibration and KD read <data>/train or the "
+              "recipe's data")
+CONTAMINATION = ("tasks/core/contamination.py: 13-gram overlap with the evaluation sets "
+                 "(GPT-3 appendix C)")
 EVAL_DATA = "tasks/evaluate/lm_eval_tasks: offline task YAMLs over the <data> benchmark files"
 # KD speed on CPU, for the time estimate: the README's default run distilled SmolLM2-135M
 # (pruned to 115M, the 135M teacher alongside) at 32k tokens in 182 s on 2 CPU threads.
@@ -121,26 +126,111 @@ def _needs_shapes(recipe: Recipe) -> bool:
     return any(kind in ("prune", "quantize") for kind, _ in recipe.stage_list())
 
 
-def _data_errors(recipe: Recipe) -> list[RuleWarning]:
-    """The first training or benchmark file a stage or an evaluation would miss, as an error."""
-    data = data_dir()
-    needs: list[tuple[str, str, bool]] = []  # (recipe key, source, held-out slice)
+def data_uses(recipe: Recipe) -> list[tuple[str, DataSpec, int, int]]:
+    """(recipe key, data, tokens needed, rows needed) of each stage that reads training text."""
+    uses: list[tuple[str, DataSpec, int, int]] = []
     for i, (kind, cfg) in enumerate(recipe.stage_list()):
         if kind == "quantize" or (kind == "prune" and cfg.needs_calibration()):
-            needs.append((f"stages[{i}].{kind}.calibration.source", cfg.calibration.source,
-                          False))
+            cal = cfg.calibration
+            key = f"stages[{i}].{kind}.calibration." + ("data" if cal.data else "source")
+            uses.append((key, cal.spec(), cal.samples * cal.seq_len, cal.samples))
         elif kind == "distill":
-            needs.append((f"stages[{i}].distill.source", cfg.source, False))
-            needs.append((f"stages[{i}].distill (held-out KL slice)", "wikipedia", True))
-    for key, source, heldout in needs:
-        problem = training_text_problem(data, source, heldout)
+            per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+            rows = -(-cfg.tokens // per_step) * cfg.batch_size * cfg.grad_accum
+            key = f"stages[{i}].distill." + ("data" if cfg.data else "source")
+            uses.append((key, cfg.spec(), rows * cfg.seq_len, rows))
+    return uses
+
+
+def _data_errors(recipe: Recipe) -> list[RuleWarning]:
+    """The first training or benchmark file a stage or an evaluation would miss, as an error;
+    then a user's data that is unreadable, too small for its budget, or overlapping the
+    evaluation sets the recipe scores (the contamination check)."""
+    data = data_dir()
+    uses = data_uses(recipe)
+    for key, spec, need, rows in uses:
+        if spec.kind == "builtin":  # the bundled text: presence only (its lines predate data:)
+            checks = [(f"{key} {spec.source}", spec.source, False)]
+            if ".distill." in key:
+                checks.append((key.rsplit(".", 1)[0] + " (held-out KL slice) wikipedia",
+                               "wikipedia", True))
+            for where, source, heldout in checks:
+                problem = training_text_problem(data, source, heldout)
+                if problem:
+                    return [RuleWarning("data-missing", f"{where}: {problem}", TRAIN_DATA,
+                                        "error")]
+            continue
+        problem = _use_problem(recipe, key, spec, need, rows, data)
         if problem:
-            return [RuleWarning("data-missing", f"{key} {source}: {problem}", TRAIN_DATA,
-                                "error")]
+            return [RuleWarning("data-missing", f"{key}: {problem}", TRAIN_DATA, "error")]
     problem = missing_eval_data(list(recipe.evaluate.tasks), data)
     if problem:
         return [RuleWarning("eval-data-missing", f"evaluate.tasks: {problem}", EVAL_DATA,
                             "error")]
+    return contamination_errors(recipe, uses, data)
+
+
+def _use_problem(recipe: Recipe, key: str, spec: DataSpec, need: int, rows: int,
+                 data) -> str | None:
+    """Why one stage's data would fail (one line), or None."""
+    try:
+        corpus = load_corpus(spec, data)
+    except DataError as exc:
+        return str(exc)
+    if spec.kind == "chat":
+        problem = _chat_template_problem(recipe.model)
+        if problem:
+            return f"kind chat: {problem}"
+    fix = "lower the budget, add data, or set data.repeat: true"
+    if spec.kind == "chat" and ".distill." in key and spec.loss_on == "assistant":
+        if corpus.size < rows and not spec.repeat:
+            return (f"{', '.join(corpus.files[:2])}: {corpus.size} conversations, {rows} "
+                    f"needed (one per row); {fix}")
+    elif byte_count(corpus) / min_bytes_per_token() < need and not spec.repeat:
+        return (f"{', '.join(corpus.files[:2])}: {byte_count(corpus)} bytes of text cannot "
+                f"hold the {need} tokens needed; {fix}")
+    if ".distill." in key and spec.kind != "hf" and not corpus.heldout_docs \
+            and not corpus.heldout_chats:
+        return (f"{', '.join(corpus.files[:2])}: the held-out slice is empty (too few "
+                "documents); raise data.heldout or give data.heldout_paths")
+    return None
+
+
+def _chat_template_problem(model: str) -> str | None:
+    """A model folder whose tokenizer has no chat template (other models: checked when the
+    stage loads the tokenizer)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(model)
+    config = folder / "tokenizer_config.json"
+    if not folder.is_dir() or not config.is_file():
+        return None
+    if any((folder / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return None
+    try:
+        has = bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return None
+    return None if has else (f"{folder}: the tokenizer has no chat template (no chat_template "
+                             "in tokenizer_config.json); use a chat model or kind jsonl")
+
+
+def contamination_errors(recipe: Recipe, uses=None, data=None) -> list[RuleWarning]:
+    """The overlap check of every distinct training text against the evaluation sets the
+    recipe scores: an error above the threshold unless `contamination.allow_overlap`."""
+    data = data or data_dir()
+    checked: set[str] = set()
+    cfg = recipe.contamination
+    for key, spec, _, _ in uses if uses is not None else data_uses(recipe):
+        ident = spec.model_dump_json()
+        if ident in checked:
+            continue
+        checked.add(ident)
+        report = training_overlap(spec, recipe.evaluate, data, cfg.ngram)
+        line = refusal(report, cfg.threshold, f"{key}")
+        if line and not cfg.allow_overlap:
+            return [RuleWarning("contamination", line, CONTAMINATION, "error")]
     return []
 
 

@@ -55,12 +55,109 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+BuiltinSource = Literal["wikipedia", "c4", "mixed"]
+DATA_KINDS = ("builtin", "text", "jsonl", "parquet", "csv", "chat", "hf")
+FILE_KINDS = ("text", "jsonl", "parquet", "csv", "chat")
+MAX_PATHS = 1000
+
+
+class DataSpec(Strict):
+    """Where training / calibration text comes from: the bundled text or the user's own.
+
+    Paths may start with `${data}/` (the data dir: PKDQ_DATA_DIR, else ../shared/data), so a
+    recipe stays portable; other relative paths are relative to the directory pkdq runs in.
+    Globs (`*`, `?`, `[...]`) expand in sorted order. `tasks.core.text_sources` loads each kind.
+    """
+
+    kind: Literal["builtin", "text", "jsonl", "parquet", "csv", "chat", "hf"] = "builtin"
+    source: BuiltinSource = Field("wikipedia", description="builtin: the bundled text")
+    paths: list[str] = Field([], max_length=MAX_PATHS, description="text/jsonl/parquet/csv/chat "
+                             "files or globs")
+    field: str = Field("text", min_length=1, max_length=200,
+                       description="jsonl/parquet/csv: the column holding the text")
+    path: str | None = Field(None, min_length=1, max_length=4096,
+                             description="hf: a folder written by datasets' save_to_disk")
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="hf: a hub dataset id already in the local HF cache")
+    split: str = Field("train", min_length=1, max_length=100, description="hf: the split")
+    column: str = Field("text", min_length=1, max_length=200, description="hf: the text column")
+    heldout: float = Field(0.05, ge=0.0, lt=0.5, description="fraction of documents held out "
+                           "for KD's held-out KL/perplexity (ignored with heldout_paths)")
+    heldout_paths: list[str] = Field([], max_length=MAX_PATHS, description="separate held-out "
+                                     "files (same kind and field as paths)")
+    repeat: bool = Field(False, description="cycle the data for several epochs when it has "
+                         "fewer tokens than the budget (else the run refuses)")
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="chat: CE and KD on assistant tokens only, or on every token")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DataSpec:
+        if self.kind in FILE_KINDS and not self.paths:
+            raise ValueError(f"kind {self.kind} needs paths: a list of files or globs")
+        if self.kind not in FILE_KINDS and (self.paths or self.heldout_paths):
+            raise ValueError(f"kind {self.kind} takes no paths"
+                             + ("; use path (save_to_disk folder) or name" if self.kind == "hf"
+                                else ""))
+        if self.kind == "hf" and (self.path is None) == (self.name is None):
+            raise ValueError("kind hf needs exactly one of path (a save_to_disk folder) or name "
+                             "(a hub dataset in the local cache)")
+        if self.kind != "hf" and (self.path is not None or self.name is not None):
+            raise ValueError(f"path and name are for kind hf; kind {self.kind} uses paths")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_set_for_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the fields the kind uses: the dump enters stage keys, and a field the kind
+        ignores must not make two equal data specs look different."""
+        data = handler(self)
+        used = {"kind", "repeat"} | {
+            "builtin": {"source"}, "text": {"paths", "heldout", "heldout_paths"},
+            "jsonl": {"paths", "field", "heldout", "heldout_paths"},
+            "parquet": {"paths", "field", "heldout", "heldout_paths"},
+            "csv": {"paths", "field", "heldout", "heldout_paths"},
+            "chat": {"paths", "heldout", "heldout_paths", "loss_on"},
+            "hf": {"path", "name", "split", "column", "heldout"},
+        }[self.kind]
+        return {key: value for key, value in data.items() if key in used}
+
+
+def _omit_unset_data(data: dict[str, Any]) -> dict[str, Any]:
+    """Leave `data` out while it is None: stage keys hash the dump, and a stage on the bundled
+    text must keep the key it had before user data sources existed."""
+    if data.get("data") is None:
+        data.pop("data", None)
+    return data
+
+
 class TextSample(Strict):
     """Which training text, how many blocks of how many tokens."""
 
-    source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
+    source: BuiltinSource = "wikipedia"
     samples: int = Field(32, ge=1, le=100_000)
     seq_len: int = Field(256, ge=16, le=8192)
+    data: DataSpec | None = Field(None, description="the user's own data (overrides source and "
+                                  "the recipe's top-level data)")
+
+    @model_validator(mode="after")
+    def _builtin_as_source(self) -> TextSample:
+        return _builtin_into_source(self)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_unset_data(handler(self))
+
+    def spec(self) -> DataSpec:
+        """The data this sample draws from (the bundled `source` unless `data` is set)."""
+        return self.data or DataSpec(kind="builtin", source=self.source)
+
+
+def _builtin_into_source(cfg: Any) -> Any:
+    """`data: {kind: builtin, source: x}` is spelled `source: x` inside a stage: one spelling
+    per meaning, so both give the same stage key."""
+    if cfg.data is not None and cfg.data.kind == "builtin":
+        object.__setattr__(cfg, "source", cfg.data.source)
+        object.__setattr__(cfg, "data", None)
+    return cfg
 
 
 # Unit importance: activation (Minitron), weight magnitude L1 (`magnitude`) or L2, first-order
@@ -199,7 +296,9 @@ class DistillConfig(Strict):
                                         description="held-out KL drop that counts")
     keep_best: bool = Field(True, description="with eval_every: save the best held-out weights, "
                             "not the last")
-    source: Literal["wikipedia", "c4", "mixed"] = "wikipedia"
+    source: BuiltinSource = "wikipedia"
+    data: DataSpec | None = Field(None, description="the user's own training data (overrides "
+                                  "source and the recipe's top-level data)")
     max_grad_norm: float = Field(1.0, gt=0, le=1e9)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, fraction of lr")
     eval_every: int = Field(0, ge=0, le=MAX_STEPS,
@@ -228,7 +327,24 @@ class DistillConfig(Strict):
         if self.early_stop_patience and not self.eval_every:
             raise ValueError("early_stop_patience needs eval_every > 0 (held-out KL is what "
                              "plateaus)")
+        _builtin_into_source(self)
+        if self.masked() and (self.loss_chunk or self.logit_cache):
+            raise ValueError("chat data with loss_on: assistant trains through the plain step; "
+                             "set loss_chunk: 0 and logit_cache: false (or data.loss_on: all)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_unset_data(handler(self))
+
+    def spec(self) -> DataSpec:
+        """The training data (the bundled `source` unless `data` is set)."""
+        return self.data or DataSpec(kind="builtin", source=self.source)
+
+    def masked(self) -> bool:
+        """Whether the loss covers only some positions (chat data, assistant tokens)."""
+        return self.data is not None and self.data.kind == "chat" and \
+            self.data.loss_on == "assistant"
 
 
 class QuantizeConfig(Strict):
@@ -316,6 +432,22 @@ STAGE_MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+class ContaminationConfig(Strict):
+    """The overlap check between training text and the evaluation sets the recipe scores.
+
+    An evaluation document counts as overlapping when it shares one word n-gram (lowercased
+    words, n = 13 as in GPT-3's appendix C and lm-eval's decontamination) with the training or
+    calibration text. Above `threshold` (fraction of one evaluation set's documents) the run
+    refuses, unless `allow_overlap` says the overlap is intended.
+    """
+
+    ngram: int = Field(13, ge=5, le=50, description="words per n-gram")
+    threshold: float = Field(0.02, ge=0, le=1, description="largest fraction of an evaluation "
+                             "set's documents that may overlap the training text")
+    allow_overlap: bool = Field(False, description="run even above the threshold (the overlap "
+                                "is still measured and reported)")
+
+
 class Recipe(Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=100)
     description: str = Field("", max_length=10_000)
@@ -324,10 +456,23 @@ class Recipe(Strict):
     threads: int = Field(1, ge=1, le=256)
     stages: list[Stage] = Field(min_length=1)
     evaluate: EvalConfig = EvalConfig()
+    data: DataSpec | None = Field(None, description="training/calibration data of every stage "
+                                  "that names none itself (a stage's data or source wins)")
+    contamination: ContaminationConfig = ContaminationConfig()
     resources: Resources = Resources()  # processes/devices; not in stage keys
     ordering_experiment: bool = Field(
         False, description="allow stage orders other than P-KD-Q (for studying orderings; "
         "never for a model you ship). `pkdq compare` builds such variants itself")
+
+    @model_validator(mode="after")
+    def _data_into_stages(self) -> Recipe:
+        """Hand the top-level `data` to each stage that names no data of its own, so a stage
+        config alone says what it trains on (stage keys hash it; units get only their config)."""
+        if self.data is None:
+            return self
+        stages = [_with_data(stage, self.data) for stage in self.stages]
+        object.__setattr__(self, "stages", stages)
+        return self
 
     def stage_list(self) -> list[tuple[str, Strict]]:
         """[(kind, config)] in recipe order."""
@@ -336,6 +481,32 @@ class Recipe(Strict):
             kind = next(iter(type(stage).model_fields))
             out.append((kind, getattr(stage, kind)))
         return out
+
+
+def _sample_with(sample: TextSample, spec: DataSpec, explicit: bool) -> TextSample:
+    if explicit and (sample.data is not None or "source" in sample.model_fields_set):
+        return sample
+    if spec.kind == "builtin":
+        return sample.model_copy(update={"source": spec.source})
+    return sample.model_copy(update={"data": spec})
+
+
+def _with_data(stage: Any, spec: DataSpec) -> Any:
+    """`stage` with the recipe's data where the stage names none (its `data` or `source`)."""
+    kind = next(iter(type(stage).model_fields))
+    cfg = getattr(stage, kind)
+    if kind == "distill":
+        if cfg.data is not None or "source" in cfg.model_fields_set:
+            return stage
+        update = {"source": spec.source} if spec.kind == "builtin" else {"data": spec}
+        new = DistillConfig.model_validate({**cfg.model_dump(), **update})
+    else:
+        explicit = "calibration" in cfg.model_fields_set
+        calibration = _sample_with(cfg.calibration, spec, explicit)
+        if calibration is cfg.calibration:
+            return stage
+        new = cfg.model_copy(update={"calibration": calibration})
+    return type(stage)(**{kind: new})
 
 
 class RecipeError(ValueError):

@@ -12,6 +12,9 @@ _EXPORTS = {
     "profile_in_subprocess": "speed",
     # torch-free: what a run's evaluation would not find (task YAML, data file), before a run
     "missing_eval_data": "lm_eval_tasks.utils",
+    # torch-free: the documents of every evaluation set a recipe scores (contamination check)
+    "evaluation_texts": "eval_texts",
+    "training_overlap": "eval_texts",  # contamination report of a data spec, cached on disk
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
