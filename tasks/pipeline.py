@@ -26,9 +26,11 @@ from tasks.core.common import (
     read_json,
     write_json_atomic,
 )
+from tasks.core.contamination import refusal
 from tasks.core.disk_full import DiskFullError, disk_full_error, is_disk_full
-from tasks.core.recipe import Recipe, parse_recipe
+from tasks.core.recipe import DataSpec, Recipe, parse_recipe
 from tasks.core.resources import Resources, settle_for_machine
+from tasks.core.text_sources import load_corpus
 from tasks.run_folder import (
     EVAL_FILE,
     STAGE_FILE,
@@ -162,6 +164,9 @@ def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
     extra = dict(extra or {})
     if kind == "distill" and teacher:
         extra["teacher"] = teacher.fingerprint
+    spec = stage_data(kind, config)
+    if spec is not None and spec.kind != "builtin":  # the bundled text keeps its old keys
+        extra["data"] = load_corpus(spec, data_dir()).fingerprint
     key = stage_key(kind, input_ref.fingerprint, config.model_dump(mode="json"), recipe.seed,
                     extra or None)
     record, why = check_finished(folder, key)
@@ -170,6 +175,7 @@ def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
         return record, True
     if why:
         print(f"[{name}] finished earlier but {why}: recomputing", flush=True)
+    overlap = stage_contamination(spec, recipe, name)
     begin_stage(folder)
     print(f"[{name}] starting", flush=True)
     started = time.perf_counter()
@@ -178,9 +184,43 @@ def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
                                                       unit_context(folder, name, recipe, teacher))
         metrics = {"stage": kind, "input": input_ref.to_json(), **result.metrics,
                    "stage_wall_s": time.perf_counter() - started}
+        if overlap is not None:
+            metrics["contamination"] = overlap
         write_json_atomic(folder / "metrics.json", metrics)
         return finish_record(folder, key, result.model, metrics,
                              files=_unit_files(folder, result.model)), False
+
+
+def stage_data(kind: str, config: Any) -> DataSpec | None:
+    """The training text a stage reads (None: it reads none, e.g. data-free pruning, RTN)."""
+    if kind == "distill":
+        return config.spec()
+    if kind == "prune" and config.needs_calibration():
+        return config.calibration.spec()
+    if kind == "quantize":
+        return config.calibration.spec()
+    return None
+
+
+def stage_contamination(spec: DataSpec | None, recipe: Recipe, name: str
+                        ) -> dict[str, Any] | None:
+    """The overlap of the stage's training text with the evaluation sets the recipe scores
+    (cached: `pkdq validate` has usually measured it). Refuses in one line above the threshold
+    unless the recipe allows it, before the stage trains or calibrates on anything."""
+    from tasks.evaluate import training_overlap
+
+    if spec is None:
+        return None
+    cfg = recipe.contamination
+    report = training_overlap(spec, recipe.evaluate, data_dir(), cfg.ngram)
+    line = refusal(report, cfg.threshold, f"{name}: its training text")
+    if line and not cfg.allow_overlap:
+        raise ContaminationError(line)
+    return {**report, "threshold": cfg.threshold, "allow_overlap": cfg.allow_overlap}
+
+
+class ContaminationError(ValueError):
+    """A stage's training text overlaps an evaluation set above the threshold (one line)."""
 
 
 def _unit_files(folder: Path, model: ModelRef | None) -> list[str]:

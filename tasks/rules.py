@@ -221,6 +221,7 @@ def contamination_errors(recipe: Recipe, uses=None, data=None) -> list[RuleWarni
     recipe scores: an error above the threshold unless `contamination.allow_overlap`."""
     data = data or data_dir()
     checked: set[str] = set()
+    found: list[RuleWarning] = []
     cfg = recipe.contamination
     for key, spec, _, _ in uses if uses is not None else data_uses(recipe):
         ident = spec.model_dump_json()
@@ -231,7 +232,14 @@ def contamination_errors(recipe: Recipe, uses=None, data=None) -> list[RuleWarni
         line = refusal(report, cfg.threshold, f"{key}")
         if line and not cfg.allow_overlap:
             return [RuleWarning("contamination", line, CONTAMINATION, "error")]
-    return []
+        counts = ", ".join(f"{name} {row['overlapping_documents']}/{row['documents']}"
+                           for name, row in report["sets"].items())
+        found.append(RuleWarning(
+            "contamination", f"{key}: evaluation documents sharing a {cfg.ngram}-gram with the "
+            f"training text: {counts}" + (" (allowed: contamination.allow_overlap)" if line
+                                          else ""), CONTAMINATION,
+            "warning" if line else "info"))
+    return found
 
 
 def kd_tokens_per_s(params: int, threads: int) -> float:

@@ -116,12 +116,17 @@ class KDEngine:
     def chunked(self) -> bool:
         return self.cfg.loss_chunk > 0 or self.cache is not None
 
-    def micro_step(self, student, teacher, ids: torch.Tensor, rows: torch.Tensor | None = None
-                   ) -> LossParts:
-        """Loss parts for one micro-batch; `rows` are the block indices (for the logit cache)."""
+    def micro_step(self, student, teacher, ids: torch.Tensor, rows: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> LossParts:
+        """Loss parts for one micro-batch; `rows` are the block indices (for the logit cache);
+        `mask` marks the tokens the loss trains on (chat data; the chunked paths take none:
+        the recipe refuses chat masks with loss_chunk or logit_cache)."""
         cfg, matcher = self.cfg, self.matcher
+        if mask is not None and self.chunked:
+            raise ValueError("distill: a loss mask (chat data) needs loss_chunk: 0 and "
+                             "logit_cache: false")
         if matcher is None and not self.chunked:  # the plain step, kept in one place
-            return micro_step(student, teacher, ids, cfg, alpha=self.alpha(),
+            return micro_step(student, teacher, ids, cfg, alpha=self.alpha(), targets=mask,
                               **self.loss_params())
         need_teacher = self.cache is None or matcher is not None
         want_states = self.chunked or (matcher is not None and matcher.match_hidden)
@@ -157,7 +162,8 @@ class KDEngine:
                     chunk=cfg.loss_chunk or ids.numel(), **params)
             else:
                 parts = kd_loss(s_out.logits, t_out.logits, ids, name=cfg.loss,
-                                temperature=cfg.temperature, alpha=self.alpha(), **params)
+                                temperature=cfg.temperature, alpha=self.alpha(), targets=mask,
+                                **params)
             if matcher is not None:
                 state = matcher(s_out.hidden_states, t_out.hidden_states if want_states else None,
                                 s_attn, t_attn)

@@ -11,22 +11,24 @@ import math
 import torch
 
 from tasks.core.common import StageContext
-from tasks.core.data import load_train_texts, token_blocks
+from tasks.core.data_blocks import Blocks
+from tasks.core.data_blocks import heldout_blocks as data_heldout
 from tasks.core.recipe import DistillConfig
 from tasks.distill.losses import forward_kl, next_token_ce
 from tasks.distill.step import compute_context
 
 
-def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext) -> torch.Tensor:
-    """The KD validation slice (held-out Wikipedia files), same block length as training."""
-    texts = load_train_texts(ctx.data, heldout=True)
-    return token_blocks(tokenizer, texts, cfg.seq_len, cfg.eval_blocks, seed=ctx.seed)
+def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext) -> Blocks:
+    """The KD validation slice, same block length as training: the held-out Wikipedia files for
+    the bundled text, the held-out slice (fraction or files) of the recipe's own data."""
+    return data_heldout(tokenizer, cfg.spec(), ctx.data, cfg.seq_len, cfg.eval_blocks,
+                        ctx.seed)
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 reuses the unsharded buffers in training later
 def heldout_metrics(
     student, teacher, blocks: torch.Tensor, batch_size: int, precision: str = "fp32",
-    chunk: int = 0,
+    chunk: int = 0, mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Token-mean KL(teacher || student) at T=1 and perplexities on held-out blocks.
 
@@ -35,7 +37,11 @@ def heldout_metrics(
     that many positions at a time from the final hidden states, so the [batch, seq, vocab]
     logits of the two models (and their log-softmaxes) never exist at once: the same numbers up
     to summation order, without the eval's full-vocabulary transients raising the stage's peak.
+    `mask` (chat data: 1 on the tokens the loss trains on) scores only the predictions of those
+    tokens, as training does; without it the code path is the one it always was.
     """
+    if mask is not None:
+        return _masked_scores(student, teacher, blocks, mask, batch_size, precision)
     was_training = student.training
     student.eval()
     kl_sum = ce_sum = t_ce_sum = 0.0
@@ -87,3 +93,27 @@ def _chunked_scores(student, teacher, ids: torch.Tensor, chunk: int) -> tuple[fl
         ce += float(F.cross_entropy(s_logits, targets[sl], ignore_index=-100, reduction="sum"))
         t_ce += float(F.cross_entropy(t_logits, targets[sl], ignore_index=-100, reduction="sum"))
     return kl, ce, t_ce
+
+
+def _masked_scores(student, teacher, blocks: torch.Tensor, mask: torch.Tensor, batch_size: int,
+                   precision: str) -> dict[str, float]:
+    """`heldout_metrics` over the positions that predict a masked (trained-on) token."""
+    was_training = student.training
+    student.eval()
+    kl_sum = ce_sum = t_ce_sum = 0.0
+    n = 0
+    for start in range(0, len(blocks), batch_size):
+        ids, targets = blocks[start : start + batch_size], mask[start : start + batch_size]
+        with compute_context(precision, ids.device.type):
+            s_logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
+            t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1]
+        keep = targets[:, 1:].bool()
+        s_sel, t_sel, labels = s_logits[keep].float(), t_logits[keep].float(), ids[:, 1:][keep]
+        kl_sum += float(forward_kl(s_sel, t_sel, 1.0).sum())
+        ce_sum += float(torch.nn.functional.cross_entropy(s_sel, labels, reduction="sum"))
+        t_ce_sum += float(torch.nn.functional.cross_entropy(t_sel, labels, reduction="sum"))
+        n += int(keep.sum())
+    student.train(was_training)
+    n = max(n, 1)
+    return {"kl": kl_sum / n, "ppl": math.exp(ce_sum / n), "teacher_ppl": math.exp(t_ce_sum / n),
+            "tokens": n}

@@ -220,6 +220,7 @@ def kd_loss(
     temperature: float = 2.0,
     alpha: float = 0.5,
     mask: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
     **params: float,
 ) -> LossParts:
     """alpha * T^2 * D(teacher, student) + (1 - alpha) * next-token CE, token-averaged.
@@ -229,8 +230,19 @@ def kd_loss(
     always computed, even at alpha 0 or 1, because both are worth logging and cost one softmax
     next to a full forward/backward pass. `params` go to the divergence (jsd `beta`, skew KL
     `skew`, `taid_lambda`).
+
+    `targets` (same shape as `input_ids`, 1 = a token to learn, e.g. an assistant token of a
+    chat) restricts both parts to the predictions of those tokens: CE where the next token is a
+    target, the divergence at the positions that predict one. None leaves the path untouched.
     """
     per_pos = get_divergence(name)(student_logits, teacher_logits, temperature, **params)
+    if targets is not None:
+        predicts = torch.zeros_like(targets)
+        predicts[..., :-1] = targets[..., 1:]
+        kd = masked_mean(per_pos, predicts)
+        ce = next_token_ce(student_logits, input_ids, targets)
+        loss = alpha * temperature**2 * kd + (1 - alpha) * ce
+        return LossParts(loss=loss, kd=float(kd.detach()), ce=float(ce.detach()))
     kd = masked_mean(per_pos, mask)
     ce = next_token_ce(student_logits, input_ids, mask)
     loss = alpha * temperature**2 * kd + (1 - alpha) * ce

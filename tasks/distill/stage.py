@@ -28,7 +28,8 @@ from tasks.core.common import (
     set_offline_env,
     write_json_atomic,
 )
-from tasks.core.data import load_train_texts, token_blocks
+from tasks.core.data_blocks import Blocks
+from tasks.core.data_blocks import training_blocks as data_blocks
 from tasks.core.model_folder import model_ref
 from tasks.core.model_store import load_model, read_config, save_model
 from tasks.core.recipe import DistillConfig
@@ -44,12 +45,16 @@ from tasks.distill.teacher import TeacherHolder, load_pair, teacher_idle
 from tasks.distill.train import TrainPlan, train_loop
 
 
-def training_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext, n_blocks: int):
-    """Packed training blocks from `<data>/train` (never evaluation files), seeded by the run."""
-    texts = load_train_texts(ctx.data, cfg.source)
+def training_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext, n_blocks: int) -> Blocks:
+    """Training blocks (never evaluation files), seeded by the run: packed bundled text, the
+    recipe's own data, or masked chat rows (`Blocks.mask`: the positions the loss covers)."""
+    spec = cfg.spec()
     try:
-        return token_blocks(tokenizer, texts, cfg.seq_len, n_blocks, seed=ctx.seed)
+        return data_blocks(tokenizer, spec, ctx.data, cfg.seq_len, n_blocks, ctx.seed,
+                           masked=cfg.masked())
     except ValueError as exc:
+        if spec.kind != "builtin":
+            raise
         raise ValueError(
             f"distill: tokens={cfg.tokens} needs {n_blocks} blocks of {cfg.seq_len}; the "
             f"'{cfg.source}' training text is too small ({exc}); lower tokens or use source: mixed"
@@ -137,8 +142,12 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     model, tokenizer, teacher = load_pair(student, ctx.teacher)
     rt.check_batch(cfg.batch_size)
     plan = TrainPlan.from_config(cfg)
-    train = training_blocks(tokenizer, cfg, ctx, plan.blocks)
-    held = heldout_blocks(tokenizer, cfg, ctx).to(rt.device)
+    data = training_blocks(tokenizer, cfg, ctx, plan.blocks)
+    train, masks = data.ids, data.mask
+    held_data = heldout_blocks(tokenizer, cfg, ctx)
+    held = held_data.ids.to(rt.device)
+    held_mask = None if held_data.mask is None or not cfg.masked() \
+        else held_data.mask.to(rt.device)
     stage = ctx.stage_name or "distill"
     heldout: list[dict[str, float]] = []
     cache, cache_stats = build_logit_cache(teacher, tokenizer, train, cfg, ctx, rt)
@@ -160,7 +169,7 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
         # Every rank scores all held-out blocks (FSDP needs all ranks in each forward anyway).
         with teachers.loaded() as teacher:  # fp32; chunked heads when training chunks them
             row = heldout_metrics(rt.unwrap(model), teacher, held, cfg.batch_size,
-                                  chunk=cfg.loss_chunk if rt.world == 1 else 0)
+                                  chunk=cfg.loss_chunk if rt.world == 1 else 0, mask=held_mask)
         heldout.append({"step": step, "train_tokens": tokens, **row})
         if rt.is_main:
             print(f"[{stage}] held-out step {step}: KL {row['kl']:.4f} ppl {row['ppl']:.2f} "
@@ -172,7 +181,7 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     train_start = time.perf_counter()
     curve = train_loop(model, teachers.resident(), train, cfg, plan.steps, on_eval=evaluate,
                        stage=stage,
-                       runtime=rt, engine=engine, checkpoints=checkpoints)
+                       runtime=rt, engine=engine, checkpoints=checkpoints, masks=masks)
     train_s = time.perf_counter() - train_start
     final_step, final_tokens = curve[-1]["step"], curve[-1]["tokens"]
     if heldout[-1]["step"] != final_step:  # an early stop has just measured it
@@ -190,6 +199,7 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     metrics.update(recovery_metrics(curve, heldout, monitor, restored, checkpoints, train_s))
     metrics.update(cache_stats)
     metrics.update(qat_metrics)
+    metrics["data"] = {**data.stats, "heldout": held_data.stats}
     return StageResult(model_ref(out_dir / "model"), metrics)
 
 

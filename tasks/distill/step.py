@@ -22,14 +22,16 @@ def compute_context(precision: str, device_type: str = "cpu") -> contextlib.Abst
 
 
 def micro_step(student, teacher, ids: torch.Tensor, cfg: DistillConfig,
-               alpha: float | None = None, **params: float):
+               alpha: float | None = None, targets: torch.Tensor | None = None,
+               **params: float):
     """Forward both models on one micro-batch and return the loss parts (graph on the student).
 
-    `alpha` (scheduled) and `params` (jsd beta, skew, taid_lambda) come from `KDEngine`.
+    `alpha` (scheduled) and `params` (jsd beta, skew, taid_lambda) come from `KDEngine`;
+    `targets` (chat data) marks the tokens the loss trains on.
     """
     with compute_context(cfg.precision, ids.device.type):
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, use_cache=False).logits
         s_logits = student(input_ids=ids, use_cache=False).logits
     return kd_loss(s_logits, t_logits, ids, name=cfg.loss, temperature=cfg.temperature,
-                   alpha=cfg.alpha if alpha is None else alpha, **params)
+                   alpha=cfg.alpha if alpha is None else alpha, targets=targets, **params)

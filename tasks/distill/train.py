@@ -80,12 +80,14 @@ def train_loop(
     runtime: Runtime | None = None,
     engine: KDEngine | None = None,
     checkpoints: Checkpointer | None = None,
+    masks: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
     """Run `steps` optimizer steps over `blocks` in order (wrapping if short); return the curve.
 
     `engine` (`tasks.distill.engine`) computes each micro-batch's loss (default: the plain KD step);
     `checkpoints` saves every `cfg.checkpoint_every` steps and resumes from a matching save.
-    A truthy return from `on_eval` stops training early (held-out plateau).
+    A truthy return from `on_eval` stops training early (held-out plateau). `masks` (chat data,
+    same shape as `blocks`) marks the tokens the loss trains on; None trains on every position.
 
     `on_eval(step, tokens)` is called every `cfg.eval_every` steps (not after the last one: the
     caller measures that). Each curve row averages its micro-batches. Under torchrun each rank
@@ -93,7 +95,8 @@ def train_loop(
     """
     with training_context(student, cfg):
         return _train_steps(student, teacher, blocks, cfg, steps, on_eval, stage,
-                            runtime or Runtime(), engine or KDEngine(cfg, steps), checkpoints)
+                            runtime or Runtime(), engine or KDEngine(cfg, steps), checkpoints,
+                            masks)
 
 
 @contextlib.contextmanager
@@ -139,7 +142,8 @@ def activation_checkpointing(model, enabled: bool = True) -> Iterator[None]:
 
 def _train_steps(student, teacher, blocks: torch.Tensor, cfg: DistillConfig, steps: int,
                  on_eval, stage: str, rt: Runtime, engine: KDEngine,
-                 checkpoints: Checkpointer | None) -> list[dict[str, float]]:
+                 checkpoints: Checkpointer | None,
+                 masks: torch.Tensor | None = None) -> list[dict[str, float]]:
     opt, sched = make_optimizer(student, cfg, steps, engine.parameters())
     student.train()
     progress = Progress(stage, steps)
@@ -162,7 +166,8 @@ def _train_steps(student, teacher, blocks: torch.Tensor, cfg: DistillConfig, ste
             cursor += cfg.batch_size
             ids = rt.local_rows(batch)
             with rt.accumulating(student, sync=micro == cfg.grad_accum - 1):
-                out = engine.micro_step(student, teacher, ids, rt.local_rows(rows))
+                mask = None if masks is None else rt.local_rows(masks[rows]).to(ids.device)
+                out = engine.micro_step(student, teacher, ids, rt.local_rows(rows), mask=mask)
                 (out.loss / cfg.grad_accum).backward()
             parts["loss"] += float(out.loss.detach()) / cfg.grad_accum
             parts["kl"] += out.kd / cfg.grad_accum

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult
-from tasks.core.data import load_train_texts, token_blocks
+from tasks.core.data_blocks import Blocks, training_blocks
 from tasks.core.dims import Dims
 from tasks.core.model_store import is_quantized, load_model, save_model
 from tasks.core.recipe import PruneConfig
@@ -52,11 +52,17 @@ class AxisScores:
     hidden: torch.Tensor | None = None
 
 
-def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext) -> torch.Tensor:
-    """Seeded token blocks of training text (never an evaluation split)."""
+def calibration_data(tokenizer, cfg: PruneConfig, ctx: StageContext) -> Blocks:
+    """Seeded token blocks of training text (never an evaluation split) with their accounting:
+    the bundled text, or the recipe's own data (`calibration.data`)."""
     calib = cfg.calibration
-    texts = load_train_texts(ctx.data, calib.source)
-    return token_blocks(tokenizer, texts, calib.seq_len, calib.samples, seed=ctx.seed)
+    return training_blocks(tokenizer, calib.spec(), ctx.data, calib.seq_len, calib.samples,
+                           ctx.seed)
+
+
+def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext) -> torch.Tensor:
+    """`calibration_data`'s token blocks alone."""
+    return calibration_data(tokenizer, cfg, ctx).ids
 
 
 def _criteria(cfg: PruneConfig) -> dict[str, str]:
@@ -198,7 +204,8 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
     anatomy = Anatomy.of(model)
     plan = plan_prune(Dims.from_config(model.config), cfg)
     criteria = _criteria(cfg)
-    blocks = calibration_blocks(tokenizer, cfg, ctx) if cfg.needs_calibration() else None
+    calibration = calibration_data(tokenizer, cfg, ctx) if cfg.needs_calibration() else None
+    blocks = calibration.ids if calibration is not None else None
     params_before = count_params(model)
     measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,
                             ctx.stage_name or "prune")
@@ -214,6 +221,7 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
         **removed,
         "round_to": cfg.round_to,
         "calibration": cfg.calibration.model_dump() if cfg.needs_calibration() else None,
+        "data": calibration.stats if calibration is not None else None,
         "params_before": params_before,
         "params_after": count_params(model),
     }

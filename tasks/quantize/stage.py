@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult, folder_bytes, set_offline_env
-from tasks.core.data import load_train_texts, token_blocks
+from tasks.core.data_blocks import Blocks, training_blocks
 from tasks.core.gptq_checkpoint import (
     SAVE_DTYPE,
     QuantizeError,
@@ -51,16 +51,17 @@ GGUF_FILE = "model.gguf"  # with `gguf:` set, written beside the stage's model f
 QUANT_LOG = "quant_log.csv"
 
 
-def _calibration_blocks(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> torch.Tensor:
+def _calibration_data(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> Blocks:
     cal = cfg.calibration
-    texts = load_train_texts(ctx.data, cal.source)
-    return token_blocks(tokenizer, texts, cal.seq_len, cal.samples, seed=ctx.seed)
+    return training_blocks(tokenizer, cal.spec(), ctx.data, cal.seq_len, cal.samples, ctx.seed)
 
 
 def _verify_block(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> torch.Tensor:
     """One short training-text block (not evaluation data) for the post-save sanity forward."""
-    texts = load_train_texts(ctx.data, cfg.calibration.source)
-    return token_blocks(tokenizer, texts, VERIFY_TOKENS, 1, seed=ctx.seed + 1)
+    spec = cfg.calibration.spec()
+    if spec.kind != "builtin":
+        spec = spec.model_copy(update={"repeat": True})  # one block; short data may repeat
+    return training_blocks(tokenizer, spec, ctx.data, VERIFY_TOKENS, 1, ctx.seed + 1).ids
 
 
 def _skipped_layers(src: Path, quantized: list[str], tied: bool) -> list[dict[str, str]]:
@@ -213,7 +214,8 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     gguf_reference = _gguf_preflight(src, gguf)
     device = compute_device()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    calib = _calibration_blocks(tokenizer, cfg, ctx) if cfg.method != "rtn" else None
+    calibration = _calibration_data(tokenizer, cfg, ctx) if cfg.method != "rtn" else None
+    calib = calibration.ids if calibration is not None else None
     verify_ids = _verify_block(tokenizer, cfg, ctx)
     ref_logits = reference_logits(src, verify_ids)
 
@@ -230,6 +232,8 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     run = {"device": device, "wall_s": wall_s, "quantized": quantized, "entries": entries,
            "verified": verified}
     metrics = _stage_metrics(src, final, cfg, ctx, calib, run)
+    if calibration is not None:
+        metrics["data"] = calibration.stats
     if gguf != "none":
         metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, gguf,
                                        gguf_reference)
