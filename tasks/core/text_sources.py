@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.core.common import REPO_ROOT
 from tasks.core.data import HELDOUT_WIKI_FILES, load_train_texts, training_text_problem
 from tasks.core.recipe import DataSpec, shown
 
 DATA_PREFIX = "${data}"
+REPO_PREFIX = "${repo}"  # the pkdq checkout: generated example data (examples/arc_chat.py)
 ROLES = ("system", "user", "assistant")
 MAX_ERRORS_SHOWN = 3
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
@@ -64,10 +66,11 @@ class Corpus:
 
 
 def resolve_path(pattern: str, data: Path) -> str:
-    """`${data}/x` -> <data dir>/x; `~` expanded; other paths as given (relative to the cwd)."""
-    if pattern.startswith(DATA_PREFIX):
-        rest = pattern[len(DATA_PREFIX):].lstrip("/")
-        return str(Path(data) / rest)
+    """`${data}/x` -> <data dir>/x, `${repo}/x` -> <pkdq checkout>/x; `~` expanded; other
+    paths as given (relative to the directory pkdq runs in)."""
+    for prefix, root in ((DATA_PREFIX, Path(data)), (REPO_PREFIX, REPO_ROOT)):
+        if pattern.startswith(prefix):
+            return str(root / pattern[len(prefix):].lstrip("/"))
     return os.path.expanduser(pattern)
 
 
