@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only where hashes are computed: a cached check imports nothing
+    import numpy as np
 
 WORD = re.compile(r"\w+")
-BASE = np.uint64(1_000_003)
+BASE = 1_000_003
 EXAMPLES = 5  # overlapping documents listed per evaluation set
 
 
@@ -30,6 +31,8 @@ def words(text: str) -> list[str]:
 def _window_hashes(ids: np.ndarray, starts: np.ndarray, n: int
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(64-bit hash of every n-word window that lies inside one document, its document)."""
+    import numpy as np
+
     width = len(ids) - n + 1
     if width <= 0:
         return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
@@ -37,7 +40,7 @@ def _window_hashes(ids: np.ndarray, starts: np.ndarray, n: int
     out = np.zeros(width, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in range(n):
-            out = out * BASE + vals[k: k + width]
+            out = out * np.uint64(BASE) + vals[k: k + width]
     first = _doc_of(np.arange(width), starts)
     inside = first == _doc_of(np.arange(n - 1, len(ids)), starts)
     return out[inside], first[inside]
@@ -46,6 +49,8 @@ def _window_hashes(ids: np.ndarray, starts: np.ndarray, n: int
 def _word_ids(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     """Word hashes of all texts end to end (Python's string hash: the same within one process,
     which is all a comparison inside one call needs), and each document's start offset."""
+    import numpy as np
+
     all_words: list[str] = []
     starts: list[int] = []
     for text in texts:
@@ -56,6 +61,8 @@ def _word_ids(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _doc_of(positions: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     return np.searchsorted(starts, positions, side="right") - 1
 
 
@@ -66,6 +73,8 @@ def overlap_report(train_docs: list[str], eval_sets: dict[str, list[str]], n: in
 
     Every window of both sides is hashed at once with numpy, and the training side is looked up
     in the evaluation side's sorted hashes in one call."""
+    import numpy as np
+
     sides = {}
     for name, texts in eval_sets.items():
         hashes, docs = _window_hashes(*_word_ids(texts), n)

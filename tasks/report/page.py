@@ -16,6 +16,7 @@ from typing import Any
 
 from tasks.core.common import read_json
 from tasks.report import plots
+from tasks.report.data_section import DATA_COLUMNS, DATA_NOTE, data_rows
 from tasks.report.format import RETENTION_NOTE, short_stage
 from tasks.report.html import render_html
 from tasks.report.retention import primary_metric
@@ -299,6 +300,8 @@ def run_page(data: dict[str, Any], curves: dict[str, dict[str, Any]]) -> dict[st
         table_section("Stages", stage_columns(), stage_rows(data)),
         table_section("Retention per benchmark", retention_columns(), retention_rows(data),
                       note=RETENTION_NOTE),
+        *([table_section("Training data and contamination", DATA_COLUMNS, data_rows(data),
+                         note=DATA_NOTE)] if data_rows(data) else []),
         *figure_sections(quality_figures({run["run_id"]: data})),
         *loss_curve_sections(curves),
         *environment_sections(run),

@@ -12,6 +12,7 @@ from tasks.core.common import read_json, write_json_atomic
 from tasks.report.format import RETENTION_NOTE
 from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
 from tasks.report.format import pm as _pm
+from tasks.report.data_section import data_markdown
 from tasks.report.retention import stage_retention
 
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
@@ -57,6 +58,11 @@ def warnings(stages: list[dict[str, Any]]) -> list[str]:
         metrics = entry.get("metrics") or {}
         for layer in metrics.get("layers_skipped") or []:
             out.append(f"{entry['stage']}: layer skipped by quantization: {layer}")
+        for name, row in ((metrics.get("contamination") or {}).get("sets") or {}).items():
+            if row["overlapping_documents"]:
+                out.append(f"{entry['stage']}: {row['overlapping_documents']} of "
+                           f"{row['documents']} {name} documents share a 13-gram with its "
+                           "training text")
         if metrics.get("early_stopped"):
             out.append(f"{entry['stage']}: KD stopped early at step {metrics.get('steps')}")
     return sorted(set(out), key=out.index)
@@ -133,6 +139,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         *_retention_rows(data),
         "",
     ]
+    lines += data_markdown(data)
     if data["warnings"]:
         lines += ["## Warnings", "", *[f"- {w}" for w in data["warnings"]], ""]
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items() if k != "platform")
