@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.common import read_json, write_json_atomic
+from tasks.report.data_section import data_markdown
 from tasks.report.format import RETENTION_NOTE
 from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
 from tasks.report.format import pm as _pm
-from tasks.report.data_section import data_markdown
 from tasks.report.retention import stage_retention
 
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
