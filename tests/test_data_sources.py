@@ -325,3 +325,36 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, no_template_model):
         assert result.returncode == 2, (data, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert expected in lines[0] and "Traceback" not in result.stderr, lines[0]
+
+
+def test_stage_on_user_text_records_data_contamination_and_keys(tiny_llama_ref, tmp_path):
+    """A prune unit on a user's text: the data's fingerprint is in the key (a changed file runs
+    again, a touched one is reused), the metrics carry the accounting and the overlap, and the
+    report shows them."""
+    from tasks.pipeline import run_unit
+    from tasks.report.data_section import data_markdown
+
+    text = tmp_path / "domain.txt"
+    text.write_text("\n\n".join(PARAS * 3))
+    raw = {"name": "user-text", "model": str(tiny_llama_ref.path), "seed": 1,
+           "data": {"kind": "text", "paths": [str(text)], "repeat": True},
+           "stages": [{"prune": {"ffn": {"ratio": 0.5}, "calibration": {"samples": 2,
+                                                                         "seq_len": 32}}}],
+           "evaluate": {"tasks": ["arc_easy"]}}
+    recipe = parse_recipe(raw)
+    config = recipe.stage_list()[0][1]
+    folder = tmp_path / "01-prune"
+    record, reused = run_unit(folder, "01-prune", "prune", config, recipe, tiny_llama_ref, None)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert not reused and metrics["data"]["kind"] == "text"
+    assert metrics["data"]["documents"] == 114 and metrics["data"]["tokens_used"] == 64
+    sets = metrics["contamination"]["sets"]
+    assert set(sets) == {"wikitext", "arc_easy"} and sets["arc_easy"]["documents"] == 2376
+    assert sets["wikitext"]["overlapping_documents"] == 0
+    os.utime(text, (5, 5))
+    assert run_unit(folder, "01-prune", "prune", config, recipe, tiny_llama_ref, None)[1]
+    text.write_text("\n\n".join(PARAS * 3) + "\n\nOne more paragraph of domain text.")
+    again, reused = run_unit(folder, "01-prune", "prune", config, recipe, tiny_llama_ref, None)
+    assert not reused and again["key"] != record["key"]
+    report = "\n".join(data_markdown({"stages": [{"stage": "01-prune", "metrics": metrics}]}))
+    assert "## Training data and contamination" in report and "wikitext 0/62" in report
