@@ -79,22 +79,31 @@ def expand(patterns: list[str], data: Path, key: str) -> list[Path]:
     error (a typo must not silently shrink the data)."""
     files: list[Path] = []
     for pattern in patterns:
-        path = resolve_path(pattern, data)
-        if glob.has_magic(path):
-            found = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
-            if not found:
-                raise DataError(f"data.{key}: {shown(pattern)} matches no file; fix the glob "
-                                "(paths may start with ${data}/ for the data dir)")
-            files.extend(found)
-        elif Path(path).is_dir():
-            raise DataError(f"data.{key}: {shown(path)} is a folder; name files or a glob "
-                            "such as folder/*.txt")
-        elif not Path(path).is_file():
-            raise DataError(f"data.{key}: {shown(path)}: file not found (paths may start with "
-                            "${data}/ for the data dir)")
-        else:
-            files.append(Path(path))
+        try:
+            files.extend(_expand_one(pattern, data, key))
+        except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a loop of links
+            if isinstance(exc, DataError):
+                raise
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise DataError(f"data.{key}: {shown(pattern)}: not a usable path ({why})") from None
     return files
+
+
+def _expand_one(pattern: str, data: Path, key: str) -> list[Path]:
+    path = resolve_path(pattern, data)
+    if glob.has_magic(path):
+        found = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not found:
+            raise DataError(f"data.{key}: {shown(pattern)} matches no file; fix the glob "
+                            "(paths may start with ${data}/ for the data dir)")
+        return found
+    if Path(path).is_dir():
+        raise DataError(f"data.{key}: {shown(path)} is a folder; name files or a glob such as "
+                        "folder/*.txt")
+    if not Path(path).is_file():
+        raise DataError(f"data.{key}: {shown(path)}: file not found (paths may start with "
+                        "${data}/ for the data dir)")
+    return [Path(path)]
 
 
 def read_text(path: Path) -> str:
