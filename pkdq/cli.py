@@ -278,11 +278,12 @@ def _crash_to_one_line(log: Path) -> Iterator[None]:
     from tasks.core.common import one_line
     from tasks.core.disk_full import is_disk_full
     from tasks.core.model_store import ModelNotFoundError
+    from tasks.core.text_sources import DataError
     from tasks.run_folder import RunFolderBusyError
 
     try:
         yield
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, DataError) as exc:  # data: a file, a budget, an overlap
         _fail(str(exc))
     except (typer.Exit, RunFolderBusyError):
         raise

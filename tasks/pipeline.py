@@ -30,7 +30,7 @@ from tasks.core.contamination import refusal
 from tasks.core.disk_full import DiskFullError, disk_full_error, is_disk_full
 from tasks.core.recipe import DataSpec, Recipe, parse_recipe
 from tasks.core.resources import Resources, settle_for_machine
-from tasks.core.text_sources import load_corpus
+from tasks.core.text_sources import DataError, load_corpus
 from tasks.run_folder import (
     EVAL_FILE,
     STAGE_FILE,
@@ -222,7 +222,7 @@ def stage_contamination(spec: DataSpec | None, recipe: Recipe, name: str
     return {**report, "threshold": cfg.threshold, "allow_overlap": cfg.allow_overlap}
 
 
-class ContaminationError(ValueError):
+class ContaminationError(DataError):
     """A stage's training text overlaps an evaluation set above the threshold (one line)."""
 
 

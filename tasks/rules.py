@@ -189,8 +189,7 @@ def _use_problem(recipe: Recipe, key: str, spec: DataSpec, need: int, rows: int,
     elif byte_count(corpus) / min_bytes_per_token() < need and not spec.repeat:
         return (f"{', '.join(corpus.files[:2])}: {byte_count(corpus)} bytes of text cannot "
                 f"hold the {need} tokens needed; {fix}")
-    if ".distill." in key and spec.kind != "hf" and not corpus.heldout_docs \
-            and not corpus.heldout_chats:
+    if ".distill." in key and not corpus.heldout_docs and not corpus.heldout_chats:
         return (f"{', '.join(corpus.files[:2])}: the held-out slice is empty (too few "
                 "documents); raise data.heldout or give data.heldout_paths")
     return None
