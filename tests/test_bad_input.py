@@ -101,7 +101,10 @@ WEIRD_STRINGS = ["", " ", "\t", "null", "~", "yes", "no", "0x1F", "1e3", "1_000"
                  "../../etc/passwd", "/", "/dev/null", "/etc", "\x00", "é", "\u202e", "\ud7ff",
                  "smollm2-135m", "gemma3-270m", "smollm2-136m", f"{MISSING}/model",
                  "~nouser-pkdq/x", "~", "org/name", "a" * 300, "x/" * 2000, "x" * 100_000,
-                 "wikipedia", "c4", "mixed", "arc_easy", "mmlu", "gptq", "P-KD-Q"]
+                 "wikipedia", "c4", "mixed", "arc_easy", "mmlu", "gptq", "P-KD-Q",
+                 # data sources (issue 19): kinds, path prefixes, globs that match nothing
+                 "text", "jsonl", "chat", "hf", "parquet", "${data}/", "${data}/nope.txt",
+                 "${repo}/recipes/*.yaml", "${data}/wikitext/*.raw", "**/*.none", "${x}/y"]
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.sampled_from(EXTREME_NUMBERS),
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from(WEIRD_STRINGS),
@@ -109,7 +112,9 @@ scalars = st.one_of(
 )
 keys = st.one_of(st.text(max_size=12), st.integers(-3, 3), st.sampled_from(
     ["prune", "distill", "quantize", "ffn", "heads", "depth", "hidden", "ratio", "size",
-     "tokens", "samples", "seq_len", "model", "name", "stages", "evaluate", "resources"]))
+     "tokens", "samples", "seq_len", "model", "name", "stages", "evaluate", "resources",
+     "data", "kind", "paths", "field", "heldout", "heldout_paths", "loss_on", "repeat",
+     "contamination", "allow_overlap"]))
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
                       | st.dictionaries(keys, inner, max_size=4), max_leaves=10)
 
