@@ -161,8 +161,10 @@ def _data_errors(recipe: Recipe) -> list[RuleWarning]:
                                         "error")]
             continue
         problem = _use_problem(recipe, key, spec, need, rows, data)
-        if problem:
-            return [RuleWarning("data-missing", f"{key}: {problem}", TRAIN_DATA, "error")]
+        if problem:  # "data.paths: x" under key "...data" reads "...data.paths: x"
+            line = f"{key}{problem[4:]}" if problem.startswith("data.") else \
+                f"{key}: {problem.removeprefix('data: ')}"
+            return [RuleWarning("data-missing", line, TRAIN_DATA, "error")]
     problem = missing_eval_data(list(recipe.evaluate.tasks), data)
     if problem:
         return [RuleWarning("eval-data-missing", f"evaluate.tasks: {problem}", EVAL_DATA,

@@ -358,3 +358,17 @@ def test_stage_on_user_text_records_data_contamination_and_keys(tiny_llama_ref, 
     assert not reused and again["key"] != record["key"]
     report = "\n".join(data_markdown({"stages": [{"stage": "01-prune", "metrics": metrics}]}))
     assert "## Training data and contamination" in report and "wikitext 0/62" in report
+
+
+def test_a_field_the_kind_does_not_read_is_refused():
+    from tasks.core.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="field is not used by kind text"):
+        parse_recipe({"name": "x", "data": {"kind": "text", "paths": ["a"], "field": "body"},
+                      "stages": [{"prune": {"ffn": {"ratio": 0.25}}}]})
+    stage_builtin = parse_recipe({
+        "name": "x", "data": {"kind": "text", "paths": ["a"]},
+        "stages": [{"prune": {"ffn": {"ratio": 0.25},
+                              "calibration": {"data": {"kind": "builtin", "source": "c4"}}}}]})
+    calibration = stage_builtin.stage_list()[0][1].calibration
+    assert calibration.data is None and calibration.source == "c4"  # the stage's own data wins

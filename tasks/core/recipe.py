@@ -61,6 +61,15 @@ FILE_KINDS = ("text", "jsonl", "parquet", "csv", "chat")
 MAX_PATHS = 1000
 
 
+_FILES = {"paths", "heldout", "heldout_paths"}
+DATA_FIELDS: dict[str, set[str]] = {  # the fields each kind reads (the rest must stay unset)
+    kind: {"kind", "repeat"} | extra for kind, extra in {
+        "builtin": {"source"}, "text": _FILES, "jsonl": _FILES | {"field"},
+        "parquet": _FILES | {"field"}, "csv": _FILES | {"field"},
+        "chat": _FILES | {"loss_on"}, "hf": {"path", "name", "split", "column", "heldout"},
+    }.items()}
+
+
 class DataSpec(Strict):
     """Where training / calibration text comes from: the bundled text or the user's own.
 
@@ -92,6 +101,11 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DataSpec:
+        unused = sorted(set(self.model_fields_set) - DATA_FIELDS[self.kind])
+        if unused:
+            users = [k for k in DATA_KINDS if unused[0] in DATA_FIELDS[k]]
+            raise ValueError(f"{unused[0]} is not used by kind {self.kind} (it is for "
+                             f"{', '.join(users)})")
         if self.kind in FILE_KINDS and not self.paths:
             raise ValueError(f"kind {self.kind} needs paths: a list of files or globs")
         if self.kind not in FILE_KINDS and (self.paths or self.heldout_paths):
@@ -110,14 +124,7 @@ class DataSpec(Strict):
         """Only the fields the kind uses: the dump enters stage keys, and a field the kind
         ignores must not make two equal data specs look different."""
         data = handler(self)
-        used = {"kind", "repeat"} | {
-            "builtin": {"source"}, "text": {"paths", "heldout", "heldout_paths"},
-            "jsonl": {"paths", "field", "heldout", "heldout_paths"},
-            "parquet": {"paths", "field", "heldout", "heldout_paths"},
-            "csv": {"paths", "field", "heldout", "heldout_paths"},
-            "chat": {"paths", "heldout", "heldout_paths", "loss_on"},
-            "hf": {"path", "name", "split", "column", "heldout"},
-        }[self.kind]
+        used = DATA_FIELDS[self.kind]
         return {key: value for key, value in data.items() if key in used}
 
 
@@ -157,6 +164,7 @@ def _builtin_into_source(cfg: Any) -> Any:
     if cfg.data is not None and cfg.data.kind == "builtin":
         object.__setattr__(cfg, "source", cfg.data.source)
         object.__setattr__(cfg, "data", None)
+        cfg.model_fields_set.add("source")  # the stage named its data: the recipe's won't apply
     return cfg
 
 
