@@ -372,3 +372,22 @@ def test_a_field_the_kind_does_not_read_is_refused():
                               "calibration": {"data": {"kind": "builtin", "source": "c4"}}}}]})
     calibration = stage_builtin.stage_list()[0][1].calibration
     assert calibration.data is None and calibration.source == "c4"  # the stage's own data wins
+
+
+def test_chat_on_all_tokens_packs_training_and_heldout(sources, tokenizer):
+    from tasks.core.data_blocks import heldout_blocks, training_blocks
+
+    spec = sources["chat"].model_copy(update={"loss_on": "all"})
+    train = training_blocks(tokenizer, spec, DATA, 32, 4, seed=0, masked=False)
+    held = heldout_blocks(tokenizer, spec, DATA, 32, 2, seed=0)
+    assert train.mask is None and held.mask is None and train.stats["documents"] == 28
+    from tasks.core.data import token_blocks
+    from tasks.core.data_blocks import chat_texts
+
+    corpus = load_corpus(spec, DATA)
+    import torch
+
+    assert torch.equal(train.ids, token_blocks(tokenizer, chat_texts(tokenizer, corpus.chats),
+                                               32, 4, seed=0))
+    assert torch.equal(held.ids, token_blocks(tokenizer, chat_texts(
+        tokenizer, corpus.heldout_chats), 32, held.ids.shape[0], seed=0))

@@ -1,9 +1,11 @@
 """Token blocks from any data source, with the token accounting the stage metrics report.
 
 Text kinds are packed (`tasks.core.data.token_blocks`: documents shuffled by seed, joined by
-EOS, no padding). Chat is one conversation per row, rendered with the model's own chat template,
-right-padded, and masked: the mask marks the tokens the loss trains on (assistant turns, or every
-real token with `loss_on: all`). Right padding under a causal model changes nothing at the real
+EOS, no padding). Chat for KD with `loss_on: assistant` is one conversation per row, rendered with
+the model's own chat template, right-padded, and masked: the mask marks the assistant tokens the
+loss trains on. Chat for calibration, or with `loss_on: all`, is the rendered conversations
+packed like text (every token counts, so padding would only waste positions).
+Right padding under a causal model changes nothing at the real
 positions, so no attention mask is needed; padded positions are simply outside the loss mask.
 
 The bundled text (`kind: builtin`) takes exactly the path it always took, so its blocks and the
@@ -195,14 +197,15 @@ def heldout_blocks(tokenizer, spec: DataSpec, data: Path, seq_len: int, n_blocks
     corpus = load_corpus(spec, data)
     where = f"held-out slice of {_where(corpus)}"
     fix = "raise data.heldout or give data.heldout_paths"
-    if spec.kind == "chat":
+    if spec.kind == "chat" and spec.loss_on == "assistant":
         if not corpus.heldout_chats:
             raise DataError(f"data: {where} is empty; {fix}")
         n = min(n_blocks, len(corpus.heldout_chats))
         blocks = chat_rows(tokenizer, corpus.heldout_chats, seq_len, n, seed, spec.loss_on,
                            False, where)
-    else:
-        docs = corpus.heldout_docs
+    else:  # text kinds, and chat on every token: packed like its training blocks
+        docs = corpus.heldout_docs if spec.kind != "chat" else \
+            chat_texts(tokenizer, corpus.heldout_chats)
         lengths = [len(x) + 1 for x in tokenizer(docs, add_special_tokens=False)["input_ids"]]
         n = min(n_blocks, sum(lengths) // seq_len)
         if n < 1:
