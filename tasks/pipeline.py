@@ -216,7 +216,7 @@ def stage_contamination(spec: DataSpec | None, recipe: Recipe, name: str
         report = training_overlap(spec, recipe.evaluate, data_dir(), cfg.ngram)
     except (ValueError, OSError, KeyError, TypeError) as exc:  # an unreadable benchmark file
         return {"unchecked": " ".join(str(exc).split())[:200]}
-    line = refusal(report, cfg.threshold, f"{name}: its training text")
+    line = refusal(report, cfg.threshold, name)
     if line and not cfg.allow_overlap:
         raise ContaminationError(line)
     return {**report, "threshold": cfg.threshold, "allow_overlap": cfg.allow_overlap}

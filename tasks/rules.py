@@ -221,14 +221,13 @@ def contamination_errors(recipe: Recipe, uses=None, data=None) -> list[RuleWarni
     """The overlap check of every distinct training text against the evaluation sets the
     recipe scores: an error above the threshold unless `contamination.allow_overlap`."""
     data = data or data_dir()
-    checked: set[str] = set()
     found: list[RuleWarning] = []
     cfg = recipe.contamination
+    groups: dict[str, tuple[list[str], DataSpec]] = {}  # one check per distinct data
     for key, spec, _, _ in uses if uses is not None else data_uses(recipe):
-        ident = spec.model_dump_json()
-        if ident in checked:
-            continue
-        checked.add(ident)
+        groups.setdefault(spec.model_dump_json(), ([], spec))[0].append(key)
+    for keys, spec in groups.values():
+        key = ", ".join(keys)
         try:
             report = training_overlap(spec, recipe.evaluate, data, cfg.ngram)
         except (ValueError, OSError, KeyError, TypeError) as exc:  # an unreadable benchmark

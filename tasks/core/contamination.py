@@ -112,12 +112,13 @@ def worst(report: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 
 
 def refusal(report: dict[str, Any], threshold: float, what: str) -> str | None:
-    """One line when some evaluation set overlaps `what` above `threshold`, else None."""
+    """One line when some evaluation set overlaps the training text of `what` (recipe keys or
+    a stage) above `threshold`, else None."""
     top = worst(report)
     if top is None or top[1]["fraction"] <= threshold:
         return None
     name, row = top
-    return (f"{what} shares {report['ngram']}-grams with {row['overlapping_documents']} of "
+    return (f"the training text of {what} shares {report['ngram']}-grams with {row['overlapping_documents']} of "
             f"{row['documents']} {name} documents ({row['fraction']:.1%}, over the "
             f"{threshold:.1%} threshold): scores on {name} would be measured on training text; "
             "train on other data, or set contamination.allow_overlap: true")
