@@ -118,7 +118,8 @@ def refusal(report: dict[str, Any], threshold: float, what: str) -> str | None:
     if top is None or top[1]["fraction"] <= threshold:
         return None
     name, row = top
-    return (f"the training text of {what} shares {report['ngram']}-grams with {row['overlapping_documents']} of "
+    return (f"the training text of {what} shares {report['ngram']}-grams with "
+            f"{row['overlapping_documents']} of "
             f"{row['documents']} {name} documents ({row['fraction']:.1%}, over the "
             f"{threshold:.1%} threshold): scores on {name} would be measured on training text; "
             "train on other data, or set contamination.allow_overlap: true")
