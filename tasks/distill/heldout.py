@@ -11,16 +11,20 @@ import math
 import torch
 
 from tasks.core.common import StageContext
+from tasks.core.conventions import prefix_ids
 from tasks.core.data import load_train_texts, token_blocks
 from tasks.core.recipe import DistillConfig
 from tasks.distill.losses import forward_kl, next_token_ce
 from tasks.distill.step import compute_context
 
 
-def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext) -> torch.Tensor:
-    """The KD validation slice (held-out Wikipedia files), same block length as training."""
+def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext,
+                   config=None) -> torch.Tensor:
+    """The KD validation slice (held-out Wikipedia files), same block length and same family
+    prefix (BOS where the family expects it) as training."""
     texts = load_train_texts(ctx.data, heldout=True)
-    return token_blocks(tokenizer, texts, cfg.seq_len, cfg.eval_blocks, seed=ctx.seed)
+    return token_blocks(tokenizer, texts, cfg.seq_len, cfg.eval_blocks, seed=ctx.seed,
+                        prefix=prefix_ids(tokenizer, config))
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 reuses the unsharded buffers in training later

@@ -28,6 +28,7 @@ from tasks.core.common import (
     set_offline_env,
     write_json_atomic,
 )
+from tasks.core.conventions import prefix_ids
 from tasks.core.data import load_train_texts, token_blocks
 from tasks.core.model_folder import model_ref
 from tasks.core.model_store import load_model, read_config, save_model
@@ -44,11 +45,16 @@ from tasks.distill.teacher import TeacherHolder, load_pair, teacher_idle
 from tasks.distill.train import TrainPlan, train_loop
 
 
-def training_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext, n_blocks: int):
-    """Packed training blocks from `<data>/train` (never evaluation files), seeded by the run."""
+def training_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext, n_blocks: int,
+                    config=None):
+    """Packed training blocks from `<data>/train` (never evaluation files), seeded by the run,
+    each opened by the family's prefix (`tasks.core.conventions`): a student trained on blocks
+    without the BOS its family expects learns to do without it, and then scores better than a
+    baseline that was also fed none, for no reason to do with compression."""
     texts = load_train_texts(ctx.data, cfg.source)
     try:
-        return token_blocks(tokenizer, texts, cfg.seq_len, n_blocks, seed=ctx.seed)
+        return token_blocks(tokenizer, texts, cfg.seq_len, n_blocks, seed=ctx.seed,
+                            prefix=prefix_ids(tokenizer, config))
     except ValueError as exc:
         raise ValueError(
             f"distill: tokens={cfg.tokens} needs {n_blocks} blocks of {cfg.seq_len}; the "
@@ -137,8 +143,9 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     model, tokenizer, teacher = load_pair(student, ctx.teacher)
     rt.check_batch(cfg.batch_size)
     plan = TrainPlan.from_config(cfg)
-    train = training_blocks(tokenizer, cfg, ctx, plan.blocks)
-    held = heldout_blocks(tokenizer, cfg, ctx).to(rt.device)
+    config = getattr(teacher, "config", None)
+    train = training_blocks(tokenizer, cfg, ctx, plan.blocks, config)
+    held = heldout_blocks(tokenizer, cfg, ctx, config).to(rt.device)
     stage = ctx.stage_name or "distill"
     heldout: list[dict[str, float]] = []
     cache, cache_stats = build_logit_cache(teacher, tokenizer, train, cfg, ctx, rt)

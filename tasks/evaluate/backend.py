@@ -36,6 +36,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from tasks.core.conventions import needs_bos
 from tasks.evaluate.tree_pack import Row, ScoreRequest, ancestor_mask, batch_rows, pack
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class PkdqLM(HFLM):
     score drift), `min_shared` (tokens two requests must share to go into one row), `max_row`
     (tree nodes per row), `max_scored` (scored positions per forward: the logits tensor is
     max_scored x vocab floats), `max_tokens` (padded tokens per forward), `self_check`.
+    `add_bos_token` unset means the family's convention (`tasks.core.conventions.needs_bos`):
+    Gemma always gets `<bos>` first, even from a tokenizer that would not add it.
     """
 
     def __init__(self, pretrained: Any, tokenizer: Any = None,
@@ -106,7 +109,7 @@ class PkdqLM(HFLM):
                  max_length: int | None = None, device: str | None = "cpu",
                  min_shared: int = 8, max_row: int = 512, max_scored: int = 2048,
                  max_tokens: int = 2048, self_check: bool = True,
-                 **kwargs: Any) -> None:
+                 add_bos_token: bool | None = None, **kwargs: Any) -> None:
         if isinstance(pretrained, (str, os.PathLike)):
             pretrained, loaded_tokenizer = load_for_eval(pretrained, resolve_dtype(dtype),
                                                          _device(device))
@@ -114,14 +117,27 @@ class PkdqLM(HFLM):
         if tokenizer is None:
             raise ValueError("pkdq backend: pass `tokenizer` along with an already loaded model")
         kwargs.pop("max_batch_size", None)
+        if add_bos_token is None:
+            add_bos_token = needs_bos(tokenizer, getattr(pretrained, "config", None))
+        add_bos_token = str(add_bos_token).lower() not in ("false", "0", "no")
+        self._bos = [int(tokenizer.bos_token_id)] if add_bos_token else []
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size,
-                         max_length=int(max_length) if max_length else None, **kwargs)
+                         max_length=int(max_length) if max_length else None,
+                         add_bos_token=add_bos_token, **kwargs)
         self.rows_per_batch = _rows_per_batch(batch_size)
         self.min_shared, self.max_row = int(min_shared), int(max_row)
         self.max_scored, self.max_tokens = int(max_scored), int(max_tokens)
         self._truncation_warned = False
         if str(self_check).lower() not in ("false", "0", "no"):
             check_tree_attention(self)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+        """HFLM's encoding, plus the family's BOS where the tokenizer itself would not add it."""
+        ids = super().tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
+        if self._bos and add_special_tokens is not False and ids[:1] != self._bos:
+            ids = self._bos + ids
+        return ids[-left_truncate_len:] if left_truncate_len else ids
 
     # ------------------------------------------------------------------ requests -> rows
 

@@ -121,16 +121,23 @@ WIKITEXT_TASK = "wikitext"
 
 def make_lm(model: Any, tokenizer: Any, backend: str, batch_size: int,
             max_length: int | None = None) -> Any:
-    """The lm-eval model wrapping an already loaded model: pkdq's backend or stock HFLM."""
+    """The lm-eval model wrapping an already loaded model: pkdq's backend or stock HFLM.
+
+    Both get the family's BOS convention (`tasks.core.conventions`) explicitly rather than
+    whatever lm-eval's version defaults to.
+    """
+    from tasks.core.conventions import needs_bos
+
+    bos = needs_bos(tokenizer, getattr(model, "config", None))
     if backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                    max_length=max_length)
+                    max_length=max_length, add_bos_token=bos)
     from tasks.evaluate.backend import PkdqLM
 
     return PkdqLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  max_length=max_length)
+                  max_length=max_length, add_bos_token=bos)
 
 
 def task_manager(data: Path | None = None):
@@ -241,24 +248,31 @@ def _prefix_ids(tokenizer: Any, text: str, tokens: int | None) -> list[int]:
         budget *= 2
 
 
-def _window_nll(model: Any, ids: list[int], max_length: int) -> tuple[float, int]:
+def _window_nll(model: Any, ids: list[int], max_length: int,
+                prefix: list[int] | None = None) -> tuple[float, int]:
     """Summed next-token NLL over non-overlapping windows, and how many tokens were predicted.
 
-    The first token of each window has no context and is not predicted (standard, cheaper than a
+    Each window is the family's `prefix` (BOS for Gemma, none for SmolLM2:
+    `tasks.core.conventions.prefix_ids`) plus `max_length - len(prefix)` text tokens. The first
+    text token of each window has no text context and is not predicted, with or without a
+    prefix, so the same text windows score the same targets either way (standard, cheaper than a
     sliding window; slightly pessimistic versus stride < max_length).
     """
     import torch
     import torch.nn.functional as F
 
+    prefix = list(prefix or [])
+    body = max_length - len(prefix)
+    skip = len(prefix)  # logits of the prefix positions predict the first text token: unscored
     total, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, len(ids), max_length):
-            window = ids[start:start + max_length]
+        for start in range(0, len(ids), body):
+            window = ids[start:start + body]
             if len(window) < 2:
                 continue
-            x = torch.tensor([window], device=model.device)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            total += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            x = torch.tensor([prefix + window], device=model.device)
+            logits = model(input_ids=x).logits[0, skip:-1].float()
+            total += float(F.cross_entropy(logits, x[0, skip + 1:], reduction="sum"))
             count += len(window) - 1
     return total, count
 
@@ -270,11 +284,14 @@ def wikitext_perplexity(model: Any, tokenizer: Any, path: Path, tokens: int | No
     Word perplexity divides the same total NLL by whitespace words in the slice, so it compares
     across tokenizers (pruning never changes the tokenizer, but users compare models).
     """
+    from tasks.core.conventions import prefix_ids
+
     text = Path(path).read_text(encoding="utf-8")
     ids = _prefix_ids(tokenizer, text, tokens)
     limit = getattr(model.config, "max_position_embeddings", None) or max_length
     window = min(max_length, int(limit))
-    nll, predicted = _window_nll(model, ids, window)
+    prefix = prefix_ids(tokenizer, model.config)
+    nll, predicted = _window_nll(model, ids, window, prefix)
     words = len(tokenizer.decode(ids).split())
     return {
         "token_perplexity": math.exp(nll / predicted),
@@ -283,6 +300,7 @@ def wikitext_perplexity(model: Any, tokenizer: Any, path: Path, tokens: int | No
         "predicted_tokens": predicted,
         "words": words,
         "max_length": window,
+        "prefix_ids": prefix,
         "nll": nll,
     }
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult
+from tasks.core.conventions import prefix_ids
 from tasks.core.data import load_train_texts, token_blocks
 from tasks.core.dims import Dims
 from tasks.core.model_store import is_quantized, load_model, save_model
@@ -52,11 +53,14 @@ class AxisScores:
     hidden: torch.Tensor | None = None
 
 
-def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext) -> torch.Tensor:
-    """Seeded token blocks of training text (never an evaluation split)."""
+def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext,
+                       config=None) -> torch.Tensor:
+    """Seeded token blocks of training text (never an evaluation split), each opened by the
+    family's prefix (BOS for Gemma: `tasks.core.conventions`) as the model sees text in use."""
     calib = cfg.calibration
     texts = load_train_texts(ctx.data, calib.source)
-    return token_blocks(tokenizer, texts, calib.seq_len, calib.samples, seed=ctx.seed)
+    return token_blocks(tokenizer, texts, calib.seq_len, calib.samples, seed=ctx.seed,
+                        prefix=prefix_ids(tokenizer, config))
 
 
 def _criteria(cfg: PruneConfig) -> dict[str, str]:
@@ -198,7 +202,8 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
     anatomy = Anatomy.of(model)
     plan = plan_prune(Dims.from_config(model.config), cfg)
     criteria = _criteria(cfg)
-    blocks = calibration_blocks(tokenizer, cfg, ctx) if cfg.needs_calibration() else None
+    blocks = (calibration_blocks(tokenizer, cfg, ctx, model.config) if cfg.needs_calibration()
+              else None)
     params_before = count_params(model)
     measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,
                             ctx.stage_name or "prune")

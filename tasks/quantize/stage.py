@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult, folder_bytes, set_offline_env
+from tasks.core.conventions import prefix_ids
 from tasks.core.data import load_train_texts, token_blocks
 from tasks.core.gptq_checkpoint import (
     SAVE_DTYPE,
@@ -51,16 +52,21 @@ GGUF_FILE = "model.gguf"  # with `gguf:` set, written beside the stage's model f
 QUANT_LOG = "quant_log.csv"
 
 
-def _calibration_blocks(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> torch.Tensor:
+def _calibration_blocks(tokenizer, cfg: QuantizeConfig, ctx: StageContext,
+                        config=None) -> torch.Tensor:
+    """GPTQ/AWQ calibration blocks, opened by the family's prefix (BOS for Gemma) as in use."""
     cal = cfg.calibration
     texts = load_train_texts(ctx.data, cal.source)
-    return token_blocks(tokenizer, texts, cal.seq_len, cal.samples, seed=ctx.seed)
+    return token_blocks(tokenizer, texts, cal.seq_len, cal.samples, seed=ctx.seed,
+                        prefix=prefix_ids(tokenizer, config))
 
 
-def _verify_block(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> torch.Tensor:
+def _verify_block(tokenizer, cfg: QuantizeConfig, ctx: StageContext,
+                  config=None) -> torch.Tensor:
     """One short training-text block (not evaluation data) for the post-save sanity forward."""
     texts = load_train_texts(ctx.data, cfg.calibration.source)
-    return token_blocks(tokenizer, texts, VERIFY_TOKENS, 1, seed=ctx.seed + 1)
+    return token_blocks(tokenizer, texts, VERIFY_TOKENS, 1, seed=ctx.seed + 1,
+                        prefix=prefix_ids(tokenizer, config))
 
 
 def _skipped_layers(src: Path, quantized: list[str], tied: bool) -> list[dict[str, str]]:
@@ -213,8 +219,9 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     gguf_reference = _gguf_preflight(src, gguf)
     device = compute_device()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    calib = _calibration_blocks(tokenizer, cfg, ctx) if cfg.method != "rtn" else None
-    verify_ids = _verify_block(tokenizer, cfg, ctx)
+    config = load_config(src)
+    calib = _calibration_blocks(tokenizer, cfg, ctx, config) if cfg.method != "rtn" else None
+    verify_ids = _verify_block(tokenizer, cfg, ctx, config)
     ref_logits = reference_logits(src, verify_ids)
 
     final = Path(ctx.out_dir) / "model"
