@@ -59,7 +59,7 @@ def supported_families_line() -> str:
     return ", ".join(SUPPORTED_FAMILIES.values())
 
 
-def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
     """Does the tokenizer's default encoding start with BOS? (What HFLM and users get.)"""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -74,7 +74,7 @@ def needs_bos(tokenizer: Any, config: Any = None) -> bool:
         return False
     if model_type(config).startswith(ALWAYS_BOS):
         return True
-    return _tokenizer_adds_bos(tokenizer)
+    return tokenizer_adds_bos(tokenizer)
 
 
 def prefix_ids(tokenizer: Any, config: Any = None) -> list[int]:

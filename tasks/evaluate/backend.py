@@ -36,7 +36,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from tasks.core.conventions import needs_bos
+from tasks.core.conventions import needs_bos, tokenizer_adds_bos
 from tasks.evaluate.tree_pack import Row, ScoreRequest, ancestor_mask, batch_rows, pack
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,15 @@ class PkdqLM(HFLM):
             ids = self._bos + ids
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> Any:
+        """HFLM's left-padded batch encoding (generation); where the family needs BOS and the
+        tokenizer would not add it, the BOS text goes in front of each string, which the
+        tokenizer maps to the BOS id and HFLM then encodes without further special tokens."""
+        if self._bos and not tokenizer_adds_bos(self.tokenizer):
+            text = self.tokenizer.bos_token
+            strings = [s if s.startswith(text) else text + s for s in strings]
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
     # ------------------------------------------------------------------ requests -> rows
 
     def _score_request(self, context: list[int], continuation: list[int]) -> ScoreRequest:
@@ -190,7 +199,8 @@ class PkdqLM(HFLM):
 
         sdpa takes booleans (True = attend); eager adds the mask to the scores, so it gets 0 /
         dtype-min floats. Models with sliding-window layers (layer_types) take a mask per layer
-        type; the sliding one also drops ancestors beyond the window.
+        type; the sliding one also drops ancestors beyond the window. Models with one window on
+        every layer and no layer types (Mistral) take the sliding mask alone.
         """
         config = self.model.config
         dtype = next(self.model.parameters()).dtype
@@ -208,11 +218,13 @@ class PkdqLM(HFLM):
         config = self.model.config
         full = np.stack([ancestor_mask(r, width) for r in rows])
         window = getattr(config, "sliding_window", None)
-        if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-            sliding = np.stack([ancestor_mask(r, width, window) for r in rows])
-            return {"full_attention": self._attention_mask(full),
-                    "sliding_attention": self._attention_mask(sliding)}
-        return self._attention_mask(full)
+        types = getattr(config, "layer_types", None)
+        if not window or (types and "sliding_attention" not in types):
+            return self._attention_mask(full)
+        sliding = self._attention_mask(np.stack([ancestor_mask(r, width, window) for r in rows]))
+        if not types:  # Mistral: one window for every layer, no per-layer types
+            return sliding
+        return {"full_attention": self._attention_mask(full), "sliding_attention": sliding}
 
     def _score_rows(self, rows: Sequence[Row],
                     requests: Sequence[ScoreRequest]) -> list[tuple[int, tuple[float, bool]]]:

@@ -16,6 +16,7 @@ measured the same way for every stage.
 from __future__ import annotations
 
 import builtins
+import copy
 import logging
 import math
 import sys
@@ -126,11 +127,16 @@ def make_lm(model: Any, tokenizer: Any, backend: str, batch_size: int,
     Both get the family's BOS convention (`tasks.core.conventions`) explicitly rather than
     whatever lm-eval's version defaults to.
     """
-    from tasks.core.conventions import needs_bos
+    from tasks.core.conventions import needs_bos, tokenizer_adds_bos
 
     bos = needs_bos(tokenizer, getattr(model, "config", None))
     if backend == "hf":
         from lm_eval.models.huggingface import HFLM
+
+        if bos and not tokenizer_adds_bos(tokenizer):
+            # stock HFLM only asks the tokenizer for special tokens: make this copy add BOS
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.add_bos_token = True
 
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                     max_length=max_length, add_bos_token=bos)
