@@ -25,7 +25,7 @@ from tasks.core.dims import Dims
 from tasks.core.model_store import ModelNotFoundError, cached_config, offline_config
 from tasks.core.recipe import DistillConfig, PruneConfig, QuantizeConfig, Recipe
 from tasks.core.resources import usable_cpus
-from tasks.evaluate import missing_eval_data
+from tasks.evaluate import check_eval_tasks
 from tasks.prune import PrunePlan, plan_prune
 from tasks.quantize import (
     MARLIN_K_MULTIPLE,
@@ -137,10 +137,11 @@ def _data_errors(recipe: Recipe) -> list[RuleWarning]:
         if problem:
             return [RuleWarning("data-missing", f"{key} {source}: {problem}", TRAIN_DATA,
                                 "error")]
-    problem = missing_eval_data(list(recipe.evaluate.tasks), data)
+    problem = check_eval_tasks(recipe.evaluate, data)
     if problem:
-        return [RuleWarning("eval-data-missing", f"evaluate.tasks: {problem}", EVAL_DATA,
-                            "error")]
+        if not problem.startswith("evaluate."):
+            problem = f"evaluate.tasks: {problem}"
+        return [RuleWarning("eval-data-missing", problem, EVAL_DATA, "error")]
     return []
 
 

@@ -12,6 +12,8 @@ _EXPORTS = {
     "profile_in_subprocess": "speed",
     # torch-free: what a run's evaluation would not find (task YAML, data file), before a run
     "missing_eval_data": "lm_eval_tasks.utils",
+    # torch-free: every evaluation task (built-in, lm-eval registry, include_path, JSONL) in one line
+    "check_eval_tasks": "task_specs",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
