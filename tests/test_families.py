@@ -31,11 +31,11 @@ from tasks.core.recipe import (
     TextSample,
 )
 
-CALIB = TextSample(samples=2, seq_len=32)
+CALIB = TextSample(source="c4", samples=2, seq_len=32)  # c4: 2 MB to read, not 30
 IDS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
 PRUNE_AXES = {
     "prune-ffn": dict(ffn=FfnTarget(ratio=0.5)),
-    "prune-query-heads": dict(heads=HeadsTarget(mode="query", size=2)),
+    "prune-query-heads": dict(heads=HeadsTarget(mode="query", size=1)),  # 1 of 2 per group
     "prune-kv-groups": dict(heads=HeadsTarget(mode="kv_groups", size=1)),
     "prune-hidden": dict(hidden=HiddenTarget(size=32)),
     "prune-depth": dict(depth=DepthTarget(remove=1)),
@@ -84,7 +84,7 @@ def _check_kd(ref, tmp_path):
 
     student, _ = _prune(ref, "prune-ffn", tmp_path / "p")
     cfg = DistillConfig(tokens=32 * 2 * 2, seq_len=32, batch_size=2, lr=1e-3, warmup_steps=0,
-                        eval_blocks=1, alpha=1.0, temperature=1.0)
+                        eval_blocks=1, alpha=1.0, temperature=1.0, source="c4")
     result = distill_stage(student, cfg, StageContext(out_dir=tmp_path / "kd", seed=0,
                                                       teacher=ref))
     assert result.metrics["steps"] == 2

@@ -91,10 +91,8 @@ def task_size(task: str, data: Path | None = None, manager: Any = None) -> int:
 
     if task in TASK_FILES:
         return len(load_docs(task, data))
-    from lm_eval.tasks import get_task_dict
-
     with builtin_print():
-        built = get_task_dict([task], manager)[task]
+        built = manager.load([task])["tasks"][task]
     return len(list(built.eval_docs))
 
 
