@@ -37,7 +37,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=data_dir() / "arc" / "ARC-Easy-Test.jsonl")
-    parser.add_argument("--out", type=Path, default=cache_dir() / "jsonl" / "arc_easy_test_mc.jsonl")
+    parser.add_argument("--out", type=Path,
+                        default=cache_dir() / "jsonl" / "arc_easy_test_mc.jsonl")
     args = parser.parse_args()
     print(f"{convert(args.src, args.out)} questions -> {args.out}")
 

@@ -12,7 +12,7 @@ _EXPORTS = {
     "profile_in_subprocess": "speed",
     # torch-free: what a run's evaluation would not find (task YAML, data file), before a run
     "missing_eval_data": "lm_eval_tasks.utils",
-    # torch-free: every evaluation task (built-in, lm-eval registry, include_path, JSONL) in one line
+    # torch-free: any evaluation task (built-in, registry, include_path, JSONL), one line
     "check_eval_tasks": "task_specs",
 }
 __all__ = sorted(_EXPORTS)
