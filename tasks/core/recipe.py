@@ -295,7 +295,12 @@ class JsonlTask(Strict):
     max_gen_toks: int = Field(64, ge=1, le=4096)
 
 
-EvalTask = Annotated[str, Field(pattern=TASK_NAME_PATTERN, max_length=200)] | JsonlTask
+EvalTask = Annotated[
+    Annotated[Annotated[str, Field(pattern=TASK_NAME_PATTERN, max_length=200)], Tag("name")]
+    | Annotated[JsonlTask, Tag("jsonl")],
+    # a string is a task name, anything else a JSONL set: errors name the branch that was meant
+    Discriminator(lambda v: "name" if isinstance(v, str) else "jsonl"),
+]
 
 
 class EvalConfig(Strict):
