@@ -15,5 +15,5 @@ module path (`from tasks.core.recipe import DistillConfig`) so a reader sees whe
 - `lazy`: package faces that import on first use (keeps `pkdq --help` free of torch)
 """
 
-__all__ = ["common", "conventions", "data", "gptq_checkpoint", "lazy", "model_folder", "model_store",
-           "peak_memory", "recipe", "resources"]
+__all__ = ["common", "conventions", "data", "gptq_checkpoint", "lazy", "model_folder",
+           "model_store", "peak_memory", "recipe", "resources"]

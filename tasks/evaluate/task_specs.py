@@ -188,6 +188,16 @@ def _dataset_path(yaml_file: Path, depth: int = 0) -> str | None:
     return None
 
 
+def _folder_dataset(folder: Path) -> str | None:
+    """A group's dataset: the first `dataset_path` among the YAMLs beside its file (lm-eval
+    groups such as mmlu keep it in a shared template there)."""
+    for path in sorted(folder.glob("*yaml")):
+        found = dict(_TASK_LINE.findall(path.read_text(encoding="utf-8")))
+        if "dataset_path" in found:
+            return found["dataset_path"]
+    return None
+
+
 def hf_dataset_cached(dataset: str) -> bool:
     """Is this HF dataset in the local caches `datasets` reads offline?"""
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
@@ -226,7 +236,7 @@ def check_eval_tasks(cfg: EvalConfig, data: Path | None = None) -> str | None:
                     f"({', '.join(BUILTIN_TASKS)}), not a JSONL task, not in include_path"
                     f"{' ' + cfg.include_path if cfg.include_path else ''}, and not an lm-eval "
                     "task name")
-        dataset = _dataset_path(source)
+        dataset = _dataset_path(source) or _folder_dataset(source.parent)
         if dataset and not hf_dataset_cached(dataset):
             return (f"evaluate.tasks: lm-eval task '{name}' reads the HF dataset '{dataset}', "
                     "which is not in the local HF cache: fetch it once where there is internet "
