@@ -39,6 +39,14 @@ _TagTolerantLoader.add_multi_constructor("!", lambda loader, suffix, node: suffi
 
 def _jsonl_rows(task: JsonlTask) -> tuple[list[dict[str, Any]] | None, str | None]:
     """(normalised rows, None) or (None, one-line problem naming the file and line)."""
+    try:
+        return _read_jsonl(task)
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, a path with a NUL in it
+        return None, (f"evaluate.tasks '{task.name}': {task.jsonl!r} cannot be read "
+                      f"({type(exc).__name__})")
+
+
+def _read_jsonl(task: JsonlTask) -> tuple[list[dict[str, Any]] | None, str | None]:
     path = Path(task.jsonl).expanduser()
     where = f"evaluate.tasks '{task.name}': {path}"
     if not path.is_file():
@@ -132,13 +140,19 @@ def jsonl_cache_root() -> Path:
 
 def yaml_task_names(folder: Path) -> tuple[dict[str, Path], str | None]:
     """{task name: YAML file} under a folder of lm-eval task YAMLs, or a one-line problem."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        return {}, f"evaluate.include_path: {folder} is not a folder"
+    try:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            return {}, f"evaluate.include_path: {folder} is not a folder"
+        files = sorted(folder.rglob("*.yaml"))
+    except (OSError, ValueError) as exc:
+        return {}, f"evaluate.include_path: {str(folder)!r} cannot be read ({type(exc).__name__})"
     names: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*.yaml")):
+    for path in files:
         try:
             doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_TagTolerantLoader)
+        except (OSError, UnicodeDecodeError) as exc:
+            return {}, f"evaluate.include_path: {path} cannot be read ({type(exc).__name__})"
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" line {mark.line + 1}" if mark else ""
