@@ -214,7 +214,8 @@ def main() -> None:
     calibration = TextSample(samples=args.samples, seq_len=args.seq_len)
     ctx = StageContext(out_dir=Path("."), seed=args.seed)
     blocks = calibration_blocks(tokenizer, PruneConfig(ffn=FfnTarget(ratio=0.5),
-                                                       calibration=calibration), ctx)
+                                                       calibration=calibration), ctx,
+                                base.config)
     base_ppl, base_params = ppl(base), count_params(base)
     log(f"baseline ppl {base_ppl:.2f}, {base_params / 1e6:.1f}M params")
     scores = Scores(base, blocks, args.seed, args.taylor_samples, args.skip_samples)

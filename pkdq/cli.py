@@ -496,7 +496,7 @@ def eval_cmd(
     from tasks.core.common import data_dir
     from tasks.core.model_store import ModelNotFoundError, resolve_model
     from tasks.core.recipe import EvalConfig
-    from tasks.evaluate import missing_eval_data
+    from tasks.evaluate import check_eval_tasks
 
     try:
         cfg = EvalConfig(tasks=[t.strip() for t in tasks.split(",") if t.strip()],
@@ -506,7 +506,7 @@ def eval_cmd(
                                    "pages": None if wikitext_pages < 0 else wikitext_pages})
     except ValidationError as exc:
         _fail(_validation_line(exc))
-    problem = missing_eval_data(list(cfg.tasks), data_dir())
+    problem = check_eval_tasks(cfg, data_dir())
     if problem:
         _fail(problem)
     _check_model(model)

@@ -27,7 +27,7 @@ from tasks.core.model_store import ModelNotFoundError, cached_config, offline_co
 from tasks.core.recipe import DataSpec, DistillConfig, PruneConfig, QuantizeConfig, Recipe
 from tasks.core.resources import usable_cpus
 from tasks.core.text_sources import DataError, byte_count, load_corpus, min_bytes_per_token
-from tasks.evaluate import missing_eval_data, training_overlap
+from tasks.evaluate import check_eval_tasks, training_overlap
 from tasks.prune import PrunePlan, plan_prune
 from tasks.quantize import (
     MARLIN_K_MULTIPLE,
@@ -165,10 +165,11 @@ def _data_errors(recipe: Recipe) -> list[RuleWarning]:
             line = f"{key}{problem[4:]}" if problem.startswith("data.") else \
                 f"{key}: {problem.removeprefix('data: ')}"
             return [RuleWarning("data-missing", line, TRAIN_DATA, "error")]
-    problem = missing_eval_data(list(recipe.evaluate.tasks), data)
+    problem = check_eval_tasks(recipe.evaluate, data)
     if problem:
-        return [RuleWarning("eval-data-missing", f"evaluate.tasks: {problem}", EVAL_DATA,
-                            "error")]
+        if not problem.startswith("evaluate."):
+            problem = f"evaluate.tasks: {problem}"
+        return [RuleWarning("eval-data-missing", problem, EVAL_DATA, "error")]
     return contamination_errors(recipe, uses, data)
 
 

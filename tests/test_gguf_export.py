@@ -210,7 +210,7 @@ def test_refusals_are_one_line(tiny_llama_ref, tmp_path, monkeypatch):
     config = json.loads((tiny_llama_ref.path / "config.json").read_text())
     config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
     (other / "config.json").write_text(json.dumps(config))
-    assert "supports LlamaForCausalLM" in refused(model_path=other)
+    assert "llama layout (LlamaForCausalLM, MistralForCausalLM) only" in refused(model_path=other)
 
     fake = tmp_path / "other-vocab.gguf"
     writer = gguf.GGUFWriter(str(fake), "llama")

@@ -66,7 +66,7 @@ def _minimal(**overrides):
         (_minimal(stages=[{"prune": {"ffn": {"ratio": 0.2}}}, {"quantize": {"bits": 3}}]),
          "stages[1].quantize.bits: Input should be 4 or 8"),
         (_minimal(stages=[{"quantize": {}}, {"distill": {}}]), "P-KD-Q rule"),
-        (_minimal(evaluate={"tasks": ["mmlu"]}), "evaluate.tasks[0]"),
+        (_minimal(evaluate={"tasks": ["not a task name"]}), "evaluate.tasks[0]"),
     ],
 )
 def test_parse_errors_name_key_path(raw, fragment):

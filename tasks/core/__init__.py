@@ -8,11 +8,12 @@ module path (`from tasks.core.recipe import DistillConfig`) so a reader sees whe
 - `model_store`: resolve a model spec offline (built-in GGUF, folder, HF cache), load and save
 - `gptq_checkpoint`: THE quantized format: pack/unpack, read, dequantize, load, write
 - `recipe`: the recipe schema and its one-line errors
+- `conventions`: each model family's input conventions (BOS, chat text, soft-capping, windows)
 - `data`: training and calibration text (never evaluation splits)
 - `resources`: where a stage runs (processes, devices) and whether this machine can host it
 - `peak_memory`: the process's resident high-water mark
 - `lazy`: package faces that import on first use (keeps `pkdq --help` free of torch)
 """
 
-__all__ = ["common", "data", "gptq_checkpoint", "lazy", "model_folder", "model_store",
-           "peak_memory", "recipe", "resources"]
+__all__ = ["common", "conventions", "data", "gptq_checkpoint", "lazy", "model_folder",
+           "model_store", "peak_memory", "recipe", "resources"]

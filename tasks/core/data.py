@@ -82,18 +82,25 @@ def load_train_texts(data: Path, source: str = "wikipedia", heldout: bool = Fals
 
 
 def token_blocks(
-    tokenizer, texts: list[str], seq_len: int, n_blocks: int, seed: int = 0
+    tokenizer, texts: list[str], seq_len: int, n_blocks: int, seed: int = 0,
+    prefix: list[int] | tuple[int, ...] = (),
 ) -> torch.Tensor:
     """`n_blocks` packed blocks of `seq_len` tokens: documents shuffled by seed, joined by EOS.
 
     Packing wastes no positions on padding; shuffling by seed keeps the sample fixed per seed.
+    `prefix` (the family's start-of-sequence tokens, `tasks.core.conventions.prefix_ids`) opens
+    every block, so a family trained with BOS (Gemma) never sees a block without it.
     """
     import torch
 
+    prefix = list(prefix)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room after the {len(prefix)} prefix tokens")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    need = seq_len * n_blocks
+    need = body * n_blocks
     ids: list[int] = []
     for index in order:
         ids.extend(tokenizer(texts[index], add_special_tokens=False)["input_ids"])
@@ -102,4 +109,8 @@ def token_blocks(
             break
     if len(ids) < need:
         raise ValueError(f"training text has {len(ids)} tokens, {need} needed")
-    return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, seq_len)
+    blocks = torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, body)
+    if not prefix:
+        return blocks
+    head = torch.tensor(prefix, dtype=torch.long).expand(n_blocks, len(prefix))
+    return torch.cat([head, blocks], dim=1)

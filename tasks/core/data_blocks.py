@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -138,7 +139,7 @@ def chat_rows(tokenizer, chats: list[list[dict[str, str]]], seq_len: int, n_rows
 
 
 def packed(tokenizer, docs: list[str], seq_len: int, n_blocks: int, seed: int, repeat: bool,
-           where: str) -> Blocks:
+           where: str, prefix: Sequence[int] = ()) -> Blocks:
     """Packed blocks of a user's documents; with `repeat`, several epochs when they are short."""
     need = seq_len * n_blocks
     lengths = [len(x) + 1 for x in tokenizer(docs, add_special_tokens=False)["input_ids"]]
@@ -150,27 +151,31 @@ def packed(tokenizer, docs: list[str], seq_len: int, n_blocks: int, seed: int, r
                             f"blocks of {seq_len}); lower the budget, add data, or set "
                             "data.repeat: true")
         epochs = math.ceil(need / available)
-    ids = token_blocks(tokenizer, docs * epochs, seq_len, n_blocks, seed=seed)
+    ids = token_blocks(tokenizer, docs * epochs, seq_len, n_blocks, seed=seed, prefix=prefix)
     return Blocks(ids, None, {"documents": len(docs), "tokens_available": available,
                               "tokens_used": need, "epochs": round(need / available, 4)})
 
 
 def builtin_blocks(tokenizer, source: str, data: Path, seq_len: int, n_blocks: int,
-                   seed: int, heldout: bool = False) -> Blocks:
+                   seed: int, heldout: bool = False, prefix: Sequence[int] = ()) -> Blocks:
     """The bundled text, exactly as before user data existed (same blocks, same keys)."""
     texts = load_train_texts(data, source, heldout=heldout)
-    ids = token_blocks(tokenizer, texts, seq_len, n_blocks, seed=seed)
+    ids = token_blocks(tokenizer, texts, seq_len, n_blocks, seed=seed, prefix=prefix)
     return Blocks(ids, None, {"kind": "builtin", "source": "wikipedia held-out" if heldout
                               else source, "documents": len(texts),
                               "tokens_used": seq_len * n_blocks})
 
 
 def training_blocks(tokenizer, spec: DataSpec, data: Path, seq_len: int, n_blocks: int,
-                    seed: int, *, masked: bool = False) -> Blocks:
+                    seed: int, *, masked: bool = False, prefix: Sequence[int] = ()) -> Blocks:
     """Training / calibration blocks of `spec`. Chat gives masked rows when `masked` (KD) and
-    packed rendered conversations otherwise (calibration sees the whole conversation)."""
+    packed rendered conversations otherwise (calibration sees the whole conversation).
+
+    `prefix` (the family's BOS, `tasks.core.conventions.prefix_ids`) opens every packed text
+    block; rendered chat carries whatever its template puts first (Gemma's starts with BOS)."""
     if spec.kind == "builtin":
-        return builtin_blocks(tokenizer, spec.source, data, seq_len, n_blocks, seed)
+        return builtin_blocks(tokenizer, spec.source, data, seq_len, n_blocks, seed,
+                              prefix=prefix)
     corpus = load_corpus(spec, data)
     where = _where(corpus)
     if spec.kind == "chat" and masked:
@@ -180,20 +185,22 @@ def training_blocks(tokenizer, spec: DataSpec, data: Path, seq_len: int, n_block
         blocks = packed(tokenizer, chat_texts(tokenizer, corpus.chats), seq_len, n_blocks,
                         seed, spec.repeat, where)
     else:
-        blocks = packed(tokenizer, corpus.docs, seq_len, n_blocks, seed, spec.repeat, where)
+        blocks = packed(tokenizer, corpus.docs, seq_len, n_blocks, seed, spec.repeat, where,
+                        prefix)
     blocks.stats = {"kind": spec.kind, "fingerprint": corpus.fingerprint, **blocks.stats}
     return blocks
 
 
 def heldout_blocks(tokenizer, spec: DataSpec, data: Path, seq_len: int, n_blocks: int,
-                   seed: int) -> Blocks:
+                   seed: int, prefix: Sequence[int] = ()) -> Blocks:
     """KD's held-out slice of `spec`: never trained on. Builtin: the held-out Wikipedia files.
 
     A user's slice may be shorter than `n_blocks` blocks; then it gives as many whole blocks
     as it has (at least one, else a one-line error).
     """
     if spec.kind == "builtin":
-        return builtin_blocks(tokenizer, spec.source, data, seq_len, n_blocks, seed, True)
+        return builtin_blocks(tokenizer, spec.source, data, seq_len, n_blocks, seed, True,
+                              prefix)
     corpus = load_corpus(spec, data)
     where = f"held-out slice of {_where(corpus)}"
     fix = "raise data.heldout or give data.heldout_paths"
@@ -207,10 +214,11 @@ def heldout_blocks(tokenizer, spec: DataSpec, data: Path, seq_len: int, n_blocks
         docs = corpus.heldout_docs if spec.kind != "chat" else \
             chat_texts(tokenizer, corpus.heldout_chats)
         lengths = [len(x) + 1 for x in tokenizer(docs, add_special_tokens=False)["input_ids"]]
-        n = min(n_blocks, sum(lengths) // seq_len)
+        n = min(n_blocks, sum(lengths) // (seq_len - len(prefix)))
         if n < 1:
             raise DataError(f"data: {where} has {sum(lengths)} tokens, less than one block "
                             f"of {seq_len}; {fix}")
-        blocks = packed(tokenizer, docs, seq_len, n, seed, False, where)
+        blocks = packed(tokenizer, docs, seq_len, n, seed, False, where,
+                        prefix if spec.kind != "chat" else ())
     blocks.stats = {"kind": spec.kind, **blocks.stats}
     return blocks

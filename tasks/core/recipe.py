@@ -397,9 +397,43 @@ class SpeedEval(Strict):
     repeats: int = Field(3, ge=1, le=50, description="timed repeats; the median is reported")
 
 
+BUILTIN_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
+                 "lambada_openai", "boolq")
+TASK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class JsonlTask(Strict):
+    """A team's own eval set as JSONL, without writing lm-eval YAML.
+
+    multiple_choice lines: {"question": str, "choices": [str, ...], "answer": index or choice};
+    scored by log-likelihood accuracy (acc, acc_norm), chance = mean 1/len(choices).
+    generation lines: {"prompt": str, "reference": str}; greedy generation until `until`, scored
+    by exact match and chrF (sacrebleu), chance 0. pkdq writes an lm-eval task for it on the fly
+    (tasks.evaluate.jsonl_task), so doc sampling, paired differences and retention are shared.
+    """
+
+    name: str = Field(pattern=TASK_NAME_PATTERN, max_length=100)
+    jsonl: str = Field(min_length=1, max_length=4096)
+    kind: Literal["multiple_choice", "generation"]
+    until: list[str] = Field(["\n"], max_length=16, description="generation stop strings")
+    max_gen_toks: int = Field(64, ge=1, le=4096)
+
+
+EvalTask = Annotated[
+    Annotated[Annotated[str, Field(pattern=TASK_NAME_PATTERN, max_length=200)], Tag("name")]
+    | Annotated[JsonlTask, Tag("jsonl")],
+    # a string is a task name, anything else a JSONL set: errors name the branch that was meant
+    Discriminator(lambda v: "name" if isinstance(v, str) else "jsonl"),
+]
+
+
 class EvalConfig(Strict):
-    tasks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
-                        "lambada_openai", "boolq"]] = ["arc_easy", "piqa"]
+    tasks: list[EvalTask] = Field(
+        ["arc_easy", "piqa"],
+        description="built-in offline tasks, any lm-eval task name (offline: its dataset must "
+        "be in the local HF cache), tasks from include_path, or {name, jsonl, kind} JSONL sets")
+    include_path: str | None = Field(
+        None, max_length=4096, description="folder of the team's own lm-eval task YAMLs")
     samples: int | None = Field(100, ge=1, le=MAX_WIDTH,
                                 description="docs per task (seeded); null = full split")
     wikitext: WikitextEval = WikitextEval()
@@ -409,6 +443,30 @@ class EvalConfig(Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="compute dtype of the evaluated model (quantized ones keep theirs)")
     speed: SpeedEval = SpeedEval()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_include(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `include_path` out while unset: evaluation keys hash this dump, and recipes
+        that never name one keep the keys they had before the field existed."""
+        data = handler(self)
+        if data.get("include_path") is None:
+            data.pop("include_path", None)
+        return data
+
+    def task_names(self) -> list[str]:
+        """Every task's lm-eval name, in recipe order (JSONL tasks by their `name`)."""
+        return [t if isinstance(t, str) else t.name for t in self.tasks]
+
+    def jsonl_tasks(self) -> list[JsonlTask]:
+        return [t for t in self.tasks if isinstance(t, JsonlTask)]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvalConfig:
+        names = self.task_names()
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
+        return self
 
 
 class PruneStage(Strict):

@@ -11,6 +11,7 @@ import math
 import torch
 
 from tasks.core.common import StageContext
+from tasks.core.conventions import prefix_ids
 from tasks.core.data_blocks import Blocks
 from tasks.core.data_blocks import heldout_blocks as data_heldout
 from tasks.core.recipe import DistillConfig
@@ -18,11 +19,12 @@ from tasks.distill.losses import forward_kl, next_token_ce
 from tasks.distill.step import compute_context
 
 
-def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext) -> Blocks:
-    """The KD validation slice, same block length as training: the held-out Wikipedia files for
-    the bundled text, the held-out slice (fraction or files) of the recipe's own data."""
+def heldout_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext, config=None) -> Blocks:
+    """The KD validation slice, same block length and family prefix (BOS where the family
+    expects it) as training: the held-out Wikipedia files for the bundled text, the held-out
+    slice (fraction or files) of the recipe's own data."""
     return data_heldout(tokenizer, cfg.spec(), ctx.data, cfg.seq_len, cfg.eval_blocks,
-                        ctx.seed)
+                        ctx.seed, prefix=prefix_ids(tokenizer, config))
 
 
 @torch.no_grad()  # not inference_mode: FSDP2 reuses the unsharded buffers in training later

@@ -28,6 +28,7 @@ from tasks.core.common import (
     set_offline_env,
     write_json_atomic,
 )
+from tasks.core.conventions import prefix_ids
 from tasks.core.data_blocks import Blocks
 from tasks.core.data_blocks import training_blocks as data_blocks
 from tasks.core.model_folder import model_ref
@@ -45,13 +46,18 @@ from tasks.distill.teacher import TeacherHolder, load_pair, teacher_idle
 from tasks.distill.train import TrainPlan, train_loop
 
 
-def training_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext, n_blocks: int) -> Blocks:
+def training_blocks(tokenizer, cfg: DistillConfig, ctx: StageContext, n_blocks: int,
+                    config=None) -> Blocks:
     """Training blocks (never evaluation files), seeded by the run: packed bundled text, the
-    recipe's own data, or masked chat rows (`Blocks.mask`: the positions the loss covers)."""
+    recipe's own data, or masked chat rows (`Blocks.mask`: the positions the loss covers).
+
+    Packed blocks open with the family's prefix (`tasks.core.conventions`): a student trained
+    on blocks without the BOS its family expects learns to do without it, and then scores
+    better than a baseline that was also fed none, for no reason to do with compression."""
     spec = cfg.spec()
     try:
         return data_blocks(tokenizer, spec, ctx.data, cfg.seq_len, n_blocks, ctx.seed,
-                           masked=cfg.masked())
+                           masked=cfg.masked(), prefix=prefix_ids(tokenizer, config))
     except ValueError as exc:
         if spec.kind != "builtin":
             raise
@@ -142,9 +148,10 @@ def _run_stage(student: ModelRef, cfg: DistillConfig, ctx: StageContext,
     model, tokenizer, teacher = load_pair(student, ctx.teacher)
     rt.check_batch(cfg.batch_size)
     plan = TrainPlan.from_config(cfg)
-    data = training_blocks(tokenizer, cfg, ctx, plan.blocks)
+    config = getattr(teacher, "config", None)
+    data = training_blocks(tokenizer, cfg, ctx, plan.blocks, config)
     train, masks = data.ids, data.mask
-    held_data = heldout_blocks(tokenizer, cfg, ctx)
+    held_data = heldout_blocks(tokenizer, cfg, ctx, config)
     held = held_data.ids.to(rt.device)
     held_mask = None if held_data.mask is None or not cfg.masked() \
         else held_data.mask.to(rt.device)

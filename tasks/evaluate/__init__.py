@@ -15,6 +15,8 @@ _EXPORTS = {
     # torch-free: the documents of every evaluation set a recipe scores (contamination check)
     "evaluation_texts": "eval_texts",
     "training_overlap": "eval_texts",  # contamination report of a data spec, cached on disk
+    # torch-free: any evaluation task (built-in, registry, include_path, JSONL), one line
+    "check_eval_tasks": "task_specs",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -36,6 +36,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from tasks.core.conventions import needs_bos, tokenizer_adds_bos
 from tasks.evaluate.tree_pack import Row, ScoreRequest, ancestor_mask, batch_rows, pack
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class PkdqLM(HFLM):
     score drift), `min_shared` (tokens two requests must share to go into one row), `max_row`
     (tree nodes per row), `max_scored` (scored positions per forward: the logits tensor is
     max_scored x vocab floats), `max_tokens` (padded tokens per forward), `self_check`.
+    `add_bos_token` unset means the family's convention (`tasks.core.conventions.needs_bos`):
+    Gemma always gets `<bos>` first, even from a tokenizer that would not add it.
     """
 
     def __init__(self, pretrained: Any, tokenizer: Any = None,
@@ -106,7 +109,7 @@ class PkdqLM(HFLM):
                  max_length: int | None = None, device: str | None = "cpu",
                  min_shared: int = 8, max_row: int = 512, max_scored: int = 2048,
                  max_tokens: int = 2048, self_check: bool = True,
-                 **kwargs: Any) -> None:
+                 add_bos_token: bool | None = None, **kwargs: Any) -> None:
         if isinstance(pretrained, (str, os.PathLike)):
             pretrained, loaded_tokenizer = load_for_eval(pretrained, resolve_dtype(dtype),
                                                          _device(device))
@@ -114,14 +117,36 @@ class PkdqLM(HFLM):
         if tokenizer is None:
             raise ValueError("pkdq backend: pass `tokenizer` along with an already loaded model")
         kwargs.pop("max_batch_size", None)
+        if add_bos_token is None:
+            add_bos_token = needs_bos(tokenizer, getattr(pretrained, "config", None))
+        add_bos_token = str(add_bos_token).lower() not in ("false", "0", "no")
+        self._bos = [int(tokenizer.bos_token_id)] if add_bos_token else []
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, batch_size=batch_size,
-                         max_length=int(max_length) if max_length else None, **kwargs)
+                         max_length=int(max_length) if max_length else None,
+                         add_bos_token=add_bos_token, **kwargs)
         self.rows_per_batch = _rows_per_batch(batch_size)
         self.min_shared, self.max_row = int(min_shared), int(max_row)
         self.max_scored, self.max_tokens = int(max_scored), int(max_tokens)
         self._truncation_warned = False
         if str(self_check).lower() not in ("false", "0", "no"):
             check_tree_attention(self)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   left_truncate_len: int | None = None, **kwargs: Any) -> list[int]:
+        """HFLM's encoding, plus the family's BOS where the tokenizer itself would not add it."""
+        ids = super().tok_encode(string, add_special_tokens=add_special_tokens, **kwargs)
+        if self._bos and add_special_tokens is not False and ids[:1] != self._bos:
+            ids = self._bos + ids
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_batch_encode(self, strings: list[str], *args: Any, **kwargs: Any) -> Any:
+        """HFLM's left-padded batch encoding (generation); where the family needs BOS and the
+        tokenizer would not add it, the BOS text goes in front of each string, which the
+        tokenizer maps to the BOS id and HFLM then encodes without further special tokens."""
+        if self._bos and not tokenizer_adds_bos(self.tokenizer):
+            text = self.tokenizer.bos_token
+            strings = [s if s.startswith(text) else text + s for s in strings]
+        return super().tok_batch_encode(strings, *args, **kwargs)
 
     # ------------------------------------------------------------------ requests -> rows
 
@@ -174,7 +199,8 @@ class PkdqLM(HFLM):
 
         sdpa takes booleans (True = attend); eager adds the mask to the scores, so it gets 0 /
         dtype-min floats. Models with sliding-window layers (layer_types) take a mask per layer
-        type; the sliding one also drops ancestors beyond the window.
+        type; the sliding one also drops ancestors beyond the window. Models with one window on
+        every layer and no layer types (Mistral) take the sliding mask alone.
         """
         config = self.model.config
         dtype = next(self.model.parameters()).dtype
@@ -192,11 +218,13 @@ class PkdqLM(HFLM):
         config = self.model.config
         full = np.stack([ancestor_mask(r, width) for r in rows])
         window = getattr(config, "sliding_window", None)
-        if window and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-            sliding = np.stack([ancestor_mask(r, width, window) for r in rows])
-            return {"full_attention": self._attention_mask(full),
-                    "sliding_attention": self._attention_mask(sliding)}
-        return self._attention_mask(full)
+        types = getattr(config, "layer_types", None)
+        if not window or (types and "sliding_attention" not in types):
+            return self._attention_mask(full)
+        sliding = self._attention_mask(np.stack([ancestor_mask(r, width, window) for r in rows]))
+        if not types:  # Mistral: one window for every layer, no per-layer types
+            return sliding
+        return {"full_attention": self._attention_mask(full), "sliding_attention": sliding}
 
     def _score_rows(self, rows: Sequence[Row],
                     requests: Sequence[ScoreRequest]) -> list[tuple[int, tuple[float, bool]]]:

@@ -16,6 +16,7 @@ measured the same way for every stage.
 from __future__ import annotations
 
 import builtins
+import copy
 import logging
 import math
 import sys
@@ -45,7 +46,12 @@ PRIMARY_METRIC: dict[str, str] = {
     "lambada_openai": "acc",
     "boolq": "acc",
 }
-PER_DOC_METRICS = ("acc", "acc_norm")
+PER_DOC_METRICS = ("acc", "acc_norm", "exact_match", "chrf")
+# Primary metric of tasks not listed above, by lm-eval output type (first one reported wins).
+PRIMARY_BY_TYPE: dict[str, tuple[str, ...]] = {
+    "multiple_choice": ("acc_norm", "acc"),
+    "generate_until": ("chrf", "exact_match"),
+}
 
 # lm-eval messages that are expected here and only add noise at WARNING level.
 _QUIET = ("Custom kwargs can be passed", "`pretrained` model kwarg is not of type `str`",
@@ -78,11 +84,16 @@ def quiet_lm_eval() -> None:
 # --------------------------------------------------------------------------- doc selection
 
 
-def task_size(task: str, data: Path | None = None) -> int:
-    """Number of eval docs of a task (reads the files, no model, well under a second)."""
-    from tasks.evaluate.lm_eval_tasks.utils import load_docs
+def task_size(task: str, data: Path | None = None, manager: Any = None) -> int:
+    """Number of eval docs of a task: pkdq's built-ins read their files (no model, well under a
+    second); any other task is built by lm-eval through `manager` and its eval docs counted."""
+    from tasks.evaluate.lm_eval_tasks.utils import TASK_FILES, load_docs
 
-    return len(load_docs(task, data))
+    if task in TASK_FILES:
+        return len(load_docs(task, data))
+    with builtin_print():
+        built = manager.load([task])["tasks"][task]
+    return len(list(built.eval_docs))
 
 
 def sample_doc_ids(task: str, n_docs: int, samples: int | None, seed: int) -> list[int]:
@@ -102,15 +113,17 @@ def sample_doc_ids(task: str, n_docs: int, samples: int | None, seed: int) -> li
 
 
 def select_doc_ids(cfg: EvalConfig, data: Path | None, seed: int,
-                   given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+                   given: dict[str, list[int]] | None = None,
+                   sizes: dict[str, int] | None = None) -> dict[str, list[int]]:
     """Doc ids per recipe task: given ones (e.g. the baseline's) win, else a seeded sample."""
     given = given or {}
     out: dict[str, list[int]] = {}
-    for task in cfg.tasks:
+    for task in cfg.task_names():
         if task in given:
             out[task] = sorted(int(i) for i in given[task])
         else:
-            out[task] = sample_doc_ids(task, task_size(task, data), cfg.samples, seed)
+            size = sizes[task] if sizes and task in sizes else task_size(task, data)
+            out[task] = sample_doc_ids(task, size, cfg.samples, seed)
     return out
 
 
@@ -121,24 +134,43 @@ WIKITEXT_TASK = "wikitext"
 
 def make_lm(model: Any, tokenizer: Any, backend: str, batch_size: int,
             max_length: int | None = None) -> Any:
-    """The lm-eval model wrapping an already loaded model: pkdq's backend or stock HFLM."""
+    """The lm-eval model wrapping an already loaded model: pkdq's backend or stock HFLM.
+
+    Both get the family's BOS convention (`tasks.core.conventions`) explicitly rather than
+    whatever lm-eval's version defaults to.
+    """
+    from tasks.core.conventions import needs_bos, tokenizer_adds_bos
+
+    bos = needs_bos(tokenizer, getattr(model, "config", None))
     if backend == "hf":
         from lm_eval.models.huggingface import HFLM
 
+        if bos and not tokenizer_adds_bos(tokenizer):
+            # stock HFLM only asks the tokenizer for special tokens: make this copy add BOS
+            tokenizer = copy.deepcopy(tokenizer)
+            tokenizer.add_bos_token = True
+
         return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                    max_length=max_length)
+                    max_length=max_length, add_bos_token=bos)
     from tasks.evaluate.backend import PkdqLM
 
     return PkdqLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  max_length=max_length)
+                  max_length=max_length, add_bos_token=bos)
 
 
-def task_manager(data: Path | None = None):
-    """A TaskManager over pkdq's task YAMLs only (the stock ones need the hub; skipping is fast)."""
+def task_manager(data: Path | None = None, cfg: EvalConfig | None = None,
+                 jsonl_folder: Path | None = None):
+    """A TaskManager over pkdq's task YAMLs, plus the recipe's include_path and JSONL tasks;
+    lm-eval's own registry is indexed only when a task needs it (it costs seconds)."""
     from lm_eval.tasks import TaskManager
 
+    from tasks.evaluate.task_specs import include_paths, needs_registry
+
     meta = {"pkdq_data_dir": str(Path(data) if data else data_dir())}
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=meta)
+    if cfg is None:
+        return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=meta)
+    return TaskManager(include_path=include_paths(cfg, jsonl_folder),
+                       include_defaults=needs_registry(cfg), metadata=meta)
 
 
 _print_lock = threading.Lock()
@@ -189,8 +221,24 @@ def run_task(lm: Any, task: str, doc_ids: list[int], n_docs: int, manager: Any,
             bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed,
             torch_random_seed=seed, fewshot_random_seed=seed,
         )
-    return {"results": out["results"][task], "samples": out["samples"][task],
-            "output_type": out["configs"][task].get("output_type", "multiple_choice")}
+    output_type = out["configs"][task].get("output_type", "multiple_choice")
+    samples = out["samples"][task]
+    if output_type == "generate_until":
+        _add_chrf(samples)
+    return {"results": out["results"][task], "samples": samples, "output_type": output_type}
+
+
+def _add_chrf(samples: list[dict[str, Any]]) -> None:
+    """Sentence chrF (sacrebleu, 0-100) of each greedy generation against its reference, per
+    doc, so generation tasks get paired differences like accuracies do."""
+    from sacrebleu.metrics import CHRF
+
+    chrf = CHRF()
+    for sample in samples:
+        resp = sample.get("filtered_resps") or sample.get("resps") or [""]
+        while isinstance(resp, list):
+            resp = resp[0] if resp else ""
+        sample["chrf"] = float(chrf.sentence_score(str(resp), [str(sample["target"])]).score)
 
 
 def _chance(samples: list[dict[str, Any]], output_type: str) -> float:
@@ -203,13 +251,21 @@ def _chance(samples: list[dict[str, Any]], output_type: str) -> float:
 def summarise_task(task: str, raw: dict[str, Any]) -> dict[str, Any]:
     """Flatten lm-eval's 'acc,none' keys; add n, chance, primary metric and the doc ids."""
     results, samples = raw["results"], raw["samples"]
-    summary: dict[str, Any] = {"metric": PRIMARY_METRIC.get(task, "acc")}
+    summary: dict[str, Any] = {}
     for key, value in results.items():
         if "," not in key or key.startswith("alias"):
             continue
         name, filt = key.split(",", 1)
-        if filt == "none" and isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and (filt == "none" or name not in summary):
             summary[name] = float(value)
+    if samples and "chrf" in samples[0]:
+        scores = [float(s["chrf"]) for s in samples]
+        mean = sum(scores) / len(scores)
+        var = sum((x - mean) ** 2 for x in scores) / max(len(scores) - 1, 1)
+        summary.update(chrf=mean, chrf_stderr=math.sqrt(var / len(scores)))
+    candidates = PRIMARY_BY_TYPE.get(raw["output_type"], ("acc",))
+    summary["metric"] = PRIMARY_METRIC.get(task) or next(
+        (m for m in candidates if m in summary), next(iter(summary), "acc"))
     ids = sorted(int(s["doc_id"]) for s in samples)
     summary.update(n=len(ids), chance=_chance(samples, raw["output_type"]), doc_ids=ids)
     return summary
@@ -241,24 +297,31 @@ def _prefix_ids(tokenizer: Any, text: str, tokens: int | None) -> list[int]:
         budget *= 2
 
 
-def _window_nll(model: Any, ids: list[int], max_length: int) -> tuple[float, int]:
+def _window_nll(model: Any, ids: list[int], max_length: int,
+                prefix: list[int] | None = None) -> tuple[float, int]:
     """Summed next-token NLL over non-overlapping windows, and how many tokens were predicted.
 
-    The first token of each window has no context and is not predicted (standard, cheaper than a
+    Each window is the family's `prefix` (BOS for Gemma, none for SmolLM2:
+    `tasks.core.conventions.prefix_ids`) plus `max_length - len(prefix)` text tokens. The first
+    text token of each window has no text context and is not predicted, with or without a
+    prefix, so the same text windows score the same targets either way (standard, cheaper than a
     sliding window; slightly pessimistic versus stride < max_length).
     """
     import torch
     import torch.nn.functional as F
 
+    prefix = list(prefix or [])
+    body = max_length - len(prefix)
+    skip = len(prefix)  # logits of the prefix positions predict the first text token: unscored
     total, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, len(ids), max_length):
-            window = ids[start:start + max_length]
+        for start in range(0, len(ids), body):
+            window = ids[start:start + body]
             if len(window) < 2:
                 continue
-            x = torch.tensor([window], device=model.device)
-            logits = model(input_ids=x).logits[0, :-1].float()
-            total += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+            x = torch.tensor([prefix + window], device=model.device)
+            logits = model(input_ids=x).logits[0, skip:-1].float()
+            total += float(F.cross_entropy(logits, x[0, skip + 1:], reduction="sum"))
             count += len(window) - 1
     return total, count
 
@@ -270,11 +333,14 @@ def wikitext_perplexity(model: Any, tokenizer: Any, path: Path, tokens: int | No
     Word perplexity divides the same total NLL by whitespace words in the slice, so it compares
     across tokenizers (pruning never changes the tokenizer, but users compare models).
     """
+    from tasks.core.conventions import prefix_ids
+
     text = Path(path).read_text(encoding="utf-8")
     ids = _prefix_ids(tokenizer, text, tokens)
     limit = getattr(model.config, "max_position_embeddings", None) or max_length
     window = min(max_length, int(limit))
-    nll, predicted = _window_nll(model, ids, window)
+    prefix = prefix_ids(tokenizer, model.config)
+    nll, predicted = _window_nll(model, ids, window, prefix)
     words = len(tokenizer.decode(ids).split())
     return {
         "token_perplexity": math.exp(nll / predicted),
@@ -283,6 +349,7 @@ def wikitext_perplexity(model: Any, tokenizer: Any, path: Path, tokens: int | No
         "predicted_tokens": predicted,
         "words": words,
         "max_length": window,
+        "prefix_ids": prefix,
         "nll": nll,
     }
 
@@ -358,14 +425,15 @@ def count_params(model: Any) -> int:
     return total
 
 
-def _score_tasks(lm: Any, cfg: EvalConfig, ids: dict[str, list[int]], data: Path, manager: Any,
-                 seed: int, start: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def _score_tasks(lm: Any, cfg: EvalConfig, ids: dict[str, list[int]], sizes: dict[str, int],
+                 manager: Any, seed: int, start: float
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(summary per task, per-doc scores per task) on the seeded doc ids, one task at a time."""
     tasks: dict[str, Any] = {}
     per_doc_all: dict[str, Any] = {}
-    for task in cfg.tasks:
+    for task in cfg.task_names():
         t0 = time.perf_counter()
-        raw = run_task(lm, task, ids[task], task_size(task, data), manager, seed)
+        raw = run_task(lm, task, ids[task], sizes[task], manager, seed)
         tasks[task] = summarise_task(task, raw)
         tasks[task]["wall_s"] = time.perf_counter() - t0
         per_doc_all[task] = per_doc(raw)
@@ -420,10 +488,13 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     model, tokenizer = load_model(Path(model_path), dtype=resolve_dtype(cfg.dtype))
     _log(f"loaded {model_path}", start)
 
-    ids = select_doc_ids(cfg, data, seed, doc_ids)
-    manager = task_manager(data)
+    from tasks.evaluate.task_specs import jsonl_cache_root, write_jsonl_tasks
+
+    manager = task_manager(data, cfg, write_jsonl_tasks(cfg.jsonl_tasks(), jsonl_cache_root()))
+    sizes = {task: task_size(task, data, manager) for task in cfg.task_names()}
+    ids = select_doc_ids(cfg, data, seed, doc_ids, sizes)
     lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size)
-    tasks, per_doc_all = _score_tasks(lm, cfg, ids, data, manager, seed, start)
+    tasks, per_doc_all = _score_tasks(lm, cfg, ids, sizes, manager, seed, start)
     wikitext = _score_wikitext(model, tokenizer, cfg, data, seed, manager, start)
     speed = speed_section(model, cfg.speed)
     if speed is not None:

@@ -37,7 +37,7 @@ def scan(model, tokenizer, calibration: TextSample, *, ppl_skip: bool = False, s
     anatomy = Anatomy.of(model)
     cfg = PruneConfig(depth=DepthTarget(remove=1), calibration=calibration)
     ctx = StageContext(out_dir=Path("."), seed=seed, data=data or data_dir())
-    blocks = calibration_blocks(tokenizer, cfg, ctx)
+    blocks = calibration_blocks(tokenizer, cfg, ctx, model.config)
     acts = activation_scores(anatomy, blocks, stage="prune-scan")
     ffn = torch.stack(acts.ffn)
     result: dict[str, Any] = {

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult
+from tasks.core.conventions import prefix_ids
 from tasks.core.data_blocks import Blocks, training_blocks
 from tasks.core.dims import Dims
 from tasks.core.model_store import is_quantized, load_model, save_model
@@ -52,17 +53,19 @@ class AxisScores:
     hidden: torch.Tensor | None = None
 
 
-def calibration_data(tokenizer, cfg: PruneConfig, ctx: StageContext) -> Blocks:
+def calibration_data(tokenizer, cfg: PruneConfig, ctx: StageContext, config=None) -> Blocks:
     """Seeded token blocks of training text (never an evaluation split) with their accounting:
-    the bundled text, or the recipe's own data (`calibration.data`)."""
+    the bundled text, or the recipe's own data (`calibration.data`); each block opened by the
+    family's prefix (BOS for Gemma: `tasks.core.conventions`) as the model sees text in use."""
     calib = cfg.calibration
     return training_blocks(tokenizer, calib.spec(), ctx.data, calib.seq_len, calib.samples,
-                           ctx.seed)
+                           ctx.seed, prefix=prefix_ids(tokenizer, config))
 
 
-def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext) -> torch.Tensor:
+def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext,
+                       config=None) -> torch.Tensor:
     """`calibration_data`'s token blocks alone."""
-    return calibration_data(tokenizer, cfg, ctx).ids
+    return calibration_data(tokenizer, cfg, ctx, config).ids
 
 
 def _criteria(cfg: PruneConfig) -> dict[str, str]:
@@ -204,7 +207,8 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
     anatomy = Anatomy.of(model)
     plan = plan_prune(Dims.from_config(model.config), cfg)
     criteria = _criteria(cfg)
-    calibration = calibration_data(tokenizer, cfg, ctx) if cfg.needs_calibration() else None
+    calibration = (calibration_data(tokenizer, cfg, ctx, model.config)
+                   if cfg.needs_calibration() else None)
     blocks = calibration.ids if calibration is not None else None
     params_before = count_params(model)
     measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,

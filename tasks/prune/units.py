@@ -6,7 +6,9 @@ importance criteria (magnitude, Taylor) and the slicing read the same `Coupling`
 scored is exactly what is cut.
 
 Supported: decoder-only models with separate q/k/v/o and gate/up/down projections and RMSNorms
-(Llama, SmolLM2, Mistral, Qwen2, Gemma 3 text). Anything else is refused with one line.
+(Llama, SmolLM2, Mistral, Qwen2/Qwen2.5 with q/k/v biases, Qwen3 with per-head q/k norms that no
+head cut touches, Gemma 3 text; `tasks.core.conventions.SUPPORTED_FAMILIES`, each tested in
+tests/test_families.py). Anything else is refused with one line naming those families.
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tasks.core.conventions import supported_families_line
+
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 class UnsupportedModelError(ValueError):
-    """One line: which model, what is missing, why pruning it is refused."""
+    """One line: which model, what is missing, why pruning it is refused, and the families that
+    are supported."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message}; supported families: {supported_families_line()}")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,9 @@ from tasks.core.dims import Dims
 
 QTYPES = ("f16", "q8_0", "q4_0")
 SUPPORTED_ARCH = "LlamaForCausalLM"
+# Architectures llama.cpp reads as its llama graph (its converter maps Mistral to LLAMA too: same
+# tensors, same RoPE), with the model_type their config must carry.
+LLAMA_LAYOUT = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 BLOCK = 32  # Q8_0 and Q4_0 block width along each row (in_features)
 LLAMA_CPP_NOTE = ("llama.cpp is not installed on this machine: the file was checked with "
                   "transformers' GGUF loader and gguf-py only")
@@ -92,9 +95,14 @@ def check_qtype(qtype: str) -> None:
 def check_architecture(config: dict[str, Any], path: Path) -> None:
     """Refuse what the Llama GGUF layout cannot hold, before any weight is read."""
     archs = config.get("architectures") or [config.get("model_type", "?")]
-    if archs != [SUPPORTED_ARCH] or config.get("model_type") != "llama":
-        raise GgufExportError(f"GGUF export supports {SUPPORTED_ARCH} (model_type llama: SmolLM2 "
-                              f"and its pruned variants) only; {path} is {', '.join(archs)}")
+    if len(archs) != 1 or LLAMA_LAYOUT.get(archs[0]) != config.get("model_type"):
+        raise GgufExportError(
+            f"GGUF export writes llama.cpp's llama layout ({', '.join(LLAMA_LAYOUT)}) only; "
+            f"{path} is {', '.join(archs)}: convert it with llama.cpp's convert_hf_to_gguf.py")
+    window = config.get("sliding_window")
+    if window and window < int(config.get("max_position_embeddings") or 0):
+        raise GgufExportError(f"GGUF llama layout has no sliding window; {path} attends through "
+                              f"{window} of {config['max_position_embeddings']} positions")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise GgufExportError(f"GGUF export does not support Llama models with biases ({path})")
     if config.get("hidden_act", "silu") != "silu":

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult, folder_bytes, set_offline_env
+from tasks.core.conventions import prefix_ids
 from tasks.core.data_blocks import Blocks, training_blocks
 from tasks.core.gptq_checkpoint import (
     SAVE_DTYPE,
@@ -51,17 +52,22 @@ GGUF_FILE = "model.gguf"  # with `gguf:` set, written beside the stage's model f
 QUANT_LOG = "quant_log.csv"
 
 
-def _calibration_data(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> Blocks:
+def _calibration_data(tokenizer, cfg: QuantizeConfig, ctx: StageContext,
+                      config=None) -> Blocks:
+    """GPTQ/AWQ calibration blocks, opened by the family's prefix (BOS for Gemma) as in use."""
     cal = cfg.calibration
-    return training_blocks(tokenizer, cal.spec(), ctx.data, cal.seq_len, cal.samples, ctx.seed)
+    return training_blocks(tokenizer, cal.spec(), ctx.data, cal.seq_len, cal.samples, ctx.seed,
+                           prefix=prefix_ids(tokenizer, config))
 
 
-def _verify_block(tokenizer, cfg: QuantizeConfig, ctx: StageContext) -> torch.Tensor:
+def _verify_block(tokenizer, cfg: QuantizeConfig, ctx: StageContext,
+                  config=None) -> torch.Tensor:
     """One short training-text block (not evaluation data) for the post-save sanity forward."""
     spec = cfg.calibration.spec()
     if spec.kind != "builtin":
         spec = spec.model_copy(update={"repeat": True})  # one block; short data may repeat
-    return training_blocks(tokenizer, spec, ctx.data, VERIFY_TOKENS, 1, ctx.seed + 1).ids
+    return training_blocks(tokenizer, spec, ctx.data, VERIFY_TOKENS, 1, ctx.seed + 1,
+                           prefix=prefix_ids(tokenizer, config)).ids
 
 
 def _skipped_layers(src: Path, quantized: list[str], tied: bool) -> list[dict[str, str]]:
@@ -214,9 +220,11 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     gguf_reference = _gguf_preflight(src, gguf)
     device = compute_device()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    calibration = _calibration_data(tokenizer, cfg, ctx) if cfg.method != "rtn" else None
+    config = load_config(src)
+    calibration = (_calibration_data(tokenizer, cfg, ctx, config) if cfg.method != "rtn"
+                   else None)
     calib = calibration.ids if calibration is not None else None
-    verify_ids = _verify_block(tokenizer, cfg, ctx)
+    verify_ids = _verify_block(tokenizer, cfg, ctx, config)
     ref_logits = reference_logits(src, verify_ids)
 
     final = Path(ctx.out_dir) / "model"
