@@ -174,7 +174,7 @@ def test_every_path_follows_the_family_bos_convention(family, family_refs):
     from tasks.distill.stage import training_blocks
     from tasks.evaluate.stage import make_lm, wikitext_perplexity
     from tasks.prune.stage import calibration_blocks
-    from tasks.quantize.stage import _calibration_blocks
+    from tasks.quantize.stage import _calibration_data
 
     ref = family_refs[family]
     model, tok = load_model(ref)
@@ -187,10 +187,10 @@ def test_every_path_follows_the_family_bos_convention(family, family_refs):
         "prune calibration": calibration_blocks(tok, PruneConfig(ffn=FfnTarget(ratio=0.5),
                                                                   calibration=CALIB), ctx,
                                                 model.config),
-        "kd training": training_blocks(tok, kd, ctx, 2, model.config),
-        "kd held-out": heldout_blocks(tok, kd, ctx, model.config),
-        "gptq calibration": _calibration_blocks(
-            tok, QuantizeConfig(calibration=CALIB), ctx, model.config),
+        "kd training": training_blocks(tok, kd, ctx, 2, model.config).ids,
+        "kd held-out": heldout_blocks(tok, kd, ctx, model.config).ids,
+        "gptq calibration": _calibration_data(
+            tok, QuantizeConfig(calibration=CALIB), ctx, model.config).ids,
     }
     for where, block in blocks.items():
         starts = set(block[:, 0].tolist())
