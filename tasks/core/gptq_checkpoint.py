@@ -290,3 +290,26 @@ def write_gptq(model: nn.Module, codes: dict[str, torch.Tensor], grids: dict[str
                 not file.name.startswith(".") and file.name != "model.safetensors.index.json":
             shutil.copy2(file, tmp / file.name)
     return seal_folder(tmp, out_dir)
+
+
+def load_served(path: Path, device: str = "cpu") -> torch.nn.Module:
+    """The quantized folder as a user's runtime serves it: GPTQModel's own default load (no
+    dtype given: bf16 activations and scales), nothing cast afterwards.
+
+    `load_quantized` computes in fp32 for a like-for-like comparison with the fp32 baseline;
+    this is the other number a report owes its reader, the scores as served.
+    """
+    set_offline_env()
+    method = quantization_config(path).get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise QuantizeError(f"{path} is not a GPTQ or AWQ checkpoint (quantization_config."
+                            f"quant_method {method!r}); load_served reads those only")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
+    _, GPTQModel, BACKEND, *_ = import_gptqmodel()
+    backend = "awq_torch" if method == "awq" else "torch"
+    try:
+        wrapper = GPTQModel.load(str(path), backend=BACKEND(backend), device=device)
+    except Exception as exc:  # noqa: BLE001 - surface any loader failure as one clear error
+        raise QuantizeError(f"GPTQModel could not load {path} (backend {backend}, {device}): "
+                            f"{one_line(exc)}") from exc
+    return wrapper.model.eval()

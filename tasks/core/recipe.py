@@ -273,6 +273,13 @@ class SpeedEval(Strict):
     repeats: int = Field(3, ge=1, le=50, description="timed repeats; the median is reported")
 
 
+class GenerationsEval(Strict):
+    """Greedy answers to pkdq's fixed prompts, per stage, for the report's side-by-side."""
+
+    enabled: bool = True
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="greedy tokens per prompt")
+
+
 class EvalConfig(Strict):
     tasks: list[Literal["arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
                         "lambada_openai", "boolq"]] = ["arc_easy", "piqa"]
@@ -285,6 +292,10 @@ class EvalConfig(Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="compute dtype of the evaluated model (quantized ones keep theirs)")
     speed: SpeedEval = SpeedEval()
+    generations: GenerationsEval = GenerationsEval()
+    served: bool = Field(
+        True, description="quantized models: score the same docs again as a user's runtime "
+        "loads them (GPTQModel's default dtype, bf16), next to the fp32-activation scores")
 
 
 class PruneStage(Strict):
