@@ -235,7 +235,7 @@ def write_stage_card(run_dir: Path, folder: str, recipe: Recipe) -> Path | None:
     the next evaluation or rerun writes it again.
     """
     from tasks.core.model_store import source_metadata
-    from tasks.report.card import write_card
+    from tasks.report import write_card
 
     try:
         return write_card(run_dir, folder, source_metadata(recipe.model))
