@@ -16,7 +16,13 @@ import pytest
 import yaml
 
 from tasks.core.common import REPO_ROOT, ModelRef, read_json
-from tasks.core.model_folder import CARD_FILE, check_folder, fingerprint_folder, model_ref
+from tasks.core.model_folder import (
+    CARD_FILE,
+    MANIFEST_FILE,
+    check_folder,
+    fingerprint_folder,
+    model_ref,
+)
 from tasks.core.recipe import load_recipe
 from tasks.pipeline import evaluate_stage, init_run, plan, run_stage
 
@@ -93,6 +99,8 @@ def test_card_leaves_fingerprint_and_integrity_check_alone(tiny_run):
         assert model_ref(path).fingerprint == fp
         assert fingerprint_folder(path, skip_card=True) == fp
         assert fingerprint_folder(path) != fp  # the card is a file; only checks skip it
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        assert CARD_FILE not in manifest["files"]  # no card (e.g. the input's) sealed inside
     # a rerun reuses every stage: the card did not make the folders look altered
     ref = tiny_run["base"]
     for stage in tiny_run["stages"][1:]:
