@@ -528,6 +528,12 @@ def eval_cmd(
         metric = res["metric"]
         stderr = res.get(f"{metric}_stderr", 0.0)
         typer.echo(f"{name:16s} {metric:8s} {res[metric]:.4f} ± {stderr:.4f}  (n={res['n']})")
+    served = metrics.get("served") or {}
+    for name, res in (served.get("tasks") or {}).items():  # a quantized model, as served
+        metric = res["metric"]
+        stderr = res.get(f"{metric}_stderr", 0.0)
+        typer.echo(f"{name:16s} {metric:8s} {res[metric]:.4f} ± {stderr:.4f}  (n={res['n']}) "
+                   f"{served['label']}")
     typer.echo(f"written: {out}, {out.with_suffix('.samples.json')}")
 
 
