@@ -88,6 +88,7 @@ def test_every_stage_model_gets_a_card_with_valid_front_matter(tiny_run):
     record = read_json(tiny_run["run_dir"] / quant.folder / "stage.json")
     card = (Path(record["model"]["path"]) / CARD_FILE).read_text()
     assert "arc_easy as served (" in card  # the as-served rows, labelled
+    assert "float32 activations" in card  # and which numbers are which
 
 
 def test_card_leaves_fingerprint_and_integrity_check_alone(tiny_run):
@@ -155,7 +156,7 @@ def test_report_has_generations_served_scores_bf16_size_and_labels(tiny_run):
     assert quant["eval"]["activations_dtype"] == "float32"
     assert quant["retention_served"]["benchmarks"]["arc_easy"]["n"] == 6
     assert data["stages"][1]["eval"]["served"] is None  # float model: nothing else to serve
-    assert "02-quantize as served (bfloat16)" in md and "fp32 activations" in md
+    assert "02-quantize as served (bfloat16)" in md and "float32 activations" in md
     assert "02-quantize as served (bfloat16)" in html
 
     size = quant["retention"]["size"]

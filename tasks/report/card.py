@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from tasks.core.model_folder import CARD_FILE
-from tasks.report.format import SERVED_NOTE, pm, served_label
+from tasks.report.format import pm, scores_note, served_label
 from tasks.report.run_report import collect
 
 STAGE_TAGS = {"prune": "pruned", "distill": "distilled", "quantize": "quantized"}
@@ -140,8 +140,7 @@ def _results_lines(entry: dict[str, Any], baseline: dict[str, Any]) -> list[str]
     if avg:
         lines.append(f"Mean retention over {avg['k']} informative benchmarks: "
                      f"{pm(avg['mean'], avg['stderr'])}.")
-    if served:
-        lines += ["", SERVED_NOTE]
+    lines += ["", scores_note([entry])]
     return [*lines, ""]
 
 

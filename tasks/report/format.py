@@ -9,11 +9,21 @@ RETENTION_NOTE = (
     "(s − chance) / (b − chance); paired Δ = s − b over the same doc ids, its error from "
     "the per-doc differences.")
 
-SERVED_NOTE = (
-    "Which numbers are which: every score is computed with fp32 activations (quantized layers "
-    "included), like-for-like with the fp32 baseline; rows marked \"as served\" score the same "
-    "docs with the quantized model loaded the way a user's runtime loads it (GPTQModel's "
-    "default: bf16 activations), which is what the model delivers when deployed.")
+def scores_note(stages: list[dict[str, Any]]) -> str:
+    """Which numbers are which: the activations every score was computed with and, when a
+    quantized stage was also scored as served, what those rows are."""
+    dtypes = sorted({(e.get("eval") or {}).get("activations_dtype") or "float32"
+                     for e in stages if e.get("eval")}) or ["float32"]
+    note = (f"Scores are computed with {' / '.join(dtypes)} activations (quantized layers "
+            "included), like-for-like with the baseline.")
+    served = [e for e in stages if (e.get("eval") or {}).get("served")]
+    if served:
+        note += (f" Rows marked \"{served_label(served[0])}\" score the same docs with the "
+                 "quantized model loaded the way a user's runtime loads it (GPTQModel's "
+                 "default), which is what the model delivers when deployed.")
+    return note
+
+
 SIZE_NOTE = (
     "Size ratios: against the fp32 baseline folder pkdq evaluates, and against the baseline "
     "in bf16 (its parameters at 2 bytes each: what a team would otherwise ship).")

@@ -19,8 +19,8 @@ from tasks.core.common import read_json
 from tasks.report import plots
 from tasks.report.format import (
     RETENTION_NOTE,
-    SERVED_NOTE,
     SIZE_NOTE,
+    scores_note,
     served_label,
     short_stage,
 )
@@ -338,7 +338,7 @@ def run_page(data: dict[str, Any], curves: dict[str, dict[str, Any]]) -> dict[st
         warnings_section(data["warnings"]),
         table_section("Stages", stage_columns(), stage_rows(data), note=SIZE_NOTE),
         table_section("Retention per benchmark", retention_columns(), retention_rows(data),
-                      note=f"{RETENTION_NOTE} {SERVED_NOTE}"),
+                      note=f"{RETENTION_NOTE} {scores_note(data['stages'])}"),
         *figure_sections(quality_figures({run["run_id"]: data})),
         *[s for s in [generations_section(data)] if s is not None],
         *loss_curve_sections(curves),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.common import read_json, write_json_atomic
-from tasks.report.format import RETENTION_NOTE, SERVED_NOTE, SIZE_NOTE, served_label
+from tasks.report.format import RETENTION_NOTE, SIZE_NOTE, scores_note, served_label
 from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
 from tasks.report.format import pm as _pm
 from tasks.report.retention import stage_retention
@@ -168,7 +168,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         RETENTION_NOTE,
         "",
-        SERVED_NOTE,
+        scores_note(data["stages"]),
         "",
         *_retention_rows(data),
         "",
