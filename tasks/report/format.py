@@ -14,9 +14,10 @@ def scores_note(stages: list[dict[str, Any]]) -> str:
     quantized stage was also scored as served, what those rows are."""
     dtypes = sorted({(e.get("eval") or {}).get("activations_dtype") or "float32"
                      for e in stages if e.get("eval")}) or ["float32"]
-    note = (f"Scores are computed with {' / '.join(dtypes)} activations (quantized layers "
-            "included), like-for-like with the baseline.")
     served = [e for e in stages if (e.get("eval") or {}).get("served")]
+    note = (f"Scores are computed with {' / '.join(dtypes)} activations"
+            f"{' (quantized layers included)' if served else ''}, like-for-like with the "
+            "baseline.")
     if served:
         note += (f" Rows marked \"{served_label(served[0])}\" score the same docs with the "
                  "quantized model loaded the way a user's runtime loads it (GPTQModel's "
