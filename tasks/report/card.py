@@ -210,7 +210,7 @@ def render_card(data: dict[str, Any], stage: str, source: dict[str, Any],
     base = source.get("base_model") or run["model"]["spec"]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {run['run_id']} / {stage}", "",
-             f"{base} after {kinds}, made with [pkdq](https://pypi.org/project/pkdq/) "
+             f"{base} after {kinds}, made with pkdq "
              f"(recipe `{run['recipe']['name']}`). License carried from the source model: "
              f"{meta['license']}.", "",
              *_done_lines(data, index), *_data_lines(data, index),
