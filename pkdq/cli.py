@@ -529,7 +529,48 @@ def eval_cmd(
         metric = res["metric"]
         stderr = res.get(f"{metric}_stderr", 0.0)
         typer.echo(f"{name:16s} {metric:8s} {res[metric]:.4f} ± {stderr:.4f}  (n={res['n']})")
+    served = metrics.get("served") or {}
+    for name, res in (served.get("tasks") or {}).items():  # a quantized model, as served
+        metric = res["metric"]
+        stderr = res.get(f"{metric}_stderr", 0.0)
+        typer.echo(f"{name:16s} {metric:8s} {res[metric]:.4f} ± {stderr:.4f}  (n={res['n']}) "
+                   f"{served['label']}")
     typer.echo(f"written: {out}, {out.with_suffix('.samples.json')}")
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="built-in name, HF folder (a pkdq stage's model/), "
+                                          ".gguf, or cached HF id"),
+    prompt: str = typer.Argument(..., help="the text to answer"),
+    max_new_tokens: int = typer.Option(48, min=1, max=4096, help="greedy tokens at most"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="wrap the prompt in the "
+                              "tokenizer's chat template when it has one"),
+    threads: int = typer.Option(1, min=1, max=256, help="torch CPU threads"),
+) -> None:
+    """Greedy answer of one model to one prompt: what the report's side-by-side shows."""
+    _check_model(model)
+    from tasks.core.model_store import ModelNotFoundError, resolve_model
+
+    try:
+        ref = resolve_model(model)
+    except ModelNotFoundError as exc:
+        _fail(str(exc))
+    import torch
+
+    from tasks.core.model_store import load_model
+    from tasks.evaluate import generate_greedy
+
+    torch.set_num_threads(threads)
+    try:
+        loaded, tokenizer = load_model(ref.path)
+    except Exception as exc:  # noqa: BLE001 - a folder that holds no loadable model: one line
+        from tasks.core.common import one_line
+
+        _fail(f"{ref.path} is not a loadable model folder: {one_line(exc)}")
+    out = generate_greedy(loaded, tokenizer, prompt, max_new_tokens,
+                          chat=None if chat else False)
+    typer.echo(out["text"])
 
 
 @app.command("compare")

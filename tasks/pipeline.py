@@ -260,9 +260,32 @@ def _unfinished_on_disk_full(attempt: Path) -> Iterator[None]:
 
 def run_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe, input_ref: ModelRef,
               teacher: ModelRef | None) -> tuple[dict[str, Any], bool]:
-    """Run one stage unless an identical finished one exists; returns (record, reused)."""
-    return run_unit(run_dir / stage.folder, stage.folder, stage.kind, stage.config, recipe,
-                    input_ref, teacher)
+    """Run one stage unless an identical finished one exists; returns (record, reused).
+
+    The stage's model folder gets its model card (README.md) now, rewritten with the
+    retention table once the evaluation exists (`evaluate_stage`).
+    """
+    out = run_unit(run_dir / stage.folder, stage.folder, stage.kind, stage.config, recipe,
+                   input_ref, teacher)
+    write_stage_card(run_dir, stage.folder, recipe)
+    return out
+
+
+def write_stage_card(run_dir: Path, folder: str, recipe: Recipe) -> Path | None:
+    """README.md (the model card) in a stage's model folder, from the run folder's records.
+
+    A card that cannot be written costs the run nothing but the card: one line says why, and
+    the next evaluation or rerun writes it again.
+    """
+    from tasks.core.model_store import source_metadata
+    from tasks.report import write_card
+
+    try:
+        return write_card(run_dir, folder, source_metadata(recipe.model))
+    except Exception as exc:  # noqa: BLE001 - documentation must never fail a finished stage
+        print(f"[{folder}] model card not written: {type(exc).__name__}: "
+              f"{' '.join(str(exc).split())[:200]}", flush=True)
+        return None
 
 
 def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
@@ -302,6 +325,11 @@ def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
 
 def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,
                    model: ModelRef) -> tuple[dict[str, Any], bool]:
-    """Evaluate a stage's model once per (model fingerprint, eval config, seed)."""
-    return evaluate_unit(run_dir / stage.folder, stage.folder, recipe, model,
-                         baseline=stage.kind == BASELINE)
+    """Evaluate a stage's model once per (model fingerprint, eval config, seed); the stage's
+    model card is rewritten with the scores."""
+    out = evaluate_unit(run_dir / stage.folder, stage.folder, recipe, model,
+                        baseline=stage.kind == BASELINE)
+    for other in plan(recipe)[1:]:  # the baseline's scores enter every stage's card
+        if other.index == stage.index or stage.kind == BASELINE:
+            write_stage_card(run_dir, other.folder, recipe)
+    return out

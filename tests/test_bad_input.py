@@ -31,7 +31,7 @@ SHIPPED = {path.stem: yaml.safe_load(path.read_text())
            for path in sorted(RECIPES_DIR.glob("*.yaml"))}
 SHIPPED_TEXT = {path.stem: path.read_text() for path in sorted(RECIPES_DIR.glob("*.yaml"))}
 COMMANDS = ("recipes", "validate", "run", "serve", "stop", "quantize", "export-gguf", "eval",
-            "compare", "report", "prune-scan")
+            "compare", "report", "prune-scan", "generate")
 MISSING = "/nonexistent-pkdq-fuzz"  # never created: every model/recipe path under it is absent
 
 # Inputs run per test and tracebacks seen (the assertions stop at the first one, so the
@@ -356,6 +356,9 @@ def command_lines(draw, work: Path) -> list[str]:
                 "--dtype": junk, "--batch-size": INT, "--wikitext-tokens": INT,
                 "--wikitext-pages": INT, "--no-speed": None, "--threads": INT, "--seed": INT}
         return ["eval", draw(missing_model), *o(spec)]
+    if command == "generate":
+        spec = {"--max-new-tokens": INT, "--no-chat": None, "--threads": INT}
+        return ["generate", draw(missing_model), draw(junk) or "hi", *o(spec)]
     if command == "report":
         folder = work / f"run-{draw(st.integers(0, 3))}"
         folder.mkdir(exist_ok=True)

@@ -133,7 +133,7 @@ def test_changed_evaluation_is_recomputed(tiny_llama_ref, tmp_path, capsys):
     folder = run_dir / "00-baseline"
     scores = read_json(folder / "eval.json")["tasks"]["arc_easy"]
     assert set(first["files"]) == {"eval.json", "eval/eval.json", "eval/eval_samples.json",
-                                   "metrics.json"}
+                                   "eval/generations.json", "metrics.json"}
 
     altered = read_json(folder / "eval.json")
     altered["tasks"]["arc_easy"]["acc"] = 1.0  # a "better" score written by hand

@@ -81,6 +81,9 @@ def _plots(data: dict[str, Any]) -> list[dict[str, Any]]:
     ret_series = {o["name"]: [("baseline", 1.0)] + [
         (s["label"], s["retention"]["average_retention"]["mean"]) for s in o["steps"]
         if (s.get("retention") or {}).get("average_retention")] for o in data["orderings"]}
+    ret_errors = {o["name"]: [0.0] + [  # the table's standard errors, drawn as error bars
+        s["retention"]["average_retention"].get("stderr") for s in o["steps"]
+        if (s.get("retention") or {}).get("average_retention")] for o in data["orderings"]}
     points = []
     for i, o in enumerate(data["orderings"]):
         if base["ppl"] and base["bytes"]:  # every ordering's path starts at the baseline star
@@ -93,7 +96,8 @@ def _plots(data: dict[str, Any]) -> list[dict[str, Any]]:
             "alt": "WikiText-2 perplexity per step, one line per ordering"}]
     if any(len(v) > 1 for v in ret_series.values()):
         out.append({"kind": "image", "title": "Benchmark retention after each step",
-                    "png": plots.quality_per_stage(ret_series, "mean retention", 1.0),
+                    "png": plots.quality_per_stage(ret_series, "mean retention (± 1 s.e.)", 1.0,
+                                                   errors=ret_errors),
                     "alt": "mean benchmark retention per step, one line per ordering"})
     if points:
         out.append({"kind": "image", "title": "Size vs quality (every step of every ordering)",

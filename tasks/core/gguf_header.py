@@ -92,9 +92,10 @@ class _Cursor:
         raise GgufHeaderError(f"unknown value type {vtype} at byte {self.pos - 4}")
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], list[str]]:
+def read_header(path: Path, general: bool = False) -> tuple[dict[str, Any], list[str]]:
     """(metadata, tensor names). Arrays are kept only for `<arch>.*` keys (per-layer sizes);
-    other arrays (the tokenizer's) appear as their length."""
+    other arrays (the tokenizer's) appear as their length. `general`: keep the `general.*`
+    values too (name, license, base model: what a model card carries from its source)."""
     with open(path, "rb") as handle:
         try:
             buf = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -113,7 +114,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], list[str]]:
         for _ in range(n_kv):
             key = cur.string()
             vtype = cur.unpack("<I")
-            keep = key == "general.architecture" or not key.startswith(("tokenizer.", "general."))
+            keep = (key == "general.architecture" or (general and key.startswith("general."))
+                    or not key.startswith(("tokenizer.", "general.")))
             meta[key] = cur.value(vtype, keep)
         names = []
         for _ in range(n_tensors):

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tasks.core.common import ModelRef, one_line, set_offline_env
-from tasks.core.model_folder import seal_folder
+from tasks.core.model_folder import CARD_FILE, seal_folder
 
 PACK_BITS = 32  # GPTQ packs codes into int32 words
 SAVE_DTYPE = torch.float16  # unquantized tensors on disk; GPTQ scales are fp16 too
@@ -287,6 +287,30 @@ def write_gptq(model: nn.Module, codes: dict[str, torch.Tensor], grids: dict[str
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     for file in Path(template).iterdir():
         if file.is_file() and not file.name.endswith(".safetensors") and \
-                not file.name.startswith(".") and file.name != "model.safetensors.index.json":
+                not file.name.startswith(".") and \
+                file.name not in ("model.safetensors.index.json", CARD_FILE):  # a new model
             shutil.copy2(file, tmp / file.name)
     return seal_folder(tmp, out_dir)
+
+
+def load_served(path: Path, device: str = "cpu") -> torch.nn.Module:
+    """The quantized folder as a user's runtime serves it: GPTQModel's own default load (no
+    dtype given: bf16 activations and scales), nothing cast afterwards.
+
+    `load_quantized` computes in fp32 for a like-for-like comparison with the fp32 baseline;
+    this is the other number a report owes its reader, the scores as served.
+    """
+    set_offline_env()
+    method = quantization_config(path).get("quant_method")
+    if method not in ("gptq", "awq"):
+        raise QuantizeError(f"{path} is not a GPTQ or AWQ checkpoint (quantization_config."
+                            f"quant_method {method!r}); load_served reads those only")
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
+    _, GPTQModel, BACKEND, *_ = import_gptqmodel()
+    backend = "awq_torch" if method == "awq" else "torch"
+    try:
+        wrapper = GPTQModel.load(str(path), backend=BACKEND(backend), device=device)
+    except Exception as exc:  # noqa: BLE001 - surface any loader failure as one clear error
+        raise QuantizeError(f"GPTQModel could not load {path} (backend {backend}, {device}): "
+                            f"{one_line(exc)}") from exc
+    return wrapper.model.eval()

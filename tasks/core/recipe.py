@@ -427,6 +427,13 @@ EvalTask = Annotated[
 ]
 
 
+class GenerationsEval(Strict):
+    """Greedy answers to pkdq's fixed prompts, per stage, for the report's side-by-side."""
+
+    enabled: bool = True
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="greedy tokens per prompt")
+
+
 class EvalConfig(Strict):
     tasks: list[EvalTask] = Field(
         ["arc_easy", "piqa"],
@@ -443,6 +450,10 @@ class EvalConfig(Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="compute dtype of the evaluated model (quantized ones keep theirs)")
     speed: SpeedEval = SpeedEval()
+    generations: GenerationsEval = GenerationsEval()
+    served: bool = Field(
+        True, description="quantized models: score the same docs again as a user's runtime "
+        "loads them (GPTQModel's default dtype, bf16), next to the fp32-activation scores")
 
     @model_serializer(mode="wrap")
     def _omit_unset_include(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -7,6 +7,10 @@ _EXPORTS = {
     "wikitext_perplexity": "stage",  # token perplexity on a WikiText-2 slice
     "EVAL_JSON": "stage",
     "SAMPLES_JSON": "stage",
+    "SERVED_SAMPLES_JSON": "stage",  # per-doc scores of a quantized model as served (bf16)
+    "generate_greedy": "generations",  # one greedy answer (chat template when there is one)
+    "GENERATIONS_JSON": "generations",  # the fixed prompts' answers of one stage
+    "PROMPTS": "generations",
     "PkdqLM": "backend",  # the lm-eval backend (`--model pkdq`)
     "measure_latency": "speed",
     "profile_in_subprocess": "speed",

@@ -34,6 +34,7 @@ from tasks.evaluate.lm_eval_tasks import TASKS_DIR
 
 EVAL_JSON = "eval.json"
 SAMPLES_JSON = "eval_samples.json"
+SERVED_SAMPLES_JSON = "served_samples.json"  # per-doc scores of the as-served evaluation
 
 # The score retention is computed on: length-normalised accuracy where lm-eval reports it for
 # multi-token answer options of unequal length, plain accuracy otherwise.
@@ -461,6 +462,59 @@ def _score_wikitext(model: Any, tokenizer: Any, cfg: EvalConfig, data: Path, see
     return wikitext
 
 
+# --------------------------------------------------------------------------- as served
+
+
+def served_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]], data: Path,
+                   manager: Any, seed: int, start: float
+                   ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A quantized folder's benchmark scores as a user's runtime serves it, on the same docs.
+
+    The main evaluation computes quantized layers with fp32 activations (like-for-like with the
+    fp32 baseline); a user loading the folder with GPTQModel's defaults gets bf16 activations,
+    and scores that can differ by more than the error bar. Benchmarks only (no perplexity or
+    speed): bf16 is emulated on most CPUs, so this pass costs several times the fp32 one.
+    None for float folders and when `evaluate.served` is off.
+    """
+    from tasks.core.model_store import is_quantized
+
+    if not cfg.served or not is_quantized(Path(model_path)):
+        return None
+    import torch
+    from transformers import AutoTokenizer
+
+    from tasks.core.gptq_checkpoint import load_served
+
+    t0 = time.perf_counter()
+    model = load_served(Path(model_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _log(f"as served: loaded with GPTQModel's defaults ({dtype})", start)
+    lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size)
+    tasks, per_doc_all = _score_tasks(lm, cfg, ids, data, manager, seed, start)
+    del lm, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    section = {"label": f"as served ({dtype}, GPTQModel default load)", "dtype": dtype,
+               "loader": "gptqmodel default (GPTQModel.load, torch kernel, no dtype given)",
+               "tasks": tasks, "wall_s": time.perf_counter() - t0}
+    return section, per_doc_all
+
+
+def generations_section(model: Any, tokenizer: Any, cfg: EvalConfig, out_dir: Path,
+                        start: float) -> dict[str, Any] | None:
+    """Greedy answers to the fixed prompts, written to generations.json (None when off)."""
+    if not cfg.generations.enabled:
+        return None
+    from tasks.evaluate.generations import GENERATIONS_JSON, generate_all
+
+    gens = generate_all(model, tokenizer, cfg.generations.max_new_tokens)
+    write_json_atomic(Path(out_dir) / GENERATIONS_JSON, gens)
+    _log(f"generations: {len(gens['prompts'])} prompts ({gens['wall_s']:.1f}s)", start)
+    return {"file": GENERATIONS_JSON, "prompts": len(gens["prompts"]),
+            "max_new_tokens": gens["max_new_tokens"], "wall_s": gens["wall_s"]}
+
+
 # --------------------------------------------------------------------------- stage entry point
 
 
@@ -500,12 +554,24 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     if speed is not None:
         _log(f"speed: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode "
              f"{speed['decode_tokens_per_s']:.1f} tok/s", start)
+    generations = generations_section(model, tokenizer, cfg, out_dir, start)
+    params = count_params(model)
+    eval_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    del lm, model
+    served = served_section(model_path, cfg, ids, data, manager, seed, start)
+    if served is not None:
+        write_json_atomic(out_dir / SERVED_SAMPLES_JSON, served[1])
 
     metrics = {
         "model_path": str(model_path),
         "tasks": tasks,
         "wikitext": wikitext,
-        "params": count_params(model),
+        "params": params,
+        # what computed the scores above: fp32 activations unless `evaluate.dtype` says else
+        # (quantized layers included); "served" holds the as-served scores of a quantized model
+        "activations_dtype": eval_dtype,
+        "served": served[0] if served is not None else None,
+        "generations": generations,
         "bytes_on_disk": folder_bytes(model_path),
         "speed": speed,
         "peak_rss_bytes": peak_rss_bytes(),

@@ -4,6 +4,7 @@ from tasks.core.lazy import lazy_exports
 
 _EXPORTS = {
     "write_report": "run_report",  # report.md / report.json / report.html of a run folder
+    "write_card": "card",  # README.md model card of a stage's model folder
     "SAMPLES_FILE": "run_report",
     "quality_figures": "page",
     "retention_columns": "page",

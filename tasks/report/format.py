@@ -2,10 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 RETENTION_NOTE = (
     "Score ± standard error; retention = stage / baseline; chance-normalised = "
     "(s − chance) / (b − chance); paired Δ = s − b over the same doc ids, its error from "
     "the per-doc differences.")
+
+def scores_note(stages: list[dict[str, Any]]) -> str:
+    """Which numbers are which: the activations every score was computed with and, when a
+    quantized stage was also scored as served, what those rows are."""
+    dtypes = sorted({(e.get("eval") or {}).get("activations_dtype") or "float32"
+                     for e in stages if e.get("eval")}) or ["float32"]
+    served = [e for e in stages if (e.get("eval") or {}).get("served")]
+    note = (f"Scores are computed with {' / '.join(dtypes)} activations"
+            f"{' (quantized layers included)' if served else ''}, like-for-like with the "
+            "baseline.")
+    if served:
+        note += (f" Rows marked \"{served_label(served[0])}\" score the same docs with the "
+                 "quantized model loaded the way a user's runtime loads it (GPTQModel's "
+                 "default), which is what the model delivers when deployed.")
+    return note
+
+
+SIZE_NOTE = (
+    "Size ratios: against the fp32 baseline folder pkdq evaluates, and against the baseline "
+    "in bf16 (its parameters at 2 bytes each: what a team would otherwise ship).")
 
 
 def pm(value: float | None, err: float | None, pct: bool = False) -> str:
@@ -27,3 +49,9 @@ def short_stage(folder: str) -> str:
     """"02-distill" -> "distill": stage folders are numbered, plot labels need not be."""
     head, _, rest = folder.partition("-")
     return rest if head.isdigit() and rest else folder
+
+
+def served_label(entry: dict[str, Any]) -> str:
+    """"as served (bfloat16)": how a stage's as-served rows are told apart in every table."""
+    dtype = ((entry.get("eval") or {}).get("served") or {}).get("dtype", "runtime default")
+    return f"as served ({dtype})"

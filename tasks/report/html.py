@@ -38,6 +38,8 @@ tbody tr:nth-child(even) { background: #fafafa; }
             border-radius: 4px; }
 .warnings.none { border-color: #2e7d32; background: #edf7ed; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
+table.generations td { white-space: pre-wrap; vertical-align: top; min-width: 12em;
+                      font-size: 0.92em; }
 pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 """
 
@@ -74,7 +76,8 @@ def _table(section: dict[str, Any]) -> str:
     body = "\n".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>"
                      for row in section["rows"])
     note = (f'<p class="note">{escape(section["note"])}</p>\n' if section.get("note") else "")
-    return (f"{_heading(section)}<table>\n<thead><tr>{head}</tr></thead>\n"
+    css = f' class="{escape(section["css_class"])}"' if section.get("css_class") else ""
+    return (f"{_heading(section)}<table{css}>\n<thead><tr>{head}</tr></thead>\n"
             f"<tbody>\n{body}\n</tbody>\n</table>\n{note}")
 
 

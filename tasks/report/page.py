@@ -11,15 +11,23 @@ comparison nests runs). Only `load_loss_curves` and `write_html` touch the run f
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from tasks.core.common import read_json
 from tasks.report import plots
 from tasks.report.data_section import DATA_COLUMNS, DATA_NOTE, data_rows
-from tasks.report.format import RETENTION_NOTE, short_stage
+from tasks.report.format import (
+    RETENTION_NOTE,
+    SIZE_NOTE,
+    scores_note,
+    served_label,
+    short_stage,
+)
 from tasks.report.html import render_html
 from tasks.report.retention import primary_metric
+from tasks.report.side_by_side import GENERATIONS_NOTE, max_new_tokens, side_by_side
 
 Cell = str | dict[str, Any]
 Section = dict[str, Any]
@@ -57,8 +65,8 @@ def _row(label: str | None, cells: list[Cell]) -> list[Cell]:
 
 # --------------------------------------------------------------------------- tables
 
-STAGE_COLUMNS = ["stage", "params", "MB on disk", "WikiText-2 ppl", "ppl ratio", "size ratio",
-                 "stage wall time (s)"]
+STAGE_COLUMNS = ["stage", "params", "MB on disk", "WikiText-2 ppl", "ppl ratio",
+                 "size vs fp32 baseline", "size vs bf16 baseline", "stage wall time (s)"]
 
 
 def stage_columns(label_column: str | None = None) -> list[str]:
@@ -76,6 +84,7 @@ def stage_rows(data: dict[str, Any], prefix: str = "",
         ppl = (ev.get("wikitext") or {}).get("token_perplexity")
         ppl_ratio = (ret.get("perplexity") or {}).get("ratio")
         size_ratio = (ret.get("size") or {}).get("bytes_ratio")
+        bf16_ratio = (ret.get("size") or {}).get("bytes_ratio_bf16")
         wall = (entry.get("metrics") or {}).get("stage_wall_s")
         rows.append(_row(label, [
             entry["stage"],
@@ -85,6 +94,7 @@ def stage_rows(data: dict[str, Any], prefix: str = "",
             num(f"{base}.eval.wikitext.token_perplexity", ppl, f"{ppl or 0:.2f}"),
             num(f"{base}.retention.perplexity.ratio", ppl_ratio, _ratio(ppl_ratio or 0)),
             num(f"{base}.retention.size.bytes_ratio", size_ratio, _ratio(size_ratio or 0)),
+            num(f"{base}.retention.size.bytes_ratio_bf16", bf16_ratio, _ratio(bf16_ratio or 0)),
             num(f"{base}.metrics.stage_wall_s", wall, f"{wall or 0:,.0f}"),
         ]))
     return rows
@@ -145,7 +155,30 @@ def retention_rows(data: dict[str, Any], prefix: str = "",
                 *(_pair(f"{path}.average_norm_retention", norm, "mean", "stderr", _ratio)
                   if norm else [DASH, DASH]),
                 "", ""]))
+        served = entry.get("retention_served")
+        for name, r in ((served or {}).get("benchmarks") or {}).items():
+            path = json_path(prefix, "stages", i, "retention_served", "benchmarks", name)
+            rows.append(_row(label, [
+                f"{entry['stage']} {served_label(entry)}", name, r["metric"],
+                num(f"{path}.n", r.get("n"), str(r.get("n"))),
+                *_pair(path, r, "score", "stderr", _pct),
+                *_pair(path, r, "ratio", "ratio_stderr", _ratio),
+                *_pair(path, r, "norm_ratio", "norm_ratio_stderr", _ratio),
+                *_pair(path, r, "diff", "diff_stderr", _pct)]))
     return rows
+
+
+def generations_section(data: dict[str, Any]) -> Section | None:
+    """Every stage's greedy answer next to the baseline's, one row per prompt."""
+    stages, prompts = side_by_side(data)
+    if not prompts:
+        return None
+    rows: list[list[Cell]] = [[p["prompt"], *[p["answers"].get(s, DASH) for s in stages]]
+                              for p in prompts]
+    section = table_section("Generations side by side", ["prompt", *stages], rows,
+                            note=f"{GENERATIONS_NOTE} At most {max_new_tokens(data)} new tokens.")
+    section["css_class"] = "generations"
+    return section
 
 
 def table_section(title: str, columns: list[str], rows: list[list[Cell]],
@@ -185,13 +218,18 @@ def stage_quality(data: dict[str, Any]) -> list[dict[str, Any]]:
         if baseline_tasks is None:
             baseline_tasks = list(tasks)
         scores = [float(tasks[t][primary_metric(tasks[t])]) for t in baseline_tasks if t in tasks]
+        errs = [tasks[t].get(f"{primary_metric(tasks[t])}_stderr") for t in baseline_tasks
+                if t in tasks]
+        complete = bool(scores) and len(scores) == len(baseline_tasks)
         out.append({
             "stage": entry["stage"], "label": short_stage(entry["stage"]),
             "baseline": entry["stage"].endswith("baseline"),
             "bytes": ev.get("bytes_on_disk"),
             "ppl": (ev.get("wikitext") or {}).get("token_perplexity"),
-            "accuracy": (sum(scores) / len(scores)
-                         if scores and len(scores) == len(baseline_tasks) else None),
+            "accuracy": sum(scores) / len(scores) if complete else None,
+            # the mean's standard error, the benchmarks taken as independent (the table's)
+            "accuracy_stderr": (math.sqrt(sum(float(e) ** 2 for e in errs)) / len(errs)
+                                if complete and all(e is not None for e in errs) else None),
             "benchmarks": baseline_tasks,
         })
     return out
@@ -219,8 +257,10 @@ def quality_figures(runs: dict[str, dict[str, Any]]) -> dict[str, bytes]:
     acc, acc_base = _series(quality, "accuracy")
     if acc:
         names = next((q["benchmarks"] for qs in quality.values() for q in qs), [])
+        errors = {name: [q["accuracy_stderr"] for q in qs if q["accuracy"] is not None]
+                  for name, qs in quality.items()}
         figures["accuracy"] = plots.quality_per_stage(
-            acc, f"mean accuracy ({', '.join(names)})", acc_base)
+            acc, f"mean accuracy ({', '.join(names)}), ± 1 s.e.", acc_base, errors=errors)
     points = [{"label": q["label"], "series": name, "bytes": q["bytes"], "value": q["ppl"],
                "baseline": q["baseline"]}
               for name, qs in quality.items() for q in qs
@@ -297,12 +337,13 @@ def run_page(data: dict[str, Any], curves: dict[str, dict[str, Any]]) -> dict[st
     run = data["run"]
     sections: list[Section] = [
         warnings_section(data["warnings"]),
-        table_section("Stages", stage_columns(), stage_rows(data)),
+        table_section("Stages", stage_columns(), stage_rows(data), note=SIZE_NOTE),
         table_section("Retention per benchmark", retention_columns(), retention_rows(data),
-                      note=RETENTION_NOTE),
+                      note=f"{RETENTION_NOTE} {scores_note(data['stages'])}"),
         *([table_section("Training data and contamination", DATA_COLUMNS, data_rows(data),
                          note=DATA_NOTE)] if data_rows(data) else []),
         *figure_sections(quality_figures({run["run_id"]: data})),
+        *[s for s in [generations_section(data)] if s is not None],
         *loss_curve_sections(curves),
         *environment_sections(run),
     ]

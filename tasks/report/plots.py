@@ -58,27 +58,43 @@ def _tick_labels(series: dict[str, list[tuple[str, float]]]) -> tuple[list[str],
 
 
 def quality_per_stage(series: dict[str, list[tuple[str, float]]], ylabel: str,
-                      baseline: float | None) -> bytes:
+                      baseline: float | None,
+                      errors: dict[str, list[float | None]] | None = None) -> bytes:
     """One line per series (name -> [(stage label, value)]) over stage positions.
 
     The baseline is a dashed horizontal line so every stage reads as a distance from it.
+    `errors` (name -> one standard error per point, None where unknown) draws error bars: a
+    zoomed y-axis without them makes noise look like a trend.
     """
-    labels, mixed = _tick_labels(series)
     with _figure(figsize=(8.0, 4.0)) as (fig, ax):
-        for name, points in series.items():
-            xs = list(range(len(points)))
-            ax.plot(xs, [v for _, v in points], "o-", label=name)
-            for x, (label, value) in zip(xs, points, strict=True):
-                if x in mixed:
-                    ax.annotate(label, (x, value), textcoords="offset points", xytext=(4, 4),
-                                fontsize=8)
-        if baseline is not None:
-            ax.axhline(baseline, linestyle="--", color="grey", label="baseline")
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set(xlabel="stage", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        draw_quality(ax, series, ylabel, baseline, errors)
         return _png(fig)
+
+
+def draw_quality(ax: Any, series: dict[str, list[tuple[str, float]]], ylabel: str,
+                 baseline: float | None,
+                 errors: dict[str, list[float | None]] | None = None) -> None:
+    """`quality_per_stage`'s drawing on a given Axes (tests inspect its artists)."""
+    labels, mixed = _tick_labels(series)
+    for name, points in series.items():
+        xs = list(range(len(points)))
+        errs = (errors or {}).get(name)
+        if errs and len(errs) == len(points) and any(e is not None for e in errs):
+            ax.errorbar(xs, [v for _, v in points],
+                        yerr=[0.0 if e is None else float(e) for e in errs], fmt="o-",
+                        capsize=4, label=name)
+        else:
+            ax.plot(xs, [v for _, v in points], "o-", label=name)
+        for x, (label, value) in zip(xs, points, strict=True):
+            if x in mixed:
+                ax.annotate(label, (x, value), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
+    if baseline is not None:
+        ax.axhline(baseline, linestyle="--", color="grey", label="baseline")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set(xlabel="stage", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def _log_axis(ax: Any, values: list[float]) -> None:

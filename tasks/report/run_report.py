@@ -10,12 +10,15 @@ from typing import Any
 
 from tasks.core.common import read_json, write_json_atomic
 from tasks.report.data_section import data_markdown
-from tasks.report.format import RETENTION_NOTE
+from tasks.report.format import RETENTION_NOTE, SIZE_NOTE, scores_note, served_label
 from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
 from tasks.report.format import pm as _pm
 from tasks.report.retention import stage_retention
+from tasks.report.side_by_side import GENERATIONS_NOTE, max_new_tokens, side_by_side
 
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
+SERVED_SAMPLES_FILE = Path("eval") / "served_samples.json"
+GENERATIONS_FILE = Path("eval") / "generations.json"
 
 
 def _maybe_json(path: Path) -> Any:
@@ -36,11 +39,17 @@ def collect(run_dir: Path) -> dict[str, Any]:
         entry: dict[str, Any] = {"stage": folder, "finished": evaluation is not None,
                                  "metrics": metrics, "eval": evaluation,
                                  "model": (record or {}).get("model")}
+        entry["generations"] = _maybe_json(stage_dir / GENERATIONS_FILE)
         if folder.endswith("baseline"):
             baseline_eval, baseline_samples = evaluation, samples
         elif evaluation is not None and baseline_eval is not None:
             entry["retention"] = stage_retention(baseline_eval, evaluation, baseline_samples,
                                                  samples)
+            served = evaluation.get("served")
+            if served:  # the same docs scored as a user's runtime loads the model
+                entry["retention_served"] = stage_retention(
+                    baseline_eval, {"tasks": served["tasks"]}, baseline_samples,
+                    _maybe_json(stage_dir / SERVED_SAMPLES_FILE))
         stages.append(entry)
     return {"run": run, "stages": stages, "warnings": warnings(stages)}
 
@@ -69,22 +78,23 @@ def warnings(stages: list[dict[str, Any]]) -> list[str]:
 
 
 def _stage_rows(data: dict[str, Any]) -> list[str]:
-    rows = ["| stage | params | bytes on disk | WikiText-2 ppl | ppl ratio | size ratio "
-            "| wall time |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| stage | params | bytes on disk | WikiText-2 ppl | ppl ratio "
+            "| size vs fp32 baseline | size vs bf16 baseline | wall time |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for entry in data["stages"]:
         ev = entry.get("eval") or {}
         ret = entry.get("retention") or {}
         wiki = ev.get("wikitext") or {}
         ppl = wiki.get("token_perplexity")
         wall = (entry["metrics"] or {}).get("stage_wall_s")
-        rows.append("| {} | {} | {} | {} | {} | {} | {} |".format(
+        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
             entry["stage"],
             f"{ev['params']:,}" if "params" in ev else "–",
             f"{ev['bytes_on_disk'] / 1e6:,.1f} MB" if "bytes_on_disk" in ev else "–",
             f"{ppl:.2f}" if ppl else "–",
             _fmt((ret.get("perplexity") or {}).get("ratio")),
             _fmt((ret.get("size") or {}).get("bytes_ratio")),
+            _fmt((ret.get("size") or {}).get("bytes_ratio_bf16")),
             f"{wall:,.0f} s" if wall else "–",
         ))
     return rows
@@ -115,7 +125,33 @@ def _retention_rows(data: dict[str, Any]) -> list[str]:
             rows.append(f"| {entry['stage']} | **mean of {avg['k']} informative** | | | | "
                         f"{_pm(avg['mean'], avg['stderr'])} | "
                         f"{_pm(norm['mean'], norm['stderr']) if norm else '–'} | |")
+        served = entry.get("retention_served")
+        if served:
+            label = f"{entry['stage']} {served_label(entry)}"
+            for name, r in served["benchmarks"].items():
+                rows.append(
+                    f"| {label} | {name} | {r['metric']} | {r.get('n', '–')} | "
+                    f"{_pm(r['score'], r['stderr'], pct=True)} | "
+                    f"{_pm(r['ratio'], r['ratio_stderr'])} | "
+                    f"{_pm(r['norm_ratio'], r['norm_ratio_stderr'])} | "
+                    f"{_pm(r['diff'], r['diff_stderr'], pct=True)} |")
     return rows
+
+
+def _generation_lines(data: dict[str, Any]) -> list[str]:
+    stages, prompts = side_by_side(data)
+    if not prompts:
+        return []
+    lines = ["## Generations side by side", "",
+             f"{GENERATIONS_NOTE} At most {max_new_tokens(data)} new tokens.", ""]
+    for row in prompts:
+        lines += [f"**{row['prompt']}**", "", "| stage | answer |", "| --- | --- |"]
+        for stage in stages:
+            text = row["answers"].get(stage, "–")
+            cell = " ".join(text.replace("|", "\\|").split("\n")).strip() or "(empty)"
+            lines.append(f"| {stage} | {cell} |")
+        lines.append("")
+    return lines
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -132,12 +168,17 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         *_stage_rows(data),
         "",
+        SIZE_NOTE,
+        "",
         "## Retention per benchmark",
         "",
         RETENTION_NOTE,
         "",
+        scores_note(data["stages"]),
+        "",
         *_retention_rows(data),
         "",
+        *_generation_lines(data),
     ]
     lines += data_markdown(data)
     if data["warnings"]:
