@@ -20,8 +20,11 @@ def tiny_recipe_raw(model_path: Path, name: str = "tiny-run") -> dict[str, Any]:
             {"quantize": {"method": "rtn", "bits": 4, "group_size": 32,
                           "calibration": {"source": "c4", "samples": 2, "seq_len": 32}}},
         ],
+        # The as-served pass and the generations have their own tests (test_model_card);
+        # flow, resume and comparison tests don't pay for them on every unit.
         "evaluate": {"tasks": ["arc_easy", "piqa"], "samples": 4, "batch_size": 4,
-                     "wikitext": {"tokens": 512, "max_length": 128}},
+                     "wikitext": {"tokens": 512, "max_length": 128}, "served": False,
+                     "generations": {"enabled": False}},
     }
 
 
@@ -44,5 +47,6 @@ def tiny_resume_recipe(tmp_path: Path, model_path: Path, name: str = "tiny-resum
     raw["stages"][1]["distill"].update(tokens=1024, checkpoint_every=2)
     raw["evaluate"] = {"tasks": ["arc_easy", "piqa"], "samples": 2, "batch_size": 4,
                        "wikitext": {"tokens": 256, "max_length": 64, "pages": 0},
-                       "speed": {"enabled": False}}
+                       "speed": {"enabled": False}, "served": False,
+                       "generations": {"enabled": False}}
     return write_recipe(tmp_path, raw)
