@@ -160,3 +160,22 @@ def loss_curve(curve: dict[str, Any]) -> bytes:
             ax_held.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center",
                          transform=ax_held.transAxes)
         return _png(fig)
+
+
+def score_per_variant(labels: list[str], values: list[float], highlight: int | None,
+                      ylabel: str, title: str) -> bytes:
+    """One bar per sweep variant (lower is better); the selected one is drawn in another colour.
+
+    Bars, not a line: variants of a grid are not ordered along one axis.
+    """
+    with _figure(figsize=(max(6.0, 0.9 * len(labels) + 2.0), 4.5)) as (fig, ax):
+        colours = ["tab:orange" if i == highlight else "tab:blue" for i in range(len(values))]
+        ax.bar(range(len(values)), values, color=colours)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        if values:
+            low, high = min(values), max(values)
+            pad = (high - low) * 0.15 or abs(high) * 0.05 or 1.0
+            ax.set_ylim(max(0.0, low - pad), high + pad)  # differences, not bars from zero
+        ax.set(ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3, axis="y")
+        return _png(fig)
