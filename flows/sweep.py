@@ -21,7 +21,7 @@ from flows.holding import hold_for_flow
 from tasks.compare import unit_folder
 from tasks.core.common import ModelRef, read_json
 from tasks.core.model_store import resolve_model
-from tasks.core.recipe import load_recipe
+from tasks.core.recipe import Recipe, load_recipe, parse_recipe
 from tasks.core.resources import check_machine
 from tasks.run_folder import STAGE_FILE
 from tasks.sweep import (
@@ -36,61 +36,66 @@ from tasks.sweep import (
     winner_reason,
     write_sweep_report,
 )
-from tasks.sweep.plan import SweepPlan, load_plan
+from tasks.sweep.plan import SweepPlan
 
 
-def _variant(run_dir: str, phase: str, index: int) -> Variant:
-    plan = load_plan(Path(run_dir))
-    screen = plan.screen()
-    return screen[index] if phase == "screen" else plan.full(screen[index])
+def _from_json(recipe_json: dict[str, Any], label: str) -> Variant:
+    return Variant((("variant", label),), parse_recipe(recipe_json, f"sweep variant {label}"))
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def sweep_step_task(run_dir: str, phase: str, index: int, step: int, input_model: dict[str, str],
-                    base: dict[str, str]) -> dict[str, str]:
-    """One step of one variant (or the reuse of its finished unit); returns the output model."""
-    record, _ = run_variant_step(Path(run_dir), _variant(run_dir, phase, index), step,
+def unit_step_task(run_dir: str, recipe_json: dict[str, Any], label: str, step: int,
+                   input_model: dict[str, str], base: dict[str, str]) -> dict[str, str]:
+    """One step of one variant (or the reuse of its finished unit); returns the output model.
+
+    The variant's recipe travels as JSON (a few hundred bytes): sweeps and searches build their
+    variants differently, and the task runs whichever it is given."""
+    record, _ = run_variant_step(Path(run_dir), _from_json(recipe_json, label), step,
                                  ModelRef.from_json(input_model), ModelRef.from_json(base))
     return record["model"]
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def score_task(run_dir: str, unit: str, model: dict[str, str],
-               base: dict[str, str]) -> dict[str, Any]:
-    plan = load_plan(Path(run_dir))
+def score_task(run_dir: str, unit: str, model: dict[str, str], base: dict[str, str],
+               ruler_recipe: dict[str, Any]) -> dict[str, Any]:
+    """Held-out score of a unit's model against the base model, on one ruler for all."""
+    recipe = parse_recipe(ruler_recipe, "sweep ruler")
     score, reused = score_unit(Path(run_dir) / "units" / unit, ModelRef.from_json(model),
-                               ModelRef.from_json(base), score_config(plan.recipe), plan.recipe)
+                               ModelRef.from_json(base), score_config(recipe), recipe)
     print(f"[sweep] {unit}: held-out KL {score['kl']:.4f} ppl {score['ppl']:.2f}"
           + (" (reused)" if reused else ""), flush=True)
     return score
 
 
-class _Submitter:
-    """Submits each distinct unit once; later variants reuse the same futures."""
+class UnitSubmitter:
+    """Submits each distinct unit once; later variants reuse the same futures (a variant that
+    shares a prefix with an earlier one waits on it instead of running it again)."""
 
-    def __init__(self, run_dir: str, base: ModelRef) -> None:
+    def __init__(self, run_dir: str, base: ModelRef, ruler: Recipe) -> None:
         self.run_dir, self.base = run_dir, base
+        self.ruler = ruler.model_dump(mode="json")
         self.units: dict[str, Any] = {}
         self.scores: dict[str, Any] = {}
 
-    def variant(self, phase: str, index: int, variant: Variant) -> tuple[list[str], Any]:
-        """(unit folder names, score future) of one variant."""
+    def variant(self, variant: Variant) -> tuple[list[str], Any]:
+        """(unit folder names, score future of its final model) of one variant."""
         ordering = variant_ordering(variant.recipe)
         ids = ordering.unit_ids(self.base.fingerprint, variant.recipe.seed)
+        recipe_json = variant.recipe.model_dump(mode="json")
         upstream: Any = self.base.to_json()
         names = []
         for step, (uid, st) in enumerate(zip(ids, ordering.steps, strict=True)):
             name = unit_folder(Path(self.run_dir), uid, st.role).name
             names.append(name)
             if name not in self.units:
-                self.units[name] = sweep_step_task.with_options(
+                self.units[name] = unit_step_task.with_options(
                     name=f"{variant.label} {step + 1}:{st.label}").submit(
-                    self.run_dir, phase, index, step, upstream, self.base.to_json())
+                    self.run_dir, recipe_json, variant.label, step, upstream, self.base.to_json())
             upstream = self.units[name]
         last = names[-1]
         if last not in self.scores:
             self.scores[last] = score_task.with_options(name=f"score {variant.label}").submit(
-                self.run_dir, last, upstream, self.base.to_json())
+                self.run_dir, last, upstream, self.base.to_json(), self.ruler)
         return names, self.scores[last]
 
 
@@ -125,9 +130,9 @@ def _sweep(recipe_file: str, run_dir: str, plan_json: dict[str, Any]) -> str:
     root = Path(run_dir)
     variants = plan.screen(recipe_file)
     init_sweep(root, recipe, recipe_file, base, plan.to_json(), variants)
-    submit = _Submitter(run_dir, base)
+    submit = UnitSubmitter(run_dir, base, recipe)
     try:
-        pending = [(i, v, *submit.variant("screen", i, v)) for i, v in enumerate(variants)]
+        pending = [(i, v, *submit.variant(v)) for i, v in enumerate(variants)]
         wait([s for *_, s in pending])
         rows = [_row(root, v, "screen", names, score.result())
                 for _, v, names, score in pending]
@@ -136,7 +141,7 @@ def _sweep(recipe_file: str, run_dir: str, plan_json: dict[str, Any]) -> str:
         winner = variants[best]
         if plan.fraction:
             full = plan.full(winner)
-            names, score = submit.variant("full", best, full)
+            names, score = submit.variant(full)
             row = _row(root, full, "full", names, score.result())
             rows.append({**row, "rank": None})
             winner = full

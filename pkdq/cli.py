@@ -582,6 +582,52 @@ def compare_cmd(
     typer.echo(f"pkdq: finished; report at {report} (and report.html beside it)")
 
 
+@app.command("search")
+def search_cmd(
+    recipe: str = typer.Argument(..., help="recipe whose prune stage has a target (a budget)"),
+    runs_dir: str = typer.Option("runs", help="where the search folder is created"),
+    run_id: str = typer.Option(None, help="folder name (default <recipe>-search); running "
+                                          "again with the same id resumes and reuses candidates"),
+    concurrency: int = typer.Option(1, min=1, max=64, help="candidates run at once (Prefect "
+                                    "thread-pool task runner); 1 on small machines"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
+                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
+) -> None:
+    """Search the pruned shape for a budget (prune.target) and print every candidate.
+
+    Candidates meeting the target are ranked by a one-shot proxy (held-out KL to the unpruned
+    model on training-side text), the top k get a short KD, and the best is kept. `pkdq run` on
+    the same recipe runs this search as its prune stage.
+    """
+    from tasks.core.resources import ResourceError, check_machine
+    from tasks.rules import recipe_errors
+    from tasks.search import prune_target_index
+
+    _check_run_id(run_id)
+    parsed, source = _load(recipe)
+    source = str(Path(source).resolve())
+    if prune_target_index(parsed) is None:
+        _fail(f"{source}: no prune stage with a target; give e.g. prune: {{target: {{params: "
+              "0.75}}}} for the search to meet")
+    errors = recipe_errors(parsed)
+    if errors:
+        _fail(f"{source}: {errors[0].message}")
+    try:
+        check_machine(parsed.resources)
+    except ResourceError as exc:
+        _fail(str(exc))
+    run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-search")).resolve()
+    with _holding(run_dir):
+        log = _capture(run_dir, verbose)
+        typer.echo(f"pkdq: searching the prune shape of {parsed.name} in {run_dir}")
+        from flows.search import run_search
+
+        with _crash_to_one_line(log):
+            report = run_search(source, str(run_dir), concurrency)
+    typer.echo(Path(report).read_text())
+    typer.echo(f"pkdq: finished; table at {report}, plot at {Path(report).with_suffix('.png')}")
+
+
 @app.command("sweep")
 def sweep_cmd(
     recipe: str = typer.Argument(..., help="recipe name or YAML path (the grid's base)"),

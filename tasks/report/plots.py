@@ -93,19 +93,20 @@ def _log_axis(ax: Any, values: list[float]) -> None:
 
 
 def size_vs_quality(points: list[dict[str, Any]], ylabel: str = "WikiText-2 perplexity",
-                    log_y: bool = True) -> bytes:
+                    log_y: bool = True, join: bool = True) -> bytes:
     """Quality against bytes on disk (MB): where each stage lands on the size/quality plane.
 
     Points ({"label", "series", "bytes", "value", "baseline"}) of one series are joined in the
-    order given; baseline points are stars so the starting point is unmistakable.
+    order given (`join=False`: unjoined, for candidates that form no sequence); baseline points
+    are stars so the starting point is unmistakable.
     """
     with _figure(figsize=(8.0, 4.5)) as (fig, ax):
         by_series: dict[str, list[dict[str, Any]]] = {}
         for point in points:
             by_series.setdefault(point["series"], []).append(point)
         for name, pts in by_series.items():
-            ax.plot([p["bytes"] / 1e6 for p in pts], [p["value"] for p in pts], "o-",
-                    label=name, alpha=0.8)
+            ax.plot([p["bytes"] / 1e6 for p in pts], [p["value"] for p in pts],
+                    "o-" if join else "o", label=name, alpha=0.8)
         for point in points:
             x, y = point["bytes"] / 1e6, point["value"]
             if point.get("baseline"):

@@ -1,19 +1,16 @@
-"""What a sweep runs, rebuilt the same way by the CLI and by every task of the flow.
+"""What a sweep runs: the screening variants, and the winner's rerun at the full budget.
 
-Tasks receive only indices (Prefect parameters stay small and JSON); each rebuilds the variants
-from the sweep file's frozen recipe and grid, so a resumed sweep runs exactly what it started.
+The CLI validates the whole plan (every variant parses as a recipe) before anything runs; the
+flow rebuilds it from the same recipe and grid, so a resumed sweep runs exactly what it started.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from tasks.core.common import read_json
-from tasks.core.recipe import Recipe, RecipeError, parse_recipe
+from tasks.core.recipe import Recipe, RecipeError
 from tasks.sweep.grid import GridAxis, Variant, expand, scaled_tokens
-from tasks.sweep.units import SWEEP_FILE
 
 METRIC_CHOICES = ("kl", "ppl")
 
@@ -52,10 +49,3 @@ def sweep_plan(recipe: Recipe, axes: list[GridAxis], fraction: float | None = No
     if fraction:
         plan.full(variants[0])
     return plan
-
-
-def load_plan(run_dir: Path) -> SweepPlan:
-    info = read_json(Path(run_dir) / SWEEP_FILE)
-    axes = [GridAxis(a["key"], tuple(a["values"])) for a in info["grid"]]
-    recipe = parse_recipe(info["recipe"], source=str(Path(run_dir) / SWEEP_FILE))
-    return SweepPlan(recipe, tuple(axes), info.get("fraction"), info.get("metric", "kl"))
