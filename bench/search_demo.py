@@ -23,6 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pkdq.env import configure_environment  # noqa: E402 - before prefect is imported
+
+configure_environment()
+
 from tasks.core.model_store import read_config, resolve_model  # noqa: E402
 from tasks.core.recipe import PruneConfig, parse_recipe  # noqa: E402
 from tasks.pipeline import evaluate_unit, run_unit  # noqa: E402
