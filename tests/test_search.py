@@ -38,12 +38,21 @@ def test_candidates_meet_the_target_within_bounds_and_multiples(fraction):
         after = plan.after
         assert after == cand.shape.dims
         assert after.ffn % 64 == 0 and after.hidden % 64 == 0
+        assert after.hidden % after.heads == 0  # transformers refuses anything else
         assert plan.layers_removed <= 6  # max_depth_cut 0.2 of 30
         assert after.ffn >= 0.6 * 1536 and after.hidden >= 0.6 * 576
     picked = spread(found, 8)
     assert len(picked) == 8
     kinds = {tuple(k for k, v in c.cuts.items() if v) for c in picked}
     assert len(kinds) >= 4  # depth-only, width-only and mixed shapes, not 8 near-twins
+
+
+def test_a_hidden_size_the_heads_do_not_divide_is_refused_by_the_plan():
+    from tasks.core.dims import Dims
+    from tasks.core.recipe import HiddenTarget
+
+    with pytest.raises(ValueError, match="not a multiple of the 9 attention heads"):
+        plan_prune(Dims.from_config(SMOLLM2), PruneConfig(hidden=HiddenTarget(size=512)))
 
 
 def test_bytes_target_counts_the_quantized_layout():

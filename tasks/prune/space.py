@@ -148,6 +148,9 @@ def enumerate_candidates(config: dict[str, Any], prune: PruneConfig,
                         dims = replace(dims, kv_heads=kept, heads=kept * d.q_per_group)
                     elif mode == "query":
                         dims = replace(dims, heads=kept * d.kv_heads)
+                    if dims.hidden % dims.heads:
+                        continue  # transformers refuses a config whose hidden size does not
+                        # split into its attention heads, explicit head_dim or not
                     shape = replace(base, dims=dims)
                     size = measure(shape)
                     smallest = min(smallest, size)
