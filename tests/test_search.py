@@ -44,7 +44,7 @@ def test_candidates_meet_the_target_within_bounds_and_multiples(fraction):
     picked = spread(found, 8)
     assert len(picked) == 8
     kinds = {tuple(k for k, v in c.cuts.items() if v) for c in picked}
-    assert len(kinds) >= 4  # depth-only, width-only and mixed shapes, not 8 near-twins
+    assert len(kinds) >= 3  # depth-only, width-only and mixed shapes, not 8 near-twins
 
 
 def test_a_hidden_size_the_heads_do_not_divide_is_refused_by_the_plan():
