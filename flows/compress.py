@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.holding import hold_for_flow
 from tasks.core.common import ModelRef
@@ -32,6 +33,7 @@ from tasks.pipeline import (
     run_stage,
 )
 from tasks.rules import recipe_errors
+from tasks.search import prune_target_index
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE, persist_result=False)
@@ -74,7 +76,9 @@ def report_task(run_dir: str) -> str:
     return str(paths["markdown"])
 
 
-@flow(name="pkdq-compress", log_prints=True)
+# One task at a time: stages run in order anyway, and a budget search's candidates (submitted
+# as futures) load models in threads, which transformers' meta-device init does not survive.
+@flow(name="pkdq-compress", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def compress_flow(recipe_file: str, run_dir: str) -> str:
     """Baseline eval, then each stage and its eval in recipe order, then the report.
 
@@ -92,7 +96,15 @@ def _compress(recipe_file: str, run_dir: str) -> str:
     if errors:
         raise RecipeError(f"{recipe_file}: {errors[0].message}")
     base = ModelRef.from_json(resolve_task(recipe.model))
-    init_run(Path(run_dir), recipe, recipe_file, base)
+    search: dict[str, Any] = {}
+    if prune_target_index(recipe) is not None:  # a budget: the search picks the prune shape
+        from flows.search import resolved_recipe, run_search_here
+
+        result = run_search_here(recipe, recipe_file, Path(run_dir) / "search", base)
+        recipe = resolved_recipe(result, recipe_file)
+        search = {"search": {"winner": result["rows"][result["winner"]]["label"],
+                             "folder": "search", "target": result["plan"]["target"]}}
+    init_run(Path(run_dir), recipe, recipe_file, base, **search)
     outputs: dict[int, ModelRef] = {}  # stage index -> the model it produced
     try:
         for stage in plan(recipe):

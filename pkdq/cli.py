@@ -624,6 +624,113 @@ def compare_cmd(
     typer.echo(f"pkdq: finished; report at {report} (and report.html beside it)")
 
 
+@app.command("search")
+def search_cmd(
+    recipe: str = typer.Argument(..., help="recipe whose prune stage has a target (a budget)"),
+    runs_dir: str = typer.Option("runs", help="where the search folder is created"),
+    run_id: str = typer.Option(None, help="folder name (default <recipe>-search); running "
+                                          "again with the same id resumes and reuses candidates"),
+    concurrency: int = typer.Option(1, min=1, max=64, help="candidates run at once (Prefect "
+                                    "thread-pool task runner); 1 on small machines"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
+                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
+) -> None:
+    """Search the pruned shape for a budget (prune.target) and print every candidate.
+
+    Candidates meeting the target are ranked by a one-shot proxy (held-out KL to the unpruned
+    model on training-side text), the top k get a short KD, and the best is kept. `pkdq run` on
+    the same recipe runs this search as its prune stage.
+    """
+    from tasks.core.resources import ResourceError, check_machine
+    from tasks.rules import recipe_errors
+    from tasks.search import prune_target_index
+
+    _check_run_id(run_id)
+    parsed, source = _load(recipe)
+    source = str(Path(source).resolve())
+    if prune_target_index(parsed) is None:
+        _fail(f"{source}: no prune stage with a target; give e.g. prune: {{target: {{params: "
+              "0.75}}}} for the search to meet")
+    errors = recipe_errors(parsed)
+    if errors:
+        _fail(f"{source}: {errors[0].message}")
+    try:
+        check_machine(parsed.resources)
+    except ResourceError as exc:
+        _fail(str(exc))
+    run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-search")).resolve()
+    with _holding(run_dir):
+        log = _capture(run_dir, verbose)
+        typer.echo(f"pkdq: searching the prune shape of {parsed.name} in {run_dir}")
+        from flows.search import run_search
+
+        with _crash_to_one_line(log):
+            report = run_search(source, str(run_dir), concurrency)
+    typer.echo(Path(report).read_text())
+    typer.echo(f"pkdq: finished; table at {report}, plot at {Path(report).with_suffix('.png')}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    recipe: str = typer.Argument(..., help="recipe name or YAML path (the grid's base)"),
+    grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... a recipe key and its "
+                                   "values, e.g. distill.lr=1e-4,3e-4 (repeat for more keys; "
+                                   "every combination runs)"),
+    select: str = typer.Option("kl", help="selection score on training-side held-out text: kl "
+                               "(KL to the teacher) or ppl"),
+    fraction: float = typer.Option(None, help="screen every variant at this share of the KD "
+                                   "tokens, then run the winner at the full budget"),
+    runs_dir: str = typer.Option("runs", help="where the sweep folder is created"),
+    run_id: str = typer.Option(None, help="folder name (default <recipe>-sweep); running again "
+                                          "with the same id resumes"),
+    concurrency: int = typer.Option(1, min=1, max=64, help="units run at once (Prefect "
+                                    "thread-pool task runner); 1 on small machines"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
+                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
+) -> None:
+    """Run a grid of recipe variants as one Prefect flow and pick the best on held-out KL.
+
+    Variants share every common prefix (the prune stage runs once). Selection never looks at an
+    evaluation split; the winner is written as winner.yaml for `pkdq run`.
+    """
+    from tasks.core.recipe import RecipeError
+    from tasks.core.resources import ResourceError, check_machine
+    from tasks.rules import recipe_errors
+    from tasks.sweep import parse_grid, sweep_plan
+
+    _check_run_id(run_id)
+    parsed, source = _load(recipe)
+    source = str(Path(source).resolve())
+    try:
+        plan = sweep_plan(parsed, parse_grid(grid), fraction, select)
+        variants = plan.screen(source)
+    except RecipeError as exc:
+        _fail(str(exc))
+    for variant in variants:
+        errors = recipe_errors(variant.recipe)
+        if errors:
+            _fail(f"{source} [{variant.label}]: {errors[0].message}")
+    try:
+        check_machine(parsed.resources)
+    except ResourceError as exc:
+        _fail(str(exc))
+    run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-sweep")).resolve()
+    with _holding(run_dir):
+        log = _capture(run_dir, verbose)
+        typer.echo(f"pkdq: sweeping {len(variants)} variants of {parsed.name} in {run_dir} "
+                   f"(select on held-out {select}"
+                   + (f"; screening at {fraction:g}x KD tokens" if fraction else "") + ")")
+        for i, variant in enumerate(variants, start=1):
+            typer.echo(f"  {i}. {variant.label}")
+        from flows.sweep import run_sweep
+
+        with _crash_to_one_line(log):
+            report = run_sweep(source, str(run_dir), plan.to_json(), concurrency)
+    typer.echo(Path(report).read_text())
+    winner = Path(report).parent / "winner.yaml"
+    typer.echo(f"pkdq: finished; table at {report}, winner at {winner}")
+
+
 def _print_rule_warnings(recipe, order_list: list[str]) -> None:
     """Rule-check findings for every ordering; one shared by several orderings prints once."""
     from tasks.compare import LETTERS

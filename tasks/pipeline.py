@@ -133,10 +133,11 @@ def mark_run_file(path: Path, status: str, **extra: Any) -> None:
     write_json_atomic(path, info)
 
 
-def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef) -> dict[str, Any]:
+def init_run(run_dir: Path, recipe: Recipe, source: str, base: ModelRef,
+             **fields: Any) -> dict[str, Any]:
     """Write run.json (see `write_run_file`) with the run's stage folders."""
     return write_run_file(run_dir / RUN_FILE, recipe, source, base,
-                          stages=[s.folder for s in plan(recipe)])
+                          stages=[s.folder for s in plan(recipe)], **fields)
 
 
 def mark_run(run_dir: Path, status: str, **extra: Any) -> None:

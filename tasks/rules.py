@@ -22,13 +22,13 @@ from typing import Any, Literal
 from tasks.core.common import data_dir
 from tasks.core.contamination import refusal
 from tasks.core.data import training_text_problem
-from tasks.core.dims import Dims
+from tasks.core.dims import Dims, approx_params
 from tasks.core.model_store import ModelNotFoundError, cached_config, offline_config
 from tasks.core.recipe import DataSpec, DistillConfig, PruneConfig, QuantizeConfig, Recipe
 from tasks.core.resources import usable_cpus
 from tasks.core.text_sources import DataError, byte_count, load_corpus, min_bytes_per_token
 from tasks.evaluate import check_eval_tasks, training_overlap
-from tasks.prune import PrunePlan, plan_prune
+from tasks.prune import PrunePlan, SearchSpaceError, enumerate_candidates, plan_prune
 from tasks.quantize import (
     MARLIN_K_MULTIPLE,
     MARLIN_SOURCE,
@@ -42,6 +42,7 @@ ORDERING_STUDY = ('"A Systematic Study of Compression Ordering for Large Languag
                   '(2025), arXiv:2511.19495')
 GPTQ_GROUPS = ("GPTQ/AWQ keep one scale per group of input columns, so a partial group is not "
                "representable; tasks/quantize.check_group_size refuses it at stage start")
+SEARCH_SPACE = "tasks/prune/space.py: the shapes a budget search may choose from"
 PRUNE_PLAN = "tasks/prune/plan.py: the prune stage checks targets against the model's sizes"
 MODEL_STORE = "tasks/core/model_store.py: models resolve offline, pkdq never downloads"
 TRAIN_DATA = ("tasks/core/text_sources.py: calibration and KD read <data>/train or the "
@@ -317,7 +318,10 @@ def rule_warnings(recipe: Recipe, order: Sequence[str] | None = None,
     quant: QuantizeConfig | None = configs.get("quantize")
     found: list[RuleWarning] = []
     plan = None
-    if prune is not None and dims is not None:
+    if prune is not None and prune.target is not None:
+        if config:
+            found.extend(_search_space_rules(recipe, prune, quant, config))
+    elif prune is not None and dims is not None:
         try:
             plan = plan_prune(dims, prune)
         except ValueError as exc:  # the prune stage would refuse it: an error before the run
@@ -330,6 +334,19 @@ def rule_warnings(recipe: Recipe, order: Sequence[str] | None = None,
     if quant is not None and dims is not None:
         found.extend(_quantize_shape_rules(quant, _quantized_shapes(kinds, dims, plan)))
     return found
+
+
+def _search_space_rules(recipe: Recipe, prune: PruneConfig, quant: QuantizeConfig | None,
+                        config: dict[str, Any]) -> list[RuleWarning]:
+    """A budget no shape meets (a bound, the baseline, or the tolerance): an error now, with the
+    bound named, rather than an empty search after the model loads."""
+    index = next(i for i, (kind, _) in enumerate(recipe.stage_list()) if kind == "prune")
+    try:
+        enumerate_candidates(config, prune, quant)
+    except SearchSpaceError as exc:
+        return [RuleWarning("prune-target-unreachable", f"stages[{index}].{exc}", SEARCH_SPACE,
+                            "error")]
+    return []
 
 
 def _checked_order(configs: dict[str, Any], order: Sequence[str] | None) -> list[str]:
@@ -357,18 +374,6 @@ def _dims(config: dict[str, Any] | None) -> Dims | None:
 # --------------------------------------------------------------------------------------------
 # prune-over-50
 # --------------------------------------------------------------------------------------------
-
-
-def approx_params(dims: Dims, vocab: int, tied: bool) -> int:
-    """Parameters of a Llama-family decoder: projections, norms and embeddings (no biases).
-
-    Exact for SmolLM2-135M (134,515,008); Gemma's q/k norms add a few thousand, which does not
-    move a >50% threshold.
-    """
-    attention = dims.hidden * dims.head_dim * 2 * (dims.heads + dims.kv_heads)
-    mlp = 3 * dims.hidden * dims.ffn
-    per_layer = attention + mlp + 2 * dims.hidden
-    return dims.layers * per_layer + vocab * dims.hidden * (1 if tied else 2) + dims.hidden
 
 
 def _axis_cuts(cfg: PruneConfig, plan: PrunePlan | None) -> list[tuple[str, float, str]]:

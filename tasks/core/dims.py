@@ -37,3 +37,16 @@ class Dims:
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
+
+
+def approx_params(dims: Dims, vocab: int, tied: bool) -> int:
+    """Parameters of a Llama-family decoder: projections, norms and embeddings (no biases).
+
+    Exact for SmolLM2-135M (134,515,008); Gemma's q/k norms add a few thousand, which moves
+    neither a >50% threshold nor a budget search's tolerance. One formula for the rules and the
+    search, so a budget means the same number in `pkdq validate` and in the candidate table.
+    """
+    attention = dims.hidden * dims.head_dim * 2 * (dims.heads + dims.kv_heads)
+    mlp = 3 * dims.hidden * dims.ffn
+    per_layer = attention + mlp + 2 * dims.hidden
+    return dims.layers * per_layer + vocab * dims.hidden * (1 if tied else 2) + dims.hidden

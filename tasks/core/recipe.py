@@ -235,7 +235,64 @@ PRUNE_AXES = ("ffn", "heads", "depth", "hidden")
 DATA_FREE_CRITERIA = ("magnitude", "magnitude_l2", "random")  # score units from weights alone
 
 
+def parse_bytes(value: Any) -> int:
+    """`60MB`, `1.5 GB`, `60000000` -> bytes (decimal units: what `ls -l` sizes compare to)."""
+    if isinstance(value, bool):
+        raise ValueError("a size such as 60MB or 60000000")
+    if isinstance(value, int | float):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)i?[bB]?\s*", str(value))
+    if not match:
+        raise ValueError(f"'{value}' is not a size; write e.g. 60MB, 1.2GB or 60000000")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+class BudgetTarget(Strict):
+    """A budget instead of a shape: the search (tasks.search) finds the shape that meets it.
+
+    Bounds follow the published guidance for one-shot structured pruning before KD (Minitron,
+    Sreenivas et al. 2024: at most ~20% of layers, ~40% of any width axis).
+    """
+
+    params: float | None = Field(None, gt=0, le=1e13, description="parameters kept: a fraction "
+                                 "of the baseline (<= 1) or an absolute count (> 1)")
+    bytes: int | str | None = Field(None, description="size after the recipe's quantize stage "
+                                    "(quantized linears, 16-bit embeddings and norms), e.g. 60MB")
+    tolerance: float = Field(0.03, gt=0, lt=0.5, description="relative distance to the target "
+                             "a candidate may have")
+    axes: list[Literal["depth", "ffn", "heads", "hidden"]] = Field(
+        ["depth", "ffn", "heads", "hidden"], min_length=1, description="axes the search may cut")
+    max_depth_cut: float = Field(0.2, ge=0, lt=1, description="largest share of layers removed")
+    max_width_cut: float = Field(0.4, ge=0, lt=1, description="largest share of any width axis "
+                                 "(FFN, KV groups / query heads, hidden) removed")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetTarget:
+        if (self.params is None) == (self.bytes is None):
+            raise ValueError("give exactly one of params (fraction or count) or bytes (e.g. 60MB)")
+        if self.bytes is not None:
+            object.__setattr__(self, "bytes", parse_bytes(self.bytes))
+            if self.bytes < 1:
+                raise ValueError("bytes must be positive")
+        return self
+
+
+class SearchConfig(Strict):
+    """How the budget search ranks candidates (tasks.search)."""
+
+    top_k: int = Field(6, ge=1, le=64, description="finalists that get the short KD")
+    candidates: int = Field(16, ge=1, le=512, description="most candidates scored by the "
+                            "one-shot proxy (an even spread over the shapes that meet the target)")
+    tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="KD tokens per finalist; "
+                               "default an eighth of the distill stage's budget")
+    depth_criterion: DepthCriterion = "block_influence"
+    criterion: UnitCriterion = "activation"
+
+
 class PruneConfig(Strict):
+    target: BudgetTarget | None = None
+    search: SearchConfig = SearchConfig()
     ffn: FfnTarget | None = None
     heads: HeadsTarget | None = None
     depth: DepthTarget | None = None
@@ -249,17 +306,35 @@ class PruneConfig(Strict):
 
     @model_validator(mode="after")
     def _some_axis(self) -> PruneConfig:
-        if all(getattr(self, axis) is None for axis in PRUNE_AXES):
-            raise ValueError(f"give at least one axis to prune: {', '.join(PRUNE_AXES)}")
+        given = [axis for axis in PRUNE_AXES if getattr(self, axis) is not None]
+        if self.target is not None and given:
+            raise ValueError(f"give a target (the search picks the shape) or axes to cut "
+                             f"({', '.join(given)}), not both")
+        if self.target is None and not given:
+            raise ValueError(f"give at least one axis to prune: {', '.join(PRUNE_AXES)} (or a "
+                             "target: {params: 0.75} for the search to meet)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_search_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `target: null` and the default `search` out: stage keys hash this dump, and a
+        recipe with a fixed shape must keep the key it had before the search existed."""
+        data = handler(self)
+        if data.get("target") is None:
+            data.pop("target", None)
+            if data.get("search") == SearchConfig().model_dump():
+                data.pop("search", None)
+        return data
 
     def axes(self) -> list[str]:
         """The axes this config prunes, in the order the stage applies them."""
         return [axis for axis in ("depth", "heads", "ffn", "hidden") if getattr(self, axis)]
 
     def needs_calibration(self) -> bool:
-        """Whether some axis scores units on calibration text (weight-only and random don't)."""
-        return any(getattr(self, axis).criterion not in DATA_FREE_CRITERIA for axis in self.axes())
+        """Whether some axis scores units on calibration text (weight-only and random don't);
+        a budget search always does (its proxy runs the model on calibration text)."""
+        return self.target is not None or any(
+            getattr(self, axis).criterion not in DATA_FREE_CRITERIA for axis in self.axes())
 
 
 class DistillConfig(Strict):

@@ -9,6 +9,10 @@ _EXPORTS = {
     "plan_prune": "plan",  # kept sizes per axis from a config and the model's dimensions
     "PrunePlan": "plan",
     "UnsupportedModelError": "units",
+    "Candidate": "space",  # a concrete shape under a budget target, with its sizes
+    "SearchSpaceError": "space",
+    "enumerate_candidates": "space",  # every shape meeting prune.target (config.json only)
+    "spread": "space",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -95,5 +95,10 @@ def plan_prune(dims: Dims, cfg: PruneConfig) -> PrunePlan:
         after["ffn"] = kept_width(dims.ffn, cfg.ffn, cfg.round_to, "prune.ffn")
     if cfg.hidden:
         after["hidden"] = kept_width(dims.hidden, cfg.hidden, cfg.round_to, "prune.hidden")
+    if after["hidden"] % after["heads"]:
+        raise ValueError(f"prune.hidden keeps {after['hidden']} channels, not a multiple of the "
+                         f"{after['heads']} attention heads kept (transformers refuses such a "
+                         "config); keep a hidden size that both round_to and the head count "
+                         "divide")
     return PrunePlan(before=dims, after=Dims(**after), layers_removed=removed,
                      heads_mode=cfg.heads.mode if cfg.heads else None)

@@ -109,19 +109,20 @@ def _log_axis(ax: Any, values: list[float]) -> None:
 
 
 def size_vs_quality(points: list[dict[str, Any]], ylabel: str = "WikiText-2 perplexity",
-                    log_y: bool = True) -> bytes:
+                    log_y: bool = True, join: bool = True) -> bytes:
     """Quality against bytes on disk (MB): where each stage lands on the size/quality plane.
 
     Points ({"label", "series", "bytes", "value", "baseline"}) of one series are joined in the
-    order given; baseline points are stars so the starting point is unmistakable.
+    order given (`join=False`: unjoined, for candidates that form no sequence); baseline points
+    are stars so the starting point is unmistakable.
     """
     with _figure(figsize=(8.0, 4.5)) as (fig, ax):
         by_series: dict[str, list[dict[str, Any]]] = {}
         for point in points:
             by_series.setdefault(point["series"], []).append(point)
         for name, pts in by_series.items():
-            ax.plot([p["bytes"] / 1e6 for p in pts], [p["value"] for p in pts], "o-",
-                    label=name, alpha=0.8)
+            ax.plot([p["bytes"] / 1e6 for p in pts], [p["value"] for p in pts],
+                    "o-" if join else "o", label=name, alpha=0.8)
         for point in points:
             x, y = point["bytes"] / 1e6, point["value"]
             if point.get("baseline"):
@@ -175,4 +176,23 @@ def loss_curve(curve: dict[str, Any]) -> bytes:
         else:
             ax_held.text(0.5, 0.5, "no held-out evaluation", ha="center", va="center",
                          transform=ax_held.transAxes)
+        return _png(fig)
+
+
+def score_per_variant(labels: list[str], values: list[float], highlight: int | None,
+                      ylabel: str, title: str) -> bytes:
+    """One bar per sweep variant (lower is better); the selected one is drawn in another colour.
+
+    Bars, not a line: variants of a grid are not ordered along one axis.
+    """
+    with _figure(figsize=(max(6.0, 0.9 * len(labels) + 2.0), 4.5)) as (fig, ax):
+        colours = ["tab:orange" if i == highlight else "tab:blue" for i in range(len(values))]
+        ax.bar(range(len(values)), values, color=colours)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        if values:
+            low, high = min(values), max(values)
+            pad = (high - low) * 0.15 or abs(high) * 0.05 or 1.0
+            ax.set_ylim(max(0.0, low - pad), high + pad)  # differences, not bars from zero
+        ax.set(ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3, axis="y")
         return _png(fig)

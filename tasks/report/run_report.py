@@ -203,6 +203,10 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     data = collect(run_dir)
     json_path, md_path = run_dir / "report.json", run_dir / "report.md"
+    search = run_dir / "search" / "search.md"  # a budget search chose the prune stage's shape
+    if search.is_file():
+        data["search"] = read_json(run_dir / "search" / "results.json")
     write_json_atomic(json_path, data)
-    md_path.write_text(render_markdown(data))
+    md_path.write_text(render_markdown(data) + ("\n" + search.read_text() if search.is_file()
+                                                else ""))
     return {"markdown": md_path, "json": json_path, "html": write_html(run_dir, data)}

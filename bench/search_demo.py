@@ -1,0 +1,140 @@
+"""Issue 16's evidence: the budget search on SmolLM2 against hand-picked single-axis shapes.
+
+For one parameter target it runs `pkdq search`'s flow (every candidate's one-shot proxy, the
+finalists' short KD), then gives each arm the same total KD tokens, search tokens counted in:
+- the search winner: the search's short-KD tokens (all finalists) + `--tokens` of full KD;
+- the best FFN-only and depth-only shapes of the same size (prune-table axes): all of it as KD;
+- the median finalist (by short-KD rank): all of it as KD.
+Each arm's KD model is scored on WikiText-2 test perplexity and ARC-Easy / PIQA (seeded docs,
+the same for every arm), with retention against the baseline. Units are cached in the bench
+folder, so an interrupted run resumes.
+
+    flock /tmp/pkdq-heavy.lock .venv/bin/python bench/search_demo.py --target 0.75 --threads 2
+Writes bench/results/search_<target>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pkdq.env import configure_environment  # noqa: E402 - before prefect is imported
+
+configure_environment()
+
+from tasks.core.model_store import read_config, resolve_model  # noqa: E402
+from tasks.core.recipe import PruneConfig, parse_recipe  # noqa: E402
+from tasks.pipeline import evaluate_unit, run_unit  # noqa: E402
+from tasks.prune import enumerate_candidates  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def recipe_raw(target: float, args: argparse.Namespace) -> dict:
+    return {
+        "name": f"search-{target:g}", "model": "smollm2-135m", "seed": 1234,
+        "threads": args.threads,
+        "stages": [
+            {"prune": {"target": {"params": target}, "round_to": 64,
+                       "calibration": {"source": "wikipedia", "samples": 16, "seq_len": 256},
+                       "search": {"candidates": args.candidates, "top_k": args.top_k,
+                                  "tokens": args.search_tokens}}},
+            {"distill": {"tokens": args.tokens, "precision": "auto", "seq_len": 256,
+                         "batch_size": 4, "lr": 1e-4, "warmup_steps": 5}},
+        ],
+        "evaluate": {"tasks": ["arc_easy", "piqa"], "samples": args.samples,
+                     "wikitext": {"tokens": 8192, "max_length": 512, "pages": 0},
+                     "speed": {"enabled": False}},
+    }
+
+
+def single_axis(config: dict, goal: float, axis: str) -> PruneConfig:
+    """The one-axis shape closest to `goal` params (bounds relaxed: the prune table's shapes)."""
+    prune = PruneConfig(round_to=64, target={"params": goal, "tolerance": 0.2, "axes": [axis],
+                                             "max_depth_cut": 0.6, "max_width_cut": 0.8})
+    return enumerate_candidates(config, prune, None)[0].prune
+
+
+def run_arm(folder: Path, name: str, prune: PruneConfig, tokens: int, recipe, base) -> dict:
+    """Prune + KD (`tokens`) + evaluation of one arm, each a cached unit under `folder`."""
+    raw = recipe.model_dump(mode="json")
+    raw["stages"][0] = {"prune": prune.model_dump(mode="json")}
+    raw["stages"][1]["distill"]["tokens"] = tokens
+    arm = parse_recipe(raw, name)
+    (_, pcfg), (_, dcfg) = arm.stage_list()
+    started = time.perf_counter()
+    pruned, _ = run_unit(folder / f"{name}-prune", f"{name} prune", "prune", pcfg, arm, base,
+                         None)
+    from tasks.core.common import ModelRef
+
+    pruned_ref = ModelRef.from_json(pruned["model"])
+    kd, _ = run_unit(folder / f"{name}-kd", f"{name} KD", "distill", dcfg, arm, pruned_ref, base)
+    kd_ref = ModelRef.from_json(kd["model"])
+    evaluate_unit(folder / f"{name}-kd", f"{name} KD", arm, kd_ref)
+    ev = json.loads((folder / f"{name}-kd" / "eval.json").read_text())
+    return {"arm": name, "prune": pcfg.model_dump(mode="json"), "kd_tokens": tokens,
+            "params": pruned["metrics"].get("params_after"), "eval": ev,
+            "heldout_kl": kd["metrics"].get("heldout_kl_after"),
+            "wall_s": time.perf_counter() - started}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", type=float, default=0.75)
+    ap.add_argument("--tokens", type=int, default=8192, help="full KD tokens of the winner")
+    ap.add_argument("--search-tokens", type=int, default=2048)
+    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--folder", default="runs/bench-search")
+    ap.add_argument("--search-only", action="store_true")
+    args = ap.parse_args()
+
+    from flows.search import run_search
+
+    folder = Path(args.folder) / f"t{args.target:g}"
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe_file = folder / "recipe.yaml"
+    import yaml
+
+    recipe_file.write_text(yaml.safe_dump(recipe_raw(args.target, args), sort_keys=False))
+    started = time.perf_counter()
+    run_search(str(recipe_file), str(folder / "search"))
+    search_s = time.perf_counter() - started
+    result = json.loads((folder / "search" / "results.json").read_text())
+    out = {"target": args.target, "search": result, "search_wall_s": search_s}
+    if not args.search_only:
+        recipe = parse_recipe(result["recipe"], "winner")
+        base = resolve_model(recipe.model)
+        config = read_config(base.path)
+        rows = result["rows"]
+        finalists = sorted((r for r in rows if r["short_rank"]), key=lambda r: r["short_rank"])
+        search_tokens = len(finalists) * args.search_tokens
+        total = args.tokens + search_tokens
+        median = finalists[len(finalists) // 2]
+        winner = rows[result["winner"]]
+        target_params = winner["params"]
+        base_eval_folder = folder / "baseline"
+        evaluate_unit(base_eval_folder, "baseline", recipe, base, baseline=True)
+        arms = [("winner", PruneConfig(**winner["prune"]), args.tokens),
+                ("median-finalist", PruneConfig(**median["prune"]), total),
+                ("ffn-only", single_axis(config, target_params, "ffn"), total),
+                ("depth-only", single_axis(config, target_params, "depth"), total)]
+        out["baseline"] = json.loads((base_eval_folder / "eval.json").read_text())
+        out["total_kd_tokens"] = total
+        out["arms"] = [run_arm(folder, name, prune, tokens, recipe, base)
+                       for name, prune, tokens in arms]
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"search_{args.target:g}.json"
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
