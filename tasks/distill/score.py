@@ -29,6 +29,8 @@ def heldout_score(model: ModelRef, teacher: ModelRef, cfg: DistillConfig,
     torch.manual_seed(ctx.seed)
     student, tokenizer = load_model(model)
     reference, _ = load_model(teacher)
-    blocks = heldout_blocks(tokenizer, cfg, ctx)
-    row = heldout_metrics(student, reference, blocks, cfg.batch_size, chunk=cfg.loss_chunk)
-    return {**row, "seq_len": cfg.seq_len, "blocks": int(blocks.shape[0])}
+    held = heldout_blocks(tokenizer, cfg, ctx, reference.config)  # the family's BOS, as KD
+    mask = held.mask if held.mask is not None and cfg.masked() else None
+    row = heldout_metrics(student, reference, held.ids, cfg.batch_size, chunk=cfg.loss_chunk,
+                          mask=mask)
+    return {**row, "seq_len": cfg.seq_len, "blocks": int(held.ids.shape[0])}
