@@ -33,12 +33,12 @@ def convert(src: Path, out: Path) -> int:
 
 
 def main() -> None:
-    from tasks.core.common import cache_dir, data_dir
+    from tasks.core.common import REPO_ROOT, data_dir
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=data_dir() / "arc" / "ARC-Easy-Test.jsonl")
     parser.add_argument("--out", type=Path,
-                        default=cache_dir() / "jsonl" / "arc_easy_test_mc.jsonl")
+                        default=REPO_ROOT / "generated" / "arc_easy_test_mc.jsonl")
     args = parser.parse_args()
     print(f"{convert(args.src, args.out)} questions -> {args.out}")
 

@@ -17,7 +17,7 @@ from typing import Any
 from tasks.core.common import cache_dir, write_json_atomic
 from tasks.core.contamination import overlap_report
 from tasks.core.recipe import DataSpec, EvalConfig
-from tasks.core.text_sources import expand, load_corpus
+from tasks.core.text_sources import expand, load_corpus, resolve_path
 from tasks.evaluate.lm_eval_tasks.utils import TASK_FILES, load_docs
 
 
@@ -31,11 +31,35 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def evaluation_texts(cfg: EvalConfig, data: Path) -> dict[str, list[str]]:
-    """{evaluation set: [document text]} for WikiText-2 test and each lm-eval task scored."""
+def _jsonl_path(cfg: EvalConfig, task: str, data: Path) -> Path | None:
+    """The file of a JSONL-shortcut task (`evaluate.tasks: [{name, jsonl, kind}]`), else None."""
+    for spec in cfg.jsonl_tasks():
+        if spec.name == task:
+            return Path(resolve_path(spec.jsonl, data))
+    return None
+
+
+def _task_files(cfg: EvalConfig, task: str, data: Path) -> list[Path]:
+    """The files a scored set reads (KeyError for a registry task pkdq has no files for)."""
+    path = _jsonl_path(cfg, task, data)
+    return [path] if path is not None else [data / rel for rel in TASK_FILES[task]]
+
+
+def _task_docs(cfg: EvalConfig, task: str, data: Path) -> list[Any]:
+    path = _jsonl_path(cfg, task, data)
+    if path is None:
+        return load_docs(task, data)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def evaluation_texts(cfg: EvalConfig, data: Path, only: list[str] | None = None
+                     ) -> dict[str, list[str]]:
+    """{evaluation set: [document text]} for WikiText-2 test and each task scored (built-in,
+    or a JSONL set: its question and choices or prompt and reference), or just `only`."""
     sets: dict[str, list[str]] = {}
-    for task in ["wikitext", *cfg.tasks]:
-        sets[task] = [" \n ".join(_strings(doc)) for doc in load_docs(task, data)]
+    for task in only if only is not None else ["wikitext", *cfg.task_names()]:
+        sets[task] = [" \n ".join(_strings(doc)) for doc in _task_docs(cfg, task, data)]
     return sets
 
 
@@ -77,7 +101,7 @@ def training_overlap(spec: DataSpec, cfg: EvalConfig, data: Path, n: int = 13
     on both sides: the bundled 30 MB take seconds to check, and validate, run and every stage
     that reads the same data ask again, with any mix of tasks."""
     data = Path(data)
-    tasks = ["wikitext", *cfg.tasks]
+    tasks = ["wikitext", *cfg.task_names()]
     train_files = _training_files(spec, data)
     train_key = None if train_files is None else hashlib.sha256(json.dumps(
         {"spec": spec.model_dump(mode="json"), "n": n, "train": _files_key(train_files)},
@@ -88,7 +112,7 @@ def training_overlap(spec: DataSpec, cfg: EvalConfig, data: Path, n: int = 13
     for task in tasks:
         if train_key is None:
             continue
-        eval_key = _files_key([data / rel for rel in TASK_FILES[task]])[:20]
+        eval_key = _files_key(_task_files(cfg, task, data))[:20]
         paths[task] = folder / f"{train_key}-{task}-{eval_key}.json"
         try:
             rows[task] = json.loads(paths[task].read_text())
@@ -98,8 +122,7 @@ def training_overlap(spec: DataSpec, cfg: EvalConfig, data: Path, n: int = 13
     start = time.perf_counter()
     if missing:
         corpus = load_corpus(spec, data)
-        texts = evaluation_texts(EvalConfig(tasks=[t for t in missing if t != "wikitext"]),
-                                 data)
+        texts = evaluation_texts(cfg, data, only=missing)
         report = overlap_report(corpus.texts() + _heldout_texts(corpus),
                                 {task: texts[task] for task in missing}, n)
         for task in missing:

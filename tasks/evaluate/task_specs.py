@@ -47,7 +47,10 @@ def _jsonl_rows(task: JsonlTask) -> tuple[list[dict[str, Any]] | None, str | Non
 
 
 def _read_jsonl(task: JsonlTask) -> tuple[list[dict[str, Any]] | None, str | None]:
-    path = Path(task.jsonl).expanduser()
+    from tasks.core.common import data_dir
+    from tasks.core.text_sources import resolve_path
+
+    path = Path(resolve_path(task.jsonl, data_dir()))  # ${data}/, ${repo}/, ~ as for data:
     where = f"evaluate.tasks '{task.name}': {path}"
     if not path.is_file():
         return None, f"{where} is not a file"
