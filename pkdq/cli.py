@@ -467,6 +467,48 @@ def export_gguf_cmd(
     _echo_gguf(metrics)
 
 
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Argument(..., help="a pkdq run folder (its final model) or model folder"),
+    to: Path = typer.Option(..., "--to", help="the folder to write (must be new or empty)"),
+    fmt: str = typer.Option(..., "--format", help="hf, hf-bf16, gptq, gguf-f16, gguf-q8_0, "
+                                                  "gguf-q4_0 or gguf-q4_k_m"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --to folder"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="score WikiText-2 in the "
+                                "serving runtime (transformers or llama.cpp) against pkdq"),
+    reference: Path = typer.Option(None, help="GGUF whose tokenizer.* keys are copied"),
+    threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
+) -> None:
+    """Export a model for the runtime that serves it, verified in that runtime."""
+    from tasks.quantize import ExportError, check_export
+
+    try:
+        check_export(model, to, fmt, overwrite)
+    except ExportError as exc:
+        _fail(str(exc))
+    import torch
+
+    from tasks.core.gptq_checkpoint import QuantizeError
+    from tasks.core.llama_cpp import LlamaCppError
+    from tasks.quantize import GgufExportError, export_model
+
+    torch.set_num_threads(threads)
+    try:
+        record = export_model(model, to, fmt, overwrite, verify, reference, threads=threads)
+    except (ExportError, GgufExportError, LlamaCppError, QuantizeError) as exc:
+        _fail(str(exc))
+    line = f"pkdq: {fmt} -> {record['dest']} ({record['bytes'] / 1e6:.1f} MB)"
+    note = record["written"].get("exact_grid_note")
+    if note:
+        line += f"; {note}"
+    typer.echo(line)
+    check = record.get("verification")
+    if check:
+        typer.echo(f"pkdq: {check['slice']}: perplexity {check['pkdq_loader_perplexity']:.4f} "
+                   f"(pkdq loader) vs {check['export_perplexity']:.4f} "
+                   f"({check['export_runtime']}), {100 * check['relative_difference']:+.3f}%")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="built-in name, HF folder, .gguf, or cached HF id"),

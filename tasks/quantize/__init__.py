@@ -8,6 +8,10 @@ _EXPORTS = {
     "GgufExportError": "gguf_export",
     "check_qtype": "gguf_export",  # refuses a qtype before the model is touched
     "GgufVerifyError": "gguf_verify",
+    "export_model": "export",  # `pkdq export`: a run/model folder in a served format, verified
+    "check_export": "export",  # torch-free refusals (format, folders, architecture)
+    "ExportError": "export",
+    "EXPORT_FORMATS": "export",
     # torch-free layout rules, shared with the recipe checks before a run
     "MARLIN_K_MULTIPLE": "shapes",
     "MARLIN_SOURCE": "shapes",
