@@ -377,7 +377,8 @@ def quantize_cmd(
     threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     gguf: str = typer.Option("none", help="also write OUT/model.gguf for llama.cpp: none, f16, "
-                                          "q8_0 or q4_0 (Llama models)"),
+                                          "q8_0, q4_0 or q4_k_m (Llama models); --group 32 "
+                                          "makes q4_0 (bits 4) / q8_0 (bits 8) bit-exact"),
 ) -> None:
     """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
     from pydantic import ValidationError
@@ -424,7 +425,9 @@ def _echo_gguf(metrics: dict) -> None:
     if check:
         line += (f"; transformers reload: top-1 agreement {check['top1_agreement']:.3f}, "
                  f"max |logit diff| {check['max_abs_logit_diff']:.3g}")
-    typer.echo(line + "; llama.cpp not run (not installed here)")
+    if metrics.get("exact_grid_note"):
+        line += f"; {metrics['exact_grid_note']}"
+    typer.echo(line)
 
 
 @app.command("export-gguf")

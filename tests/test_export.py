@@ -204,3 +204,13 @@ def test_cli_export_overwrites_when_asked(gptq_w4, tmp_path):
                   "--no-verify", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert "bit-exact" in result.output and not (busy / "old").exists()
+
+
+def test_rules_offer_the_exact_gptq_settings_for_a_q4_0_gguf():
+    from tasks.core.recipe import QuantizeConfig
+    from tasks.rules import _gguf_grid_rule
+
+    (hint,) = _gguf_grid_rule(QuantizeConfig(gguf="q4_0"))  # default group_size 64
+    assert hint.code == "gguf-exact-grid" and "group_size 32" in hint.message
+    assert _gguf_grid_rule(QuantizeConfig(gguf="q4_0", group_size=32)) == []
+    assert _gguf_grid_rule(QuantizeConfig(gguf="q4_k_m")) == []

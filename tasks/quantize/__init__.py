@@ -12,6 +12,7 @@ _EXPORTS = {
     "check_export": "export",  # torch-free refusals (format, folders, architecture)
     "ExportError": "export",
     "EXPORT_FORMATS": "export",
+    "exact_grid_problem": "gguf_grid",  # torch-free: can a GGUF type hold this GPTQ grid?
     # torch-free layout rules, shared with the recipe checks before a run
     "MARLIN_K_MULTIPLE": "shapes",
     "MARLIN_SOURCE": "shapes",

@@ -1,12 +1,14 @@
 """`pkdq export`: a pkdq model folder (or a run's final model) in the format a runtime serves,
 verified in that runtime.
 
-| format | what is written | verified in |
-| --- | --- | --- |
-| hf, hf-bf16 | dense safetensors (fp32 / bf16); a GPTQ source gives its grid values | transformers |
-| gptq | the GPTQ checkpoint as is (stock transformers loads it with optimum + gptqmodel) | transformers |
-| gguf-f16, gguf-q8_0, gguf-q4_0 | GGUF via gguf-py; a GPTQ grid GGUF can hold is written exactly | llama.cpp |
-| gguf-q4_k_m | f16 GGUF quantized by llama.cpp's own quantizer (no importance matrix) | llama.cpp |
+- hf, hf-bf16: dense safetensors (fp32 / bf16); a GPTQ source gives its grid values.
+  Verified in transformers.
+- gptq: the GPTQ checkpoint as is (stock transformers loads it: optimum + gptqmodel).
+  Verified in transformers.
+- gguf-f16, gguf-q8_0, gguf-q4_0: GGUF via gguf-py; a GPTQ grid the GGUF type can hold
+  (bits 4 / 8, sym, group 32) is written exactly. Verified in llama.cpp.
+- gguf-q4_k_m: the f16 GGUF quantized by llama.cpp's own quantizer (no importance matrix:
+  llama-cpp-python ships no llama-imatrix). Verified in llama.cpp.
 
 Verification scores the same WikiText-2 test slice (pkdq's window convention) with pkdq's own
 loader on the source and with the serving runtime on the export, and states both perplexities.
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.core.model_folder import MANIFEST_FILE
+from tasks.core.model_folder import FINGERPRINT_FILE, is_sealed
 
 FORMATS = ("hf", "hf-bf16", "gptq", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m")
 EXPORT_FORMATS = FORMATS
@@ -58,9 +60,9 @@ def check_export(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     src = final_model(run_or_model)
-    if not (src / MANIFEST_FILE).is_file():
-        raise ExportError(f"{src} is not a pkdq output (no {MANIFEST_FILE}); export takes folders "
-                          "pkdq wrote (a run's stage model or `pkdq quantize` output)")
+    if not is_sealed(src):
+        raise ExportError(f"{src} is not a pkdq output (no {FINGERPRINT_FILE}); export takes "
+                          "folders pkdq wrote (a run's stage model or `pkdq quantize` output)")
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not overwrite:
         raise ExportError(f"export folder {dest} exists and is not empty; pass --overwrite to "
