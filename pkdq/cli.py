@@ -472,7 +472,8 @@ def export_gguf_cmd(
 
 @app.command("export")
 def export_cmd(
-    model: Path = typer.Argument(..., help="a pkdq run folder (its final model) or model folder"),
+    model: Path = typer.Argument(..., help="a pkdq run folder (its final model), a model folder "
+                                           "pkdq wrote, or a built-in model name"),
     to: Path = typer.Option(..., "--to", help="the folder to write (must be new or empty)"),
     fmt: str = typer.Option(..., "--format", help="hf, hf-bf16, gptq, gguf-f16, gguf-q8_0, "
                                                   "gguf-q4_0 or gguf-q4_k_m"),
@@ -483,8 +484,13 @@ def export_cmd(
     threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
 ) -> None:
     """Export a model for the runtime that serves it, verified in that runtime."""
+    from tasks.core.model_store import BUILTIN_MODELS
     from tasks.quantize import ExportError, check_export
 
+    if not model.exists() and str(model) in BUILTIN_MODELS:  # the baseline, by its name
+        from tasks.core.model_store import resolve_model
+
+        model = resolve_model(str(model)).path
     try:
         check_export(model, to, fmt, overwrite)
     except ExportError as exc:

@@ -83,7 +83,7 @@ def check_export(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
         try:
             check_architecture(config, src)
         except GgufExportError as exc:
-            raise ExportError(f"llama.cpp cannot take this model: {exc}") from exc
+            raise ExportError(f"format {fmt}: {exc}") from exc
     return src
 
 
