@@ -94,6 +94,11 @@ def llama_cpp_perplexity(gguf_path: Path, text: str | None = None, ids: list[int
     return out
 
 
+def _last_logits(llm, vocab: int) -> np.ndarray:
+    """The last evaluated token's logits (without logits_all, `Llama.scores` is not filled)."""
+    return np.ctypeslib.as_array(_llama_cpp().llama_get_logits(llm.ctx), shape=(vocab,))
+
+
 def _speed_here(gguf_path: Path, prompt_tokens: int, decode_tokens: int, threads: int,
                 repeats: int) -> dict[str, Any]:
     """Runs in the measuring process: median prefill and decode rates over `repeats`."""
@@ -109,7 +114,7 @@ def _speed_here(gguf_path: Path, prompt_tokens: int, decode_tokens: int, threads
         llm.eval(prompt)
         mid = time.perf_counter()
         for _ in range(decode_tokens):  # greedy: the most likely next token, one at a time
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([int(np.argmax(_last_logits(llm, vocab)))])
         end = time.perf_counter()
         prefill.append(prompt_tokens / (mid - start))
         decode.append(decode_tokens / (end - mid))
