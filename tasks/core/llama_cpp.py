@@ -45,9 +45,7 @@ def _llama_cpp():
 
 
 def llama_cpp_version() -> str:
-    from importlib import metadata
-
-    return metadata.version("llama-cpp-python")
+    return str(_llama_cpp().__version__)
 
 
 def open_gguf(gguf_path: Path, n_ctx: int, threads: int, logits_all: bool = False,

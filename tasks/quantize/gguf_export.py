@@ -439,9 +439,15 @@ def _exact_plan(model_path: Path, qtype: str) -> tuple[dict[str, ExactWeight] | 
     """
     from tasks.core.model_store import is_quantized
 
-    if qtype not in EXACT_GRIDS or not is_quantized(model_path):
-        return None, f"{qtype} of a float model: quantized by gguf-py" if qtype in EXACT_GRIDS \
-            else f"{qtype}: no GPTQ grid to keep"
+    quantized = is_quantized(model_path)
+    of = "the GPTQ grid values" if quantized else "the float weights"
+    if qtype in LLAMA_QUANTIZED:
+        return None, (f"llama.cpp's own {LLAMA_QUANTIZED[qtype]} quantizer (no importance "
+                      f"matrix) on {of} in f16")
+    if qtype not in EXACT_GRIDS:
+        return None, f"{of} in {qtype}"
+    if not quantized:
+        return None, f"{of} quantized to {qtype.upper()} by gguf-py"
     exact, problem = exact_weights(model_path, qtype)
     if exact is None:
         return None, (f"re-quantized onto {qtype.upper()} blocks ({problem}); GPTQ bits "
