@@ -155,15 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     if gptq is not None:
         plan += [("baseline-gptq-w4g32sym-q4_0", gptq, "gguf-q4_0"),
                  ("baseline-gptq-w4g32sym-q4_k_m", gptq, "gguf-q4_k_m")]
+        plan = plan[:1] + plan[-2:-1] + plan[1:-2] + plan[-1:]  # the exact export early
     if args.run:
         plan += _stage_rows(args.run)
-    rows = [_row(name, src, fmt, args.work, args.threads,
-                 args.fresh or bool(args.only and name in args.only))
-            for name, src, fmt in plan if not args.only or name in args.only
-            or (args.work / "rows" / f"{name}.json").is_file()]
     command = "flock /tmp/pkdq-heavy.lock python -m bench.llama_cpp_table " + \
         " ".join(sys.argv[1:] if argv is None else argv)
-    write_table(rows, args.out, command, args.threads)
+    rows = []
+    for name, src, fmt in plan:
+        if args.only and name not in args.only and \
+                not (args.work / "rows" / f"{name}.json").is_file():
+            continue
+        rows.append(_row(name, src, fmt, args.work, args.threads,
+                         args.fresh or bool(args.only and name in args.only)))
+        write_table(rows, args.out, command, args.threads)  # a partial table survives a kill
     print(args.out.read_text())
     shutil.rmtree(args.work / "exports", ignore_errors=True)
 
