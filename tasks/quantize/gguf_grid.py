@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only inside functions: `pkdq validate` imports this module's rules
+    import numpy as np
 
 BLOCK = 32
 # qtype -> (GPTQ bits, the symmetric zero point that maps onto the GGUF grid)
@@ -49,6 +51,8 @@ def exact_weights(path: Path, qtype: str) -> tuple[dict[str, ExactWeight] | None
     """({HF weight key: ExactWeight}, None) for a checkpoint `qtype` holds exactly, else
     (None, why not): wrong settings, a non-monotone g_idx, or a zero point other than the grid's.
     """
+    import numpy as np
+
     from tasks.core.gptq_checkpoint import quantization_config, read_parts, unpack_int32
 
     quant = quantization_config(path)
@@ -82,6 +86,8 @@ def permute_rows(weight: ExactWeight, permute) -> ExactWeight:
 def encode_exact(weight: ExactWeight, qtype: str) -> np.ndarray:
     """Raw GGUF bytes [rows, blocks * block_bytes] for `qtype`, built from the codes and scales
     (no rounding anywhere)."""
+    import numpy as np
+
     rows, cols = weight.codes.shape
     blocks = cols // BLOCK
     d = weight.scales.astype(np.float16).reshape(rows, blocks, 1).view(np.uint8)  # 2 bytes
