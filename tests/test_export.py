@@ -214,3 +214,24 @@ def test_rules_offer_the_exact_gptq_settings_for_a_q4_0_gguf():
     assert hint.code == "gguf-exact-grid" and "group_size 32" in hint.message
     assert _gguf_grid_rule(QuantizeConfig(gguf="q4_0", group_size=32)) == []
     assert _gguf_grid_rule(QuantizeConfig(gguf="q4_k_m")) == []
+
+
+def test_perplexity_convention_matches_torch_cross_entropy():
+    """core.perplexity (numpy, float64) scores windows as the evaluate stage does in torch."""
+    import torch.nn.functional as F
+
+    from tasks.core.perplexity import perplexity
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, ids = 50, torch.randint(0, 50, (300,), generator=gen).tolist()
+    table = torch.randn(vocab, vocab, generator=gen) * 3
+
+    def logits_of(window):
+        return table[torch.tensor(window)].numpy()
+
+    got = perplexity(logits_of, ids, 128)
+    total = sum(float(F.cross_entropy(table[torch.tensor(w[:-1])].double(), torch.tensor(w[1:]),
+                                      reduction="sum"))
+                for w in (ids[s:s + 128] for s in range(0, 300, 128)) if len(w) >= 2)
+    assert got["predicted_tokens"] == 300 - 3
+    assert got["nll"] == pytest.approx(total, rel=1e-12)
