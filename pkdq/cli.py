@@ -378,7 +378,8 @@ def quantize_cmd(
     threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     gguf: str = typer.Option("none", help="also write OUT/model.gguf for llama.cpp: none, f16, "
-                                          "q8_0 or q4_0 (Llama models)"),
+                                          "q8_0, q4_0 or q4_k_m (Llama models); --group 32 "
+                                          "makes q4_0 (bits 4) / q8_0 (bits 8) bit-exact"),
 ) -> None:
     """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
     from pydantic import ValidationError
@@ -425,7 +426,9 @@ def _echo_gguf(metrics: dict) -> None:
     if check:
         line += (f"; transformers reload: top-1 agreement {check['top1_agreement']:.3f}, "
                  f"max |logit diff| {check['max_abs_logit_diff']:.3g}")
-    typer.echo(line + "; llama.cpp not run (not installed here)")
+    if metrics.get("exact_grid_note"):
+        line += f"; {metrics['exact_grid_note']}"
+    typer.echo(line)
 
 
 @app.command("export-gguf")
@@ -466,6 +469,54 @@ def export_gguf_cmd(
     if metrics_out is not None:
         write_json_atomic(metrics_out, metrics)
     _echo_gguf(metrics)
+
+
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Argument(..., help="a pkdq run folder (its final model), a model folder "
+                                           "pkdq wrote, or a built-in model name"),
+    to: Path = typer.Option(..., "--to", help="the folder to write (must be new or empty)"),
+    fmt: str = typer.Option(..., "--format", help="hf, hf-bf16, gptq, gguf-f16, gguf-q8_0, "
+                                                  "gguf-q4_0 or gguf-q4_k_m"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --to folder"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="score WikiText-2 in the "
+                                "serving runtime (transformers or llama.cpp) against pkdq"),
+    reference: Path = typer.Option(None, help="GGUF whose tokenizer.* keys are copied"),
+    threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
+) -> None:
+    """Export a model for the runtime that serves it, verified in that runtime."""
+    from tasks.core.model_store import BUILTIN_MODELS
+    from tasks.quantize import ExportError, check_export
+
+    if not model.exists() and str(model) in BUILTIN_MODELS:  # the baseline, by its name
+        from tasks.core.model_store import resolve_model
+
+        model = resolve_model(str(model)).path
+    try:
+        check_export(model, to, fmt, overwrite)
+    except ExportError as exc:
+        _fail(str(exc))
+    import torch
+
+    from tasks.core.gptq_checkpoint import QuantizeError
+    from tasks.core.llama_cpp import LlamaCppError
+    from tasks.quantize import GgufExportError, export_model
+
+    torch.set_num_threads(threads)
+    try:
+        record = export_model(model, to, fmt, overwrite, verify, reference, threads=threads)
+    except (ExportError, GgufExportError, LlamaCppError, QuantizeError) as exc:
+        _fail(str(exc))
+    line = f"pkdq: {fmt} -> {record['dest']} ({record['bytes'] / 1e6:.1f} MB)"
+    note = record["written"].get("exact_grid_note")
+    if note:
+        line += f"; {note}"
+    typer.echo(line)
+    check = record.get("verification")
+    if check:
+        typer.echo(f"pkdq: {check['slice']}: perplexity {check['pkdq_loader_perplexity']:.4f} "
+                   f"(pkdq loader) vs {check['export_perplexity']:.4f} "
+                   f"({check['export_runtime']}), {100 * check['relative_difference']:+.3f}%")
 
 
 @app.command("eval")

@@ -32,6 +32,7 @@ from tasks.prune import PrunePlan, SearchSpaceError, enumerate_candidates, plan_
 from tasks.quantize import (
     MARLIN_K_MULTIPLE,
     MARLIN_SOURCE,
+    exact_grid_problem,
     group_size_hint,
     marlin_k_note,
 )
@@ -44,6 +45,8 @@ GPTQ_GROUPS = ("GPTQ/AWQ keep one scale per group of input columns, so a partial
                "representable; tasks/quantize.check_group_size refuses it at stage start")
 SEARCH_SPACE = "tasks/prune/space.py: the shapes a budget search may choose from"
 PRUNE_PLAN = "tasks/prune/plan.py: the prune stage checks targets against the model's sizes"
+GGUF_GRID = ("tasks/quantize/gguf_grid.py: GGUF Q4_0/Q8_0 hold 32-wide blocks with one fp16 "
+             "scale and no zero point; bench/results/llama_cpp.md measures the re-gridding")
 MODEL_STORE = "tasks/core/model_store.py: models resolve offline, pkdq never downloads"
 TRAIN_DATA = ("tasks/core/text_sources.py: calibration and KD read <data>/train or the "
               "recipe's data")
@@ -333,6 +336,8 @@ def rule_warnings(recipe: Recipe, order: Sequence[str] | None = None,
     found.extend(_order_rules(kinds))
     if quant is not None and dims is not None:
         found.extend(_quantize_shape_rules(quant, _quantized_shapes(kinds, dims, plan)))
+    if quant is not None:
+        found.extend(_gguf_grid_rule(quant))
     return found
 
 
@@ -347,6 +352,24 @@ def _search_space_rules(recipe: Recipe, prune: PruneConfig, quant: QuantizeConfi
         return [RuleWarning("prune-target-unreachable", f"stages[{index}].{exc}", SEARCH_SPACE,
                             "error")]
     return []
+
+
+def _gguf_grid_rule(cfg: QuantizeConfig) -> list[RuleWarning]:
+    """A q4_0/q8_0 GGUF of a GPTQ grid it cannot hold throws the GPTQ solution away."""
+    if cfg.gguf not in ("q4_0", "q8_0") or cfg.method == "awq":
+        return []
+    quant = {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
+             "sym": cfg.sym, "desc_act": cfg.desc_act}
+    problem = exact_grid_problem(quant, cfg.gguf)
+    if problem is None:
+        return []
+    bits = 4 if cfg.gguf == "q4_0" else 8
+    return [RuleWarning(
+        "gguf-exact-grid",
+        f"quantize.gguf {cfg.gguf}: {problem}, so the GGUF re-quantizes the GPTQ weights onto "
+        f"llama.cpp's blocks and loses what GPTQ solved; set bits {bits}, group_size 32, sym "
+        "true, desc_act false for a bit-exact export (or gguf q4_k_m for llama.cpp's k-quants)",
+        GGUF_GRID, level="info")]
 
 
 def _checked_order(configs: dict[str, Any], order: Sequence[str] | None) -> list[str]:

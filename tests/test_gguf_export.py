@@ -126,7 +126,7 @@ def test_q8_0_round_trip_is_close(sharp_ref, tmp_path):
     assert check["max_abs_logit_diff"] < 0.1  # measured 0.018
     # Q8_0: per 32-block scale max|block|/127, rounding error <= half a step (+ fp16 scale)
     assert check["max_abs_weight_diff"] <= _max_abs_weight(sharp_ref.path) / 127 * 0.51
-    assert "not the GPTQ grid" in m["grid_note"]
+    assert "re-quantized" in m["grid_note"]
 
 
 def test_a_wrong_qk_permutation_is_caught(sharp_ref, tmp_path, monkeypatch):
@@ -147,7 +147,7 @@ def test_pruned_shapes_round_trip_through_the_cli(pruned_ref, tmp_path):
     result = CliRunner().invoke(app, ["export-gguf", str(pruned_ref.path), str(out),
                                       "--qtype", "f16", "--metrics", str(metrics_file)])
     assert result.exit_code == 0, result.output
-    assert "top-1 agreement" in result.output and "llama.cpp not run" in result.output
+    assert "top-1 agreement" in result.output
     m = json.loads(metrics_file.read_text())
     check = m["verification"]
     assert check["top1_agreement"] >= 0.99 and check["kl_nats"] < 1e-5

@@ -439,10 +439,11 @@ class QuantizeConfig(Strict):
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0, lt=1)
     calibration: TextSample = TextSample(source="c4", samples=16, seq_len=512)
-    gguf: Literal["none", "f16", "q8_0", "q4_0"] = Field(
+    gguf: Literal["none", "f16", "q8_0", "q4_0", "q4_k_m"] = Field(
         "none", description="also write the stage's model as model.gguf beside it, for "
-        "llama.cpp (Llama models); q8_0/q4_0 re-quantize the GPTQ grid onto llama.cpp's "
-        "32-wide blocks, f16 keeps it up to fp16 rounding")
+        "llama.cpp (Llama models); q4_0/q8_0 hold a GPTQ grid with bits 4/8, sym, group_size "
+        "32 exactly and re-quantize any other; q4_k_m is llama.cpp's own quantizer on the f16 "
+        "file; f16 keeps the grid up to fp16 rounding")
 
     @model_serializer(mode="wrap")
     def _omit_gguf_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

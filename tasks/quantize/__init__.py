@@ -8,6 +8,11 @@ _EXPORTS = {
     "GgufExportError": "gguf_export",
     "check_qtype": "gguf_export",  # refuses a qtype before the model is touched
     "GgufVerifyError": "gguf_verify",
+    "export_model": "export",  # `pkdq export`: a run/model folder in a served format, verified
+    "check_export": "export",  # torch-free refusals (format, folders, architecture)
+    "ExportError": "export",
+    "EXPORT_FORMATS": "export",
+    "exact_grid_problem": "gguf_grid",  # torch-free: can a GGUF type hold this GPTQ grid?
     # torch-free layout rules, shared with the recipe checks before a run
     "MARLIN_K_MULTIPLE": "shapes",
     "MARLIN_SOURCE": "shapes",

@@ -12,12 +12,15 @@ writes one with gguf-py (the package llama.cpp's own converter uses), following 
 - tokenizer.* metadata is copied from a reference GGUF whose vocabulary equals the model's
   (building a GGUF tokenizer from HF files is out of scope, so no match means a refusal).
 
-Weights: a GPTQ checkpoint is exported from its dequantized grid values (`load_dequantized`).
-GGUF's Q8_0/Q4_0 are llama.cpp's own grids (blocks of 32 weights along a row, one fp16 scale,
-no zero point), not the GPTQ grid, so q8_0/q4_0 of a GPTQ model is a re-quantization; f16 keeps
-the grid values up to fp16 rounding of scale * (code - zero). The result is checked by loading
-it back with transformers' GGUF loader (`tasks.quantize.gguf_verify`); llama.cpp is not
-installed here.
+Weights: a GPTQ checkpoint whose grid GGUF can hold (bits 4 / 8, sym, group 32, no act-order:
+`gguf_grid`) is written code for code as Q4_0 / Q8_0, bit-exact, with its other tensors in F16
+(as the checkpoint stores them). Any other GPTQ checkpoint is exported from its dequantized grid
+values (`load_dequantized`): Q8_0/Q4_0 are then a re-quantization onto llama.cpp's blocks, f16
+keeps the grid values up to fp16 rounding of scale * (code - zero). q4_k_m is llama.cpp's own
+quantizer (`llama_model_quantize` through llama-cpp-python) run on the f16 file, without an
+importance matrix (llama-cpp-python does not ship llama-imatrix). The file is checked by loading
+it back with transformers' GGUF loader (`tasks.quantize.gguf_verify`); `tasks.quantize.export`
+also runs it in llama.cpp.
 """
 
 from __future__ import annotations
@@ -37,17 +40,26 @@ import numpy as np
 
 from tasks.core.common import set_offline_env
 from tasks.core.dims import Dims
+from tasks.quantize.gguf_grid import (
+    EXACT_GRIDS,
+    ExactWeight,
+    encode_exact,
+    exact_weights,
+    permute_rows,
+)
 
-QTYPES = ("f16", "q8_0", "q4_0")
+QTYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
+LLAMA_QUANTIZED = {"q4_k_m": "Q4_K_M"}  # written by llama.cpp's own quantizer from the f16 file
 SUPPORTED_ARCH = "LlamaForCausalLM"
 # Architectures llama.cpp reads as its llama graph (its converter maps Mistral to LLAMA too: same
 # tensors, same RoPE), with the model_type their config must carry.
 LLAMA_LAYOUT = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 BLOCK = 32  # Q8_0 and Q4_0 block width along each row (in_features)
-LLAMA_CPP_NOTE = ("llama.cpp is not installed on this machine: the file was checked with "
-                  "transformers' GGUF loader and gguf-py only")
+LLAMA_CPP_NOTE = ("checked here with transformers' GGUF loader; `pkdq export` also runs it in "
+                  "llama.cpp (llama-cpp-python)")
 GRID_NOTE = ("GGUF Q8_0/Q4_0 are llama.cpp's own block grids (32 weights per block, one fp16 "
-             "scale), not the GPTQ grid: exporting a GPTQ checkpoint to them re-quantizes its "
+             "scale): a GPTQ checkpoint with bits 4 (Q4_0) or 8 (Q8_0), sym, group 32 and no "
+             "act-order is written code for code (exact); any other is re-quantized from its "
              "dequantized values; f16 keeps those values up to fp16 rounding")
 # llama-quantize stores the embedding/output of a Q4_0 model as Q6_K, which gguf-py cannot
 # write; Q8_0 keeps them at least that fine.
@@ -160,8 +172,8 @@ def permute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def gguf_tensors(model: Any, shape: LlamaShape) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array [out, in]) for every tensor llama.cpp's llama graph reads."""
+def gguf_tensors(model: Any, shape: LlamaShape) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(HF key, GGUF name, float32 array [out, in]) for every tensor llama.cpp's graph reads."""
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.layers)
@@ -176,7 +188,16 @@ def gguf_tensors(model: Any, shape: LlamaShape) -> Iterator[tuple[str, np.ndarra
             data = permute_qk(data, shape.heads)
         elif name.endswith(".attn_k.weight"):
             data = permute_qk(data, shape.kv_heads)
-        yield name, data
+        yield key, name, data
+
+
+def qk_permutation(name: str, shape: LlamaShape):
+    """The row permutation `gguf_tensors` applies to tensor `name` (identity for most)."""
+    if name.endswith(".attn_q.weight"):
+        return functools.partial(permute_qk, heads=shape.heads)
+    if name.endswith(".attn_k.weight"):
+        return functools.partial(permute_qk, heads=shape.kv_heads)
+    return lambda rows: rows
 
 
 def expected_tensor_names(shape: LlamaShape) -> set[str]:
@@ -344,7 +365,8 @@ def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
     import gguf
 
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{qtype.upper()}"])
+    file_type = "F16" if qtype in LLAMA_QUANTIZED else qtype.upper()
+    writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{file_type}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     arch = {  # `llama.<key>`: (value, the writer method that types it as llama.cpp expects)
         "context_length": (shape.context, writer.add_context_length),
@@ -368,8 +390,13 @@ def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
 
 
 def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
-                fields: list[tuple[str, Any, Any, Any]]) -> dict[str, Any]:
-    """Write the GGUF into `tmp`; returns what was written (types, fallbacks, error)."""
+                fields: list[tuple[str, Any, Any, Any]],
+                exact: dict[str, ExactWeight] | None = None) -> dict[str, Any]:
+    """Write the GGUF into `tmp`; returns what was written (types, fallbacks, error).
+
+    With `exact` (HF key -> codes and scales), those matrices are written block for block and
+    every other matrix as F16 (the checkpoint stores them in fp16, so nothing is rounded).
+    """
     import gguf
 
     writer = gguf.GGUFWriter(str(tmp), "llama")
@@ -378,8 +405,12 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
     fallbacks: dict[str, str] = {}
     errors = _ErrorStats()
     written: set[str] = set()
-    for tensor_name, data in gguf_tensors(model, shape):
-        enc = encode_tensor(tensor_name, data, qtype)
+    for key, tensor_name, data in gguf_tensors(model, shape):
+        if exact is not None and key in exact:
+            weight = permute_rows(exact[key], qk_permutation(tensor_name, shape))
+            enc = Encoded(tensor_name, encode_exact(weight, qtype), qtype.upper())
+        else:
+            enc = encode_tensor(tensor_name, data, "f16" if exact is not None else qtype)
         errors.add(data, enc)
         raw = None if enc.ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[enc.ggml_type]
         writer.add_tensor(tensor_name, enc.data, raw_dtype=raw)
@@ -411,6 +442,43 @@ def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) 
     return find_reference_gguf(model_path, tokenizer, reference_gguf)
 
 
+def _exact_plan(model_path: Path, qtype: str) -> tuple[dict[str, ExactWeight] | None, str]:
+    """The exact codes/scales when the GPTQ grid fits `qtype`, and one line saying what happened.
+    """
+    from tasks.core.model_store import is_quantized
+
+    quantized = is_quantized(model_path)
+    of = "the GPTQ grid values" if quantized else "the float weights"
+    if qtype in LLAMA_QUANTIZED:
+        return None, (f"llama.cpp's own {LLAMA_QUANTIZED[qtype]} quantizer (no importance "
+                      f"matrix) on {of} in f16")
+    if qtype not in EXACT_GRIDS:
+        return None, f"{of} in {qtype}"
+    if not quantized:
+        return None, f"{of} quantized to {qtype.upper()} by gguf-py"
+    exact, problem = exact_weights(model_path, qtype)
+    if exact is None:
+        return None, (f"re-quantized onto {qtype.upper()} blocks ({problem}); GPTQ bits "
+                      f"{EXACT_GRIDS[qtype][0]}, sym, group_size 32, desc_act false exports "
+                      "exactly")
+    return exact, (f"GPTQ grid written code for code as {qtype.upper()} (bit-exact); other "
+                   "matrices F16 as stored in the checkpoint")
+
+
+def _llama_quantize(f16_file: Path, out_file: Path, qtype: str) -> dict[str, Any]:
+    """Run llama.cpp's own quantizer on the f16 file; the tensor types it chose."""
+    from tasks.core.llama_cpp import LlamaCppError, gguf_tensor_types, quantize_gguf
+
+    try:
+        quantize_gguf(f16_file, out_file, LLAMA_QUANTIZED[qtype])
+    except LlamaCppError as exc:
+        raise GgufExportError(str(exc)) from exc
+    types = gguf_tensor_types(out_file)
+    return {"tensor_types": types, "quantizer": "llama.cpp llama_model_quantize "
+            f"{LLAMA_QUANTIZED[qtype]} (no importance matrix: llama-cpp-python ships no "
+            "llama-imatrix)", "weight_error_of": "the f16 file llama.cpp quantized"}
+
+
 def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
                 reference_gguf: Path | None = None, verify: bool = True) -> dict[str, Any]:
     """Write `model_path` (Llama, float or GPTQ) as a GGUF llama.cpp can load; return metrics.
@@ -429,15 +497,22 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".partial")
     name = f"pkdq {model_path.parent.name}/{model_path.name}"
+    exact, exact_note = _exact_plan(model_path, qtype)
+    write_type = "f16" if qtype in LLAMA_QUANTIZED else qtype
     try:
-        written = _write_file(tmp, model, shape, qtype, name, tokenizer_fields(reference))
-        os.replace(tmp, out_file)
+        written = _write_file(tmp, model, shape, write_type, name, tokenizer_fields(reference),
+                              exact)
+        if qtype in LLAMA_QUANTIZED:
+            written |= _llama_quantize(tmp, out_file, qtype)
+        else:
+            os.replace(tmp, out_file)
     finally:
         tmp.unlink(missing_ok=True)
     metrics: dict[str, Any] = {
         "file": str(out_file), "bytes": out_file.stat().st_size, "qtype": qtype,
         "source": {"path": str(model_path), "weights": source},
         "reference_gguf": str(reference), **written,
+        "exact_grid": exact is not None, "exact_grid_note": exact_note,
         "grid_note": GRID_NOTE,
         "llama_cpp_verified": False, "llama_cpp_note": LLAMA_CPP_NOTE,
         "versions": {d: metadata.version(d) for d in ("gguf", "transformers")},
