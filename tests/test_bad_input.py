@@ -31,7 +31,7 @@ SHIPPED = {path.stem: yaml.safe_load(path.read_text())
            for path in sorted(RECIPES_DIR.glob("*.yaml"))}
 SHIPPED_TEXT = {path.stem: path.read_text() for path in sorted(RECIPES_DIR.glob("*.yaml"))}
 COMMANDS = ("recipes", "validate", "run", "serve", "stop", "quantize", "export-gguf", "eval",
-            "compare", "report", "prune-scan", "generate")
+            "compare", "report", "prune-scan", "generate", "export", "sweep", "search")
 MISSING = "/nonexistent-pkdq-fuzz"  # never created: every model/recipe path under it is absent
 
 # Inputs run per test and tracebacks seen (the assertions stop at the first one, so the
@@ -356,6 +356,20 @@ def command_lines(draw, work: Path) -> list[str]:
                 "--dtype": junk, "--batch-size": INT, "--wikitext-tokens": INT,
                 "--wikitext-pages": INT, "--no-speed": None, "--threads": INT, "--seed": INT}
         return ["eval", draw(missing_model), *o(spec)]
+    if command == "export":
+        spec = {"--to": junk, "--format": junk, "--overwrite": None, "--threads": INT}
+        return ["export", draw(missing_model), *o(spec)]
+    if command in ("sweep", "search"):
+        spec = {"--runs-dir": junk, "--run-id": junk, "--concurrency": INT}
+        if command == "search":  # a bad recipe, or a good one without a prune target
+            return ["search", draw(st.sampled_from([draw(bad_recipe(work)),
+                                                    "smollm2-ffn25-kd-w4"])), *o(spec)]
+        spec |= {"--select": junk, "--fraction": FLOAT}
+        # a key no recipe has, so even a valid recipe is refused before anything runs
+        grid = f"no_such_key.{draw(junk)}={draw(junk)}"
+        return ["sweep", draw(st.sampled_from([draw(bad_recipe(work)),
+                                               "smollm2-ffn25-kd-w4"])), "--grid", grid,
+                *o(spec)]
     if command == "generate":
         spec = {"--max-new-tokens": INT, "--no-chat": None, "--threads": INT}
         return ["generate", draw(missing_model), draw(junk) or "hi", *o(spec)]

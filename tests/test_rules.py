@@ -76,7 +76,9 @@ def test_prune_up_to_half_is_silent(prune):
     ({"depth": {"remove": 16}}, "53% of layers (30 -> 14)"),
     ({"depth": {"ratio": 0.6}}, "60% of layers (30 -> 12)"),
     ({"heads": {"size": 1}}, "67% of query heads (9 -> 3)"),  # 1 of 3 KV groups
-    ({"hidden": {"ratio": 0.6}}, "56% of hidden channels (576 -> 256)"),
+    # hidden sizes must split into the heads kept (transformers checks): 6 heads, round_to 96
+    ({"hidden": {"ratio": 0.6}, "heads": {"mode": "query", "size": 2}, "round_to": 96},
+     "67% of hidden channels (576 -> 192)"),
 ])
 def test_every_axis_over_half_fires(prune, expected):
     w = only(rule_warnings(recipe(prune), model_config=SMOLLM2), "prune-over-50")
@@ -160,10 +162,10 @@ def test_group_64_on_smollm2_is_silent():
 
 
 def test_pruned_heads_that_split_a_group_fire_on_o_proj_only():
-    found = rule_warnings(recipe({"heads": {"size": 7}, "round_to": 128}, group=128),
-                          model_config=WIDE)
+    found = rule_warnings(recipe({"heads": {"size": 3}, "round_to": 128}, group=128),
+                          model_config=WIDE)  # 3 heads: 768 splits into them, 192 into no group
     w = only(found, "group-size-divides")
-    assert "o_proj in_features 448 (7 heads x 64)" in w.message
+    assert "o_proj in_features 192 (3 heads x 64)" in w.message
     assert "q/k/v/gate/up_proj" not in w.message and "down_proj" not in w.message
 
 

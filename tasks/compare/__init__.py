@@ -8,6 +8,7 @@ _EXPORTS = {
     "shared_prefixes": "orderings",
     "KIND_LETTER": "orderings",
     "LETTERS": "orderings",
+    "Ordering": "orderings",
     "COMPARE_FILE": "folder",
     "baseline_folder": "folder",
     "evaluate_folder": "folder",

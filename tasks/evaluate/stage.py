@@ -465,8 +465,8 @@ def _score_wikitext(model: Any, tokenizer: Any, cfg: EvalConfig, data: Path, see
 # --------------------------------------------------------------------------- as served
 
 
-def served_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]], data: Path,
-                   manager: Any, seed: int, start: float
+def served_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
+                   sizes: dict[str, int], manager: Any, seed: int, start: float
                    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """A quantized folder's benchmark scores as a user's runtime serves it, on the same docs.
 
@@ -491,7 +491,7 @@ def served_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     _log(f"as served: loaded with GPTQModel's defaults ({dtype})", start)
     lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size)
-    tasks, per_doc_all = _score_tasks(lm, cfg, ids, data, manager, seed, start)
+    tasks, per_doc_all = _score_tasks(lm, cfg, ids, sizes, manager, seed, start)
     del lm, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -558,7 +558,7 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     params = count_params(model)
     eval_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     del lm, model
-    served = served_section(model_path, cfg, ids, data, manager, seed, start)
+    served = served_section(model_path, cfg, ids, sizes, manager, seed, start)
     if served is not None:
         write_json_atomic(out_dir / SERVED_SAMPLES_JSON, served[1])
 

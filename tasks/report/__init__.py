@@ -13,6 +13,7 @@ _EXPORTS = {
     "FIGURE_TITLES": "page",
     "render_html": "html",
     "pm": "format",
+    "fmt": "format",
     "stage_retention": "retention",  # stage score / baseline score, with standard errors
     "loss_curve": "plots",
 }

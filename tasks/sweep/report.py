@@ -14,7 +14,7 @@ import yaml
 
 from tasks.core.common import write_json_atomic
 from tasks.core.recipe import Recipe
-from tasks.report.format import fmt
+from tasks.report import fmt
 from tasks.sweep.grid import format_value
 
 METRICS = {"kl": "held-out KL to the teacher", "ppl": "held-out perplexity"}

@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.compare import KIND_LETTER, plan_ordering, run_ordering_step, unit_folder
-from tasks.compare.orderings import Ordering
+from tasks.compare import KIND_LETTER, Ordering, plan_ordering, run_ordering_step, unit_folder
 from tasks.core.common import ModelRef, StageContext, data_dir, write_json_atomic
 from tasks.core.recipe import DistillConfig, Recipe
 from tasks.pipeline import mark_run_file, write_run_file
