@@ -50,6 +50,7 @@ DTYPES: dict[str, torch.dtype] = {
 # (a wrong mask is off by whole nats). Lower precision rounds more.
 CHECK_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-3}
 CHECK_TOLERANCE_LOW_PRECISION = 0.25
+RELATIVE_SLACK = 1e-4  # of the plain log-likelihood's magnitude, on top of the tolerance
 CHECK_TEXT = ("Question: Which gas do plants take in from the air to make food?\n"
               "Answer: carbon dioxide, which leaves then turn into sugar")
 
@@ -287,9 +288,13 @@ def check_tree_attention(lm: PkdqLM) -> float:
     reqs = [ScoreRequest(tuple(seq[:-1]), tuple(seq[split - 2:])) for seq in (ids, other)]
     reqs.append(ScoreRequest(tuple(ids[:split]), tuple(ids[1:split + 1])))  # a plain prefix
     packed = lm.score(reqs)
-    worst = max(abs(p - _plain_loglikelihood(lm.model, r, lm.device))
-                for (p, _), r in zip(packed, reqs, strict=True))
+    plain = [_plain_loglikelihood(lm.model, r, lm.device) for r in reqs]
     dtype = next(lm.model.parameters()).dtype
+    # Rounding grows with the log-likelihood's size (a sum over tokens of log-softmaxes over
+    # the vocabulary: Gemma's 262k): allow 1e-4 of it on top; a mask the attention ignores
+    # moves scores by whole nats.
+    worst = max(abs(p - q) - RELATIVE_SLACK * abs(q)
+                for (p, _), q in zip(packed, plain, strict=True))
     tolerance = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE_LOW_PRECISION)
     if not worst <= tolerance:
         raise RuntimeError(
