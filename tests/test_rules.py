@@ -76,8 +76,8 @@ def test_prune_up_to_half_is_silent(prune):
     ({"depth": {"remove": 16}}, "53% of layers (30 -> 14)"),
     ({"depth": {"ratio": 0.6}}, "60% of layers (30 -> 12)"),
     ({"heads": {"size": 1}}, "67% of query heads (9 -> 3)"),  # 1 of 3 KV groups
-    # hidden sizes must split into the heads kept (transformers checks): 6 heads, round_to 96
-    ({"hidden": {"ratio": 0.6}, "heads": {"mode": "query", "size": 2}, "round_to": 96},
+    # hidden sizes must split into the heads kept (transformers checks): 6 heads, round_to 192
+    ({"hidden": {"ratio": 0.6}, "heads": {"mode": "query", "size": 2}, "round_to": 192},
      "67% of hidden channels (576 -> 192)"),
 ])
 def test_every_axis_over_half_fires(prune, expected):
