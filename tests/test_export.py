@@ -189,7 +189,7 @@ def test_bad_requests_are_one_line_exit_2(sharp_ref, gptq_w4, tmp_path):
     config = json.loads((qwen / "config.json").read_text())
     config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
     (qwen / "config.json").write_text(json.dumps(config))
-    assert "supports LlamaForCausalLM" in refused(str(qwen), "--to", str(tmp_path / "d"),
+    assert "llama layout (LlamaForCausalLM" in refused(str(qwen), "--to", str(tmp_path / "d"),
                                               "--format", "gguf-q4_0")
     assert not (tmp_path / "a").exists() and (busy / "x").is_file()
     with pytest.raises(ExportError):
