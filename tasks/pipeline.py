@@ -166,8 +166,9 @@ def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
     if kind == "distill" and teacher:
         extra["teacher"] = teacher.fingerprint
     spec = stage_data(kind, config)
-    if spec is not None and spec.kind != "builtin":  # the bundled text keeps its old keys
-        extra["data"] = load_corpus(spec, data_dir()).fingerprint
+    content = data_content_key(spec)
+    if content is not None:
+        extra["data"] = content
     key = stage_key(kind, input_ref.fingerprint, config.model_dump(mode="json"), recipe.seed,
                     extra or None)
     record, why = check_finished(folder, key)
@@ -190,6 +191,15 @@ def run_unit(folder: Path, name: str, kind: str, config: Any, recipe: Recipe,
         write_json_atomic(folder / "metrics.json", metrics)
         return finish_record(folder, key, result.model, metrics,
                              files=_unit_files(folder, result.model)), False
+
+
+def data_content_key(spec: DataSpec | None) -> str | None:
+    """The content fingerprint of a user's data for a unit's key, so an edited file is never
+    served from a cache keyed on its path; None for no data or the bundled text (whose keys
+    predate data sources and stay as they were)."""
+    if spec is None or spec.kind == "builtin":
+        return None
+    return load_corpus(spec, data_dir()).fingerprint
 
 
 def stage_data(kind: str, config: Any) -> DataSpec | None:

@@ -143,3 +143,23 @@ def test_rerun_recomputes_nothing(swept):
     run_sweep(str(recipe), str(run_dir), plan.to_json())
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("units/*/stage.json")} == records
     assert read_json(run_dir / "results.json")["rows"] == scores
+
+
+def test_heldout_score_follows_the_user_data_content(tmp_path, tiny_llama_ref):
+    """Two sweeps over the same path must not share a score once the file's text changed."""
+    from tasks.core.recipe import DistillConfig
+    from tasks.sweep.units import score_unit
+
+    text = tmp_path / "train.txt"
+    words = " ".join(f"word{i % 97}" for i in range(4000))
+    text.write_text("\n\n".join([words] * 4))
+    cfg = DistillConfig(tokens=256, seq_len=32, batch_size=2, eval_blocks=2,
+                        data={"kind": "text", "paths": [str(text)], "heldout": 0.25})
+    recipe = load_recipe(str(_recipe(tmp_path, tiny_llama_ref.path)))
+    first, reused = score_unit(tmp_path / "u", tiny_llama_ref, tiny_llama_ref, cfg, recipe)
+    assert not reused and first["kl"] < 1e-6  # a model against itself
+    _, reused = score_unit(tmp_path / "u", tiny_llama_ref, tiny_llama_ref, cfg, recipe)
+    assert reused
+    text.write_text("\n\n".join([words.replace("word1", "other")] * 4))
+    changed, reused = score_unit(tmp_path / "u", tiny_llama_ref, tiny_llama_ref, cfg, recipe)
+    assert not reused and changed["ppl"] != first["ppl"]

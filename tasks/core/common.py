@@ -105,10 +105,6 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 class Progress:
     """Terminal progress for long loops: stage, step, tokens/s, ETA, on one line per update."""
 

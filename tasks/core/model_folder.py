@@ -49,6 +49,12 @@ def _content_files(path: Path, skip_card: bool = False) -> list[tuple[str, Path]
     return out
 
 
+def model_bytes(path: Path) -> int:
+    """Bytes of a model folder's content: what a user ships, without the seal's own files or the
+    model card, whose text changes when an evaluation is added (sizes must not move with it)."""
+    return sum(file.stat().st_size for _, file in _content_files(Path(path), skip_card=True))
+
+
 def file_digest(file: Path) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of one file, read in 4 MiB chunks."""
     digest, size = hashlib.sha256(), 0

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from tasks.core.common import REPO_ROOT, folder_bytes, set_offline_env
+from tasks.core.common import REPO_ROOT, set_offline_env
+from tasks.core.model_folder import model_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # GPTQModel torch.compiles each quantized module's dequantizer at load; on this CPU that costs
@@ -123,7 +124,7 @@ def profile_model(path: Path, dtype: str = "fp32", prefill_tokens: int = 512,
         "threads": threads,
         "torch_compile": compiled,
         "weights_bytes": weights_bytes(Path(path)),
-        "folder_bytes": folder_bytes(Path(path)),
+        "folder_bytes": model_bytes(Path(path)),
         "rss_load_bytes": loaded - before,
         "rss_peak_after_run_bytes": rss_bytes() - before,
         **speed,

@@ -28,7 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import data_dir, folder_bytes, set_offline_env, write_json_atomic
+from tasks.core.common import data_dir, set_offline_env, write_json_atomic
+from tasks.core.model_folder import model_bytes
 from tasks.core.recipe import EvalConfig, SpeedEval
 from tasks.evaluate.lm_eval_tasks import TASKS_DIR
 
@@ -572,7 +573,7 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
         "activations_dtype": eval_dtype,
         "served": served[0] if served is not None else None,
         "generations": generations,
-        "bytes_on_disk": folder_bytes(model_path),
+        "bytes_on_disk": model_bytes(model_path),
         "speed": speed,
         "peak_rss_bytes": peak_rss_bytes(),
         # "eval": this evaluation's own peak; "process": the whole process's (no reset possible)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tasks.core.common import ModelRef, StageContext, StageResult, folder_bytes, set_offline_env
+from tasks.core.common import ModelRef, StageContext, StageResult, set_offline_env
 from tasks.core.conventions import prefix_ids
 from tasks.core.data_blocks import Blocks, training_blocks
 from tasks.core.gptq_checkpoint import (
@@ -36,7 +36,7 @@ from tasks.core.gptq_checkpoint import (
     import_gptqmodel,
     quantized_module_names,
 )
-from tasks.core.model_folder import seal_folder
+from tasks.core.model_folder import model_bytes, seal_folder
 from tasks.core.recipe import QuantizeConfig
 from tasks.quantize.driver import STAGE, compute_device, configure_threads, quantize_into
 from tasks.quantize.linears import check_awq_shapes, check_group_size, load_config, serving_notes
@@ -159,7 +159,7 @@ def _stage_metrics(src: Path, final: Path, cfg: QuantizeConfig, ctx: StageContex
         "threads": ctx.threads,
         "wall_s": round(run["wall_s"], 2),
         "bytes_on_disk": {
-            "input_folder": folder_bytes(src), "output_folder": folder_bytes(final),
+            "input_folder": model_bytes(src), "output_folder": model_bytes(final),
             "input_weights": _weights_bytes(src), "output_weights": _weights_bytes(final),
         },
         "quantized_layers": len(run["quantized"]),

@@ -19,7 +19,7 @@ from typing import Any
 from tasks.compare import KIND_LETTER, Ordering, plan_ordering, run_ordering_step, unit_folder
 from tasks.core.common import ModelRef, StageContext, data_dir, write_json_atomic
 from tasks.core.recipe import DistillConfig, Recipe
-from tasks.pipeline import mark_run_file, write_run_file
+from tasks.pipeline import data_content_key, mark_run_file, write_run_file
 from tasks.run_folder import check_finished, finish_record, stage_key
 from tasks.sweep.grid import Variant
 
@@ -79,8 +79,11 @@ def score_unit(folder: Path, model: ModelRef, teacher: ModelRef, cfg: DistillCon
     from tasks.distill import heldout_score
 
     folder = Path(folder)
+    # the held-out slice is part of the ruler: its source spec, and its content for user data
     ruler = {"seq_len": cfg.seq_len, "eval_blocks": cfg.eval_blocks,
-             "batch_size": cfg.batch_size, "teacher": teacher.fingerprint}
+             "batch_size": cfg.batch_size, "teacher": teacher.fingerprint,
+             "data": cfg.spec().model_dump(mode="json"), "masked": cfg.masked(),
+             "data_content": data_content_key(cfg.spec())}
     key = stage_key("heldout-score", model.fingerprint, ruler, recipe.seed)
     record, _ = check_finished(folder, key, SCORE_DONE, check_model=False)
     if record is not None:
