@@ -27,13 +27,14 @@ def measure(name: str) -> dict:
     from tasks.core.common import data_dir
     from tasks.core.conventions import needs_bos
     from tasks.core.model_store import load_model, resolve_model
-    from tasks.evaluate.stage import _prefix_ids, _window_nll, wikitext_perplexity
+    from tasks.core.perplexity import text_prefix_ids
+    from tasks.evaluate.stage import _window_nll, wikitext_perplexity
 
     t0 = time.perf_counter()
     model, tok = load_model(resolve_model(name))
     model.eval()
     path = data_dir() / "wikitext" / "wiki.test.raw"
-    ids = _prefix_ids(tok, path.read_text(encoding="utf-8"), TOKENS)
+    ids = text_prefix_ids(tok, path.read_text(encoding="utf-8"), TOKENS)
     with torch.inference_mode():
         nll_off, n_off = _window_nll(model, ids, WINDOW - 1, [])
         nll_on, n_on = _window_nll(model, ids, WINDOW, [int(tok.bos_token_id)])

@@ -197,8 +197,6 @@ def run_cmd(
     The terminal shows pkdq's own lines (stages, steps, tok/s, ETA, results); everything, library
     output included, goes to the run folder's run.log.
     """
-    from tasks.core.resources import ResourceError, check_machine
-
     _check_run_id(run_id)
     parsed, source = _load(recipe)
     source = str(Path(source).resolve())
@@ -210,13 +208,9 @@ def run_cmd(
         _run_on_pool(Path(source), f"{runs_dir.rstrip('/')}/{run_id or parsed.name}", pool,
                      api_url, wait)
         return
-    try:
-        check_machine(parsed.resources)  # refuse before any stage starts or folder exists
-    except ResourceError as exc:
-        _fail(str(exc))
+    _machine_ready(parsed)
     run_dir = (Path(runs_dir) / (run_id or parsed.name)).resolve()
-    with _holding(run_dir):
-        log = _capture(run_dir, verbose)
+    with _in_run_folder(run_dir, verbose):
         _echo_findings(findings)
         if parsed.ordering_experiment:  # a non-production order: a one-order comparison
             from tasks.compare import KIND_LETTER
@@ -226,16 +220,44 @@ def run_cmd(
                        f"as a comparison of that one order in {run_dir}")
             from flows.compare import run_compare
 
-            with _crash_to_one_line(log):
-                report = run_compare(source, str(run_dir), [order])
-            typer.echo(f"pkdq: finished; report at {report}")
-            return
-        typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
-        from flows.compress import compress_flow
+            report = run_compare(source, str(run_dir), [order])
+        else:
+            typer.echo(f"pkdq: running {parsed.name} in {run_dir}")
+            from flows.compress import compress_flow
 
-        with _crash_to_one_line(log):
             report = compress_flow(source, str(run_dir))
     typer.echo(f"pkdq: finished; report at {report}")
+
+
+def _machine_ready(recipe: Recipe) -> None:
+    """Refuse, before any stage starts or folder exists, a recipe this machine cannot run."""
+    from tasks.core.resources import ResourceError, check_machine
+
+    try:
+        check_machine(recipe.resources)
+    except ResourceError as exc:
+        _fail(str(exc))
+
+
+def _refuse_recipe_errors(source: str, recipe: Recipe, label: str = "") -> None:
+    """The first error that fails every stage of `recipe` (model, data, prune target), as one
+    line naming the recipe file (and the variant, with `label`)."""
+    from tasks.rules import recipe_errors
+
+    errors = recipe_errors(recipe)
+    if errors:
+        _fail(f"{source}{f' [{label}]' if label else ''}: {errors[0].message}")
+
+
+@contextmanager
+def _in_run_folder(run_dir: Path, verbose: bool) -> Iterator[Path]:
+    """Hold `run_dir`, send everything to its run.log (the terminal keeps pkdq's own lines), and
+    end a failure in one line: the frame every command that runs a flow works in. Yields the
+    log's path."""
+    with _holding(run_dir):
+        log = _capture(run_dir, verbose)
+        with _crash_to_one_line(log):
+            yield log
 
 
 @contextmanager
@@ -643,8 +665,6 @@ def compare_cmd(
     """
     from tasks.compare import parse_orders, plan_ordering
     from tasks.core.recipe import RecipeError
-    from tasks.core.resources import ResourceError, check_machine
-    from tasks.rules import recipe_errors
 
     _check_run_id(run_id)
     parsed, source = _load(recipe)
@@ -653,16 +673,10 @@ def compare_cmd(
         order_list = parse_orders(orders, parsed)
     except RecipeError as exc:
         _fail(str(exc))
-    errors = recipe_errors(parsed)  # what fails in every ordering: model, data, prune targets
-    if errors:
-        _fail(f"{source}: {errors[0].message}")
-    try:
-        check_machine(parsed.resources)
-    except ResourceError as exc:
-        _fail(str(exc))
+    _refuse_recipe_errors(source, parsed)  # what fails in every ordering
+    _machine_ready(parsed)
     run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-compare")).resolve()
-    with _holding(run_dir):
-        log = _capture(run_dir, verbose)
+    with _in_run_folder(run_dir, verbose):
         _print_rule_warnings(parsed, order_list)
         typer.echo(f"pkdq: comparing {', '.join(order_list)} of {parsed.name} in {run_dir}")
         for name in order_list:
@@ -670,8 +684,7 @@ def compare_cmd(
                 typer.echo(f"  {name} {i}. {step.label}: {step.note}")
         from flows.compare import run_compare
 
-        with _crash_to_one_line(log):
-            report = run_compare(source, str(run_dir), order_list, concurrency)
+        report = run_compare(source, str(run_dir), order_list, concurrency)
     typer.echo(f"pkdq: finished; report at {report} (and report.html beside it)")
 
 
@@ -692,8 +705,6 @@ def search_cmd(
     model on training-side text), the top k get a short KD, and the best is kept. `pkdq run` on
     the same recipe runs this search as its prune stage.
     """
-    from tasks.core.resources import ResourceError, check_machine
-    from tasks.rules import recipe_errors
     from tasks.search import prune_target_index
 
     _check_run_id(run_id)
@@ -702,21 +713,14 @@ def search_cmd(
     if prune_target_index(parsed) is None:
         _fail(f"{source}: no prune stage with a target; give e.g. prune: {{target: {{params: "
               "0.75}}}} for the search to meet")
-    errors = recipe_errors(parsed)
-    if errors:
-        _fail(f"{source}: {errors[0].message}")
-    try:
-        check_machine(parsed.resources)
-    except ResourceError as exc:
-        _fail(str(exc))
+    _refuse_recipe_errors(source, parsed)
+    _machine_ready(parsed)
     run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-search")).resolve()
-    with _holding(run_dir):
-        log = _capture(run_dir, verbose)
+    with _in_run_folder(run_dir, verbose):
         typer.echo(f"pkdq: searching the prune shape of {parsed.name} in {run_dir}")
         from flows.search import run_search
 
-        with _crash_to_one_line(log):
-            report = run_search(source, str(run_dir), concurrency)
+        report = run_search(source, str(run_dir), concurrency)
     typer.echo(Path(report).read_text())
     typer.echo(f"pkdq: finished; table at {report}, plot at {Path(report).with_suffix('.png')}")
 
@@ -745,8 +749,6 @@ def sweep_cmd(
     evaluation split; the winner is written as winner.yaml for `pkdq run`.
     """
     from tasks.core.recipe import RecipeError
-    from tasks.core.resources import ResourceError, check_machine
-    from tasks.rules import recipe_errors
     from tasks.sweep import parse_grid, sweep_plan
 
     _check_run_id(run_id)
@@ -758,16 +760,10 @@ def sweep_cmd(
     except RecipeError as exc:
         _fail(str(exc))
     for variant in variants:
-        errors = recipe_errors(variant.recipe)
-        if errors:
-            _fail(f"{source} [{variant.label}]: {errors[0].message}")
-    try:
-        check_machine(parsed.resources)
-    except ResourceError as exc:
-        _fail(str(exc))
+        _refuse_recipe_errors(source, variant.recipe, variant.label)
+    _machine_ready(parsed)
     run_dir = (Path(runs_dir) / (run_id or f"{parsed.name}-sweep")).resolve()
-    with _holding(run_dir):
-        log = _capture(run_dir, verbose)
+    with _in_run_folder(run_dir, verbose):
         typer.echo(f"pkdq: sweeping {len(variants)} variants of {parsed.name} in {run_dir} "
                    f"(select on held-out {select}"
                    + (f"; screening at {fraction:g}x KD tokens" if fraction else "") + ")")
@@ -775,8 +771,7 @@ def sweep_cmd(
             typer.echo(f"  {i}. {variant.label}")
         from flows.sweep import run_sweep
 
-        with _crash_to_one_line(log):
-            report = run_sweep(source, str(run_dir), plan.to_json(), concurrency)
+        report = run_sweep(source, str(run_dir), plan.to_json(), concurrency)
     typer.echo(Path(report).read_text())
     winner = Path(report).parent / "winner.yaml"
     typer.echo(f"pkdq: finished; table at {report}, winner at {winner}")

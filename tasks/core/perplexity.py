@@ -45,12 +45,21 @@ def perplexity(logits_of: Callable[[list[int]], np.ndarray], ids: list[int],
             "predicted_tokens": count, "tokens": len(ids), "max_length": max_length}
 
 
-def wikitext_ids(tokenizer, data_root: Path, tokens: int) -> list[int]:
-    """The first `tokens` ids of WikiText-2 test (no special tokens), tokenising a prefix only."""
-    text = (Path(data_root) / WIKITEXT_TEST).read_text(encoding="utf-8")
+def text_prefix_ids(tokenizer, text: str, tokens: int | None) -> list[int]:
+    """The first `tokens` ids of `text` (all with None; no special tokens), tokenising only a
+    prefix of it: WikiText-2 test is 1.3 MB and a slice needs a few thousand tokens."""
+    if tokens is None:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
     budget = tokens * 6 + 1024
     while True:
         ids = tokenizer(text[:budget], add_special_tokens=False)["input_ids"]
+        # margin: the last few tokens before the cut may tokenise differently than in full text
         if len(ids) >= tokens + 64 or budget >= len(text):
             return ids[:tokens]
         budget *= 2
+
+
+def wikitext_ids(tokenizer, data_root: Path, tokens: int) -> list[int]:
+    """The first `tokens` ids of WikiText-2 test (no special tokens)."""
+    text = (Path(data_root) / WIKITEXT_TEST).read_text(encoding="utf-8")
+    return text_prefix_ids(tokenizer, text, tokens)

@@ -30,6 +30,7 @@ from typing import Any
 
 from tasks.core.common import data_dir, set_offline_env, write_json_atomic
 from tasks.core.model_folder import model_bytes
+from tasks.core.perplexity import text_prefix_ids, windows
 from tasks.core.recipe import EvalConfig, SpeedEval
 from tasks.evaluate.lm_eval_tasks import TASKS_DIR
 
@@ -286,19 +287,6 @@ def per_doc(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- perplexity
 
 
-def _prefix_ids(tokenizer: Any, text: str, tokens: int | None) -> list[int]:
-    """The first `tokens` tokens of `text`, tokenising only a prefix of it (the file is 1.3 MB)."""
-    if tokens is None:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    budget = tokens * 6 + 1024
-    while True:
-        ids = tokenizer(text[:budget], add_special_tokens=False)["input_ids"]
-        # margin: the last few tokens before the cut may tokenise differently than in full text
-        if len(ids) >= tokens + 64 or budget >= len(text):
-            return ids[:tokens]
-        budget *= 2
-
-
 def _window_nll(model: Any, ids: list[int], max_length: int,
                 prefix: list[int] | None = None) -> tuple[float, int]:
     """Summed next-token NLL over non-overlapping windows, and how many tokens were predicted.
@@ -317,10 +305,7 @@ def _window_nll(model: Any, ids: list[int], max_length: int,
     skip = len(prefix)  # logits of the prefix positions predict the first text token: unscored
     total, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, len(ids), body):
-            window = ids[start:start + body]
-            if len(window) < 2:
-                continue
+        for window in windows(ids, body):
             x = torch.tensor([prefix + window], device=model.device)
             logits = model(input_ids=x).logits[0, skip:-1].float()
             total += float(F.cross_entropy(logits, x[0, skip + 1:], reduction="sum"))
@@ -338,7 +323,7 @@ def wikitext_perplexity(model: Any, tokenizer: Any, path: Path, tokens: int | No
     from tasks.core.conventions import prefix_ids
 
     text = Path(path).read_text(encoding="utf-8")
-    ids = _prefix_ids(tokenizer, text, tokens)
+    ids = text_prefix_ids(tokenizer, text, tokens)
     limit = getattr(model.config, "max_position_embeddings", None) or max_length
     window = min(max_length, int(limit))
     prefix = prefix_ids(tokenizer, model.config)
