@@ -71,6 +71,16 @@ app = typer.Typer(
 )
 
 
+def _concurrency_option(what: str) -> Any:
+    return typer.Option(1, min=1, max=64, help=f"{what} run at once (Prefect thread-pool task "
+                        "runner); 1 on small machines")
+
+
+def _verbose_option(folder: str) -> Any:
+    return typer.Option(False, "--verbose", "-v", help="also show library warnings, banners "
+                        f"and Prefect's log lines (always in {folder}/run.log)")
+
+
 def _echo_error(message: str) -> None:
     typer.echo("error: " + " ".join(str(message).split()), err=True)
 
@@ -189,8 +199,7 @@ def run_cmd(
     api_url: str = typer.Option(None, help="with --pool: the Prefect API (default: "
                                            "PREFECT_API_URL, else http://127.0.0.1:4200/api)"),
     wait: bool = typer.Option(True, help="with --pool: wait until the flow run ends"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
-                                 "banners and Prefect's log lines (always in <run>/run.log)"),
+    verbose: bool = _verbose_option("<run>"),
 ) -> None:
     """Run a recipe as a Prefect flow; rerunning resumes from the last finished stage.
 
@@ -654,10 +663,8 @@ def compare_cmd(
     runs_dir: str = typer.Option("runs", help="where the comparison folder is created"),
     run_id: str = typer.Option(None, help="folder name (default <recipe>-compare); running "
                                           "again with the same id resumes"),
-    concurrency: int = typer.Option(1, min=1, max=64, help="orderings run at once (Prefect "
-                                    "thread-pool task runner); 1 on small machines"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
-                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
+    concurrency: int = _concurrency_option("orderings"),
+    verbose: bool = _verbose_option("<folder>"),
 ) -> None:
     """Run every ordering of a recipe's stages under equal budgets, as one Prefect flow.
 
@@ -694,10 +701,8 @@ def search_cmd(
     runs_dir: str = typer.Option("runs", help="where the search folder is created"),
     run_id: str = typer.Option(None, help="folder name (default <recipe>-search); running "
                                           "again with the same id resumes and reuses candidates"),
-    concurrency: int = typer.Option(1, min=1, max=64, help="candidates run at once (Prefect "
-                                    "thread-pool task runner); 1 on small machines"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
-                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
+    concurrency: int = _concurrency_option("candidates"),
+    verbose: bool = _verbose_option("<folder>"),
 ) -> None:
     """Search the pruned shape for a budget (prune.target) and print every candidate.
 
@@ -738,10 +743,8 @@ def sweep_cmd(
     runs_dir: str = typer.Option("runs", help="where the sweep folder is created"),
     run_id: str = typer.Option(None, help="folder name (default <recipe>-sweep); running again "
                                           "with the same id resumes"),
-    concurrency: int = typer.Option(1, min=1, max=64, help="units run at once (Prefect "
-                                    "thread-pool task runner); 1 on small machines"),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="also show library warnings, "
-                                 "banners and Prefect's log lines (always in <folder>/run.log)"),
+    concurrency: int = _concurrency_option("units"),
+    verbose: bool = _verbose_option("<folder>"),
 ) -> None:
     """Run a grid of recipe variants as one Prefect flow and pick the best on held-out KL.
 

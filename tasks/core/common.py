@@ -131,6 +131,20 @@ class Progress:
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
 
+def read_utf8(path: Path, error: type[Exception], label: str, fix: str) -> str:
+    """A user's file as UTF-8 text, or `error` in one line: unreadable, or the first bad byte
+    and its offset, then `fix` (what to do). Recipes and data files alike."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise error(f"{label}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{label}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                    f"{exc.start}); {fix}") from None
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """One-line, bounded rendering of an exception (some libraries list hundreds of tensors)."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())

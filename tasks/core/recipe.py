@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.core.common import REPO_ROOT
+from tasks.core.common import REPO_ROOT, read_utf8
 from tasks.core.resources import Resources
 
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -848,17 +848,12 @@ def read_recipe_text(path: Path) -> str:
     """The file as UTF-8 text, or one line saying why it is not a recipe file."""
     try:
         size = path.stat().st_size
-        if size > MAX_RECIPE_BYTES:
-            raise RecipeError(f"{path}: {size} bytes; a recipe is a short YAML file (at most "
-                              f"{MAX_RECIPE_BYTES} bytes)")
-        data = path.read_bytes()
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
-                          f"{exc.start}); save the recipe as UTF-8") from None
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size} bytes; a recipe is a short YAML file (at most "
+                          f"{MAX_RECIPE_BYTES} bytes)")
+    return read_utf8(path, RecipeError, str(path), "save the recipe as UTF-8")
 
 
 def load_recipe(name_or_path: str) -> Recipe:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import REPO_ROOT
+from tasks.core.common import REPO_ROOT, read_utf8
 from tasks.core.data import HELDOUT_WIKI_FILES, load_train_texts, training_text_problem
 from tasks.core.recipe import DataSpec, shown
 
@@ -108,15 +108,7 @@ def _expand_one(pattern: str, data: Path, key: str) -> list[Path]:
 
 def read_text(path: Path) -> str:
     """The file as UTF-8, or one line naming the first bad byte."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{shown(str(path))}: cannot read ({exc.strerror or exc})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{shown(str(path))}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
-                        f"offset {exc.start}); re-encode it as UTF-8") from None
+    return read_utf8(path, DataError, shown(str(path)), "re-encode it as UTF-8")
 
 
 def _paragraphs(text: str) -> list[str]:
