@@ -37,7 +37,7 @@ import torch
 
 from tasks.core.gptq_checkpoint import dequantize, read_parts, scale_zero, unpack_int32
 from tasks.core.model_folder import CARD_FILE, seal_folder
-from tasks.quantize.export import ExportError
+from tasks.quantize.errors import ExportError
 
 CT_PIN = "compressed-tensors==0.20.1"  # pyproject.toml's pin: what the writer was checked with
 FORMAT = "pack-quantized"  # compressed-tensors' name for int weights packed into int32 words

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.model_folder import FINGERPRINT_FILE, is_sealed
+from tasks.quantize.errors import ExportError
 
 FORMATS = ("hf", "hf-bf16", "gptq", "compressed-tensors", "gguf-f16", "gguf-q8_0", "gguf-q4_0",
            "gguf-q4_k_m")
@@ -35,10 +36,6 @@ EXPORT_FORMATS = FORMATS
 GGUF_FILE = "model.gguf"
 RECORD = ".pkdq-export.json"  # a dot file: not part of the sealed folder's content
 VERIFY_TOKENS = 2048  # WikiText-2 test tokens scored on both sides (4 windows of 512)
-
-
-class ExportError(ValueError):
-    """The export cannot be made as asked; one line says why and what to do."""
 
 
 # --------------------------------------------------------------------------------------------
