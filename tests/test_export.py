@@ -257,6 +257,7 @@ def test_compressed_tensors_holds_the_gptq_grid_and_stock_transformers_loads_it(
     assert (weights["num_bits"], weights["type"], weights["strategy"], weights["group_size"]) \
         == (4, "int", "group", 32)
     assert weights["symmetric"] is True and quant["ignore"] == ["lm_head"]
+    assert not (tmp_path / "ct" / "quantize_config.json").exists()  # GPTQModel's, not this layout
     stock = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
     ours, tokenizer = load_dequantized(src)
     ref, got = _logits(ours, tokenizer), _logits(stock, tokenizer)

@@ -158,7 +158,8 @@ def write_compressed_tensors(src: Path, tmp: Path) -> dict[str, Any]:
     for file in src.iterdir():
         if file.is_file() and not file.name.endswith(".safetensors") and \
                 not file.name.startswith(".") and \
-                file.name not in ("config.json", "model.safetensors.index.json", CARD_FILE):
+                file.name not in ("config.json", "model.safetensors.index.json", CARD_FILE,
+                                  "quantize_config.json"):  # GPTQModel's: the old layout
             shutil.copy2(file, stage / file.name)
     config["quantization_config"] = qconfig.model_dump() | {ct.version_key: ct.version}
     (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
