@@ -237,15 +237,16 @@ def test_perplexity_convention_matches_torch_cross_entropy():
     assert got["nll"] == pytest.approx(total, rel=1e-12)
 
 
-def test_compressed_tensors_holds_the_gptq_grid_and_stock_transformers_loads_it(gptq_w4,
-                                                                                 tmp_path):
+@pytest.mark.parametrize(("which", "bits"), [("gptq_w4", 4), ("rtn_w8", 8)])
+def test_compressed_tensors_holds_the_gptq_grid_and_stock_transformers_loads_it(which, bits,
+                                                                                 request, tmp_path):
     """pack-quantized on the GPTQ grid: stock transformers (compressed-tensors decompressing on
     CPU) holds exactly pkdq's dequantized weights, gives its logits, and the same perplexity."""
     from transformers import AutoModelForCausalLM
 
     from tasks.core.gptq_checkpoint import load_dequantized
 
-    src = gptq_w4
+    src = request.getfixturevalue(which)
     record = export_model(src, tmp_path / "ct", "compressed-tensors", verify_tokens=TOKENS,
                           threads=1)
     written = record["written"]
@@ -255,14 +256,14 @@ def test_compressed_tensors_holds_the_gptq_grid_and_stock_transformers_loads_it(
     (group,) = quant["config_groups"].values()
     weights = group["weights"]
     assert (weights["num_bits"], weights["type"], weights["strategy"], weights["group_size"]) \
-        == (4, "int", "group", 32)
+        == (bits, "int", "group", 32)
     assert weights["symmetric"] is True and quant["ignore"] == ["lm_head"]
     assert not (tmp_path / "ct" / "quantize_config.json").exists()  # GPTQModel's, not this layout
     stock = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
     ours, tokenizer = load_dequantized(src)
     ref, got = _logits(ours, tokenizer), _logits(stock, tokenizer)
     assert (ref - got).abs().max().item() <= 1e-4 * ref.abs().max().item()
-    grid = read_quantized_weights(src, bits=4)  # decompressed by the first forward, fp32 scales
+    grid = read_quantized_weights(src, bits=bits)  # decompressed by the first forward, fp32 scales
     assert len(grid) == 14
     for module, weight in grid.items():
         assert torch.equal(stock.get_submodule(module).weight, weight), module
