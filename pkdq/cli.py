@@ -507,8 +507,10 @@ def export_cmd(
     model: Path = typer.Argument(..., help="a pkdq run folder (its final model), a model folder "
                                            "pkdq wrote, or a built-in model name"),
     to: Path = typer.Option(..., "--to", help="the folder to write (must be new or empty)"),
-    fmt: str = typer.Option(..., "--format", help="hf, hf-bf16, gptq, gguf-f16, gguf-q8_0, "
-                                                  "gguf-q4_0 or gguf-q4_k_m"),
+    fmt: str = typer.Option(..., "--format", help="hf, hf-bf16, gptq, compressed-tensors "
+                                                  "(GPTQ sym grid as pack-quantized, vLLM's "
+                                                  "W4A16), gguf-f16, gguf-q8_0, gguf-q4_0 or "
+                                                  "gguf-q4_k_m"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --to folder"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="score WikiText-2 in the "
                                 "serving runtime (transformers or llama.cpp) against pkdq"),

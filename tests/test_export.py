@@ -235,3 +235,62 @@ def test_perplexity_convention_matches_torch_cross_entropy():
                 for w in (ids[s:s + 128] for s in range(0, 300, 128)) if len(w) >= 2)
     assert got["predicted_tokens"] == 300 - 3
     assert got["nll"] == pytest.approx(total, rel=1e-12)
+
+
+@pytest.mark.parametrize(("which", "bits"), [("gptq_w4", 4), ("rtn_w8", 8)])
+def test_compressed_tensors_holds_the_gptq_grid_and_stock_transformers_loads_it(which, bits,
+                                                                                 request, tmp_path):
+    """pack-quantized on the GPTQ grid: stock transformers (compressed-tensors decompressing on
+    CPU) holds exactly pkdq's dequantized weights, gives its logits, and the same perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks.core.gptq_checkpoint import load_dequantized
+
+    src = request.getfixturevalue(which)
+    record = export_model(src, tmp_path / "ct", "compressed-tensors", verify_tokens=TOKENS,
+                          threads=1)
+    written = record["written"]
+    assert written["exact_grid"] is True and written["weight_error"]["max_abs"] == 0.0
+    quant = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "compressed-tensors" and quant["format"] == "pack-quantized"
+    (group,) = quant["config_groups"].values()
+    weights = group["weights"]
+    assert (weights["num_bits"], weights["type"], weights["strategy"], weights["group_size"]) \
+        == (bits, "int", "group", 32)
+    assert weights["symmetric"] is True and quant["ignore"] == ["lm_head"]
+    assert not (tmp_path / "ct" / "quantize_config.json").exists()  # GPTQModel's, not this layout
+    stock = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    ours, tokenizer = load_dequantized(src)
+    ref, got = _logits(ours, tokenizer), _logits(stock, tokenizer)
+    assert (ref - got).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    grid = read_quantized_weights(src, bits=bits)  # decompressed by the first forward, fp32 scales
+    assert len(grid) == 14
+    for module, weight in grid.items():
+        assert torch.equal(stock.get_submodule(module).weight, weight), module
+    check = record["verification"]
+    assert "transformers" in check["export_runtime"]
+    # pkdq's loader computes in fp32; the export loads in its config dtype (fp16) by default
+    assert abs(check["relative_difference"]) < 0.01, check
+
+
+def test_compressed_tensors_refuses_float_act_order_and_asymmetric_sources(sharp_ref, gptq_w4,
+                                                                             tmp_path):
+    def refused(src: Path, name: str) -> str:
+        result = _cli(str(src), "--to", str(tmp_path / name), "--format", "compressed-tensors")
+        assert result.exit_code == 2, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert not (tmp_path / name).exists()
+        return result.output
+
+    def edited(name: str, **quant) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(gptq_w4, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] |= quant
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    line = refused(sharp_ref.path, "a")
+    assert "needs a GPTQ checkpoint" in line and "--method gptq" in line
+    assert "desc_act" in refused(edited("act", desc_act=True), "b")
+    assert "asymmetric" in refused(edited("asym", sym=False), "c")

@@ -10,7 +10,7 @@ _EXPORTS = {
     "GgufVerifyError": "gguf_verify",
     "export_model": "export",  # `pkdq export`: a run/model folder in a served format, verified
     "check_export": "export",  # torch-free refusals (format, folders, architecture)
-    "ExportError": "export",
+    "ExportError": "errors",
     "EXPORT_FORMATS": "export",
     "exact_grid_problem": "gguf_grid",  # torch-free: can a GGUF type hold this GPTQ grid?
     # torch-free layout rules, shared with the recipe checks before a run

@@ -5,6 +5,10 @@ verified in that runtime.
   Verified in transformers.
 - gptq: the GPTQ checkpoint as is (stock transformers loads it: optimum + gptqmodel).
   Verified in transformers.
+- compressed-tensors: a GPTQ checkpoint's grid (codes, fp16 scales, zeros) rewritten without
+  requantization as compressed-tensors `pack-quantized` (W4A16 / W8A16), the int format vLLM
+  serves natively; transformers loads it through the compressed-tensors package (`ct_export`).
+  Verified in transformers.
 - gguf-f16, gguf-q8_0, gguf-q4_0: GGUF via gguf-py; a GPTQ grid the GGUF type can hold
   (bits 4 / 8, sym, group 32) is written exactly. Verified in llama.cpp.
 - gguf-q4_k_m: the f16 GGUF quantized by llama.cpp's own quantizer (no importance matrix:
@@ -24,16 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.model_folder import FINGERPRINT_FILE, is_sealed
+from tasks.quantize.errors import ExportError
 
-FORMATS = ("hf", "hf-bf16", "gptq", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "gguf-q4_k_m")
+FORMATS = ("hf", "hf-bf16", "gptq", "compressed-tensors", "gguf-f16", "gguf-q8_0", "gguf-q4_0",
+           "gguf-q4_k_m")
 EXPORT_FORMATS = FORMATS
 GGUF_FILE = "model.gguf"
 RECORD = ".pkdq-export.json"  # a dot file: not part of the sealed folder's content
 VERIFY_TOKENS = 2048  # WikiText-2 test tokens scored on both sides (4 windows of 512)
-
-
-class ExportError(ValueError):
-    """The export cannot be made as asked; one line says why and what to do."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,6 +79,10 @@ def check_export(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
                           f"{method or 'a float model'} (quantize it first: pkdq quantize)")
     if method not in (None, "gptq"):
         raise ExportError(f"export reads float or GPTQ-format models; {src} is {method}")
+    if fmt == "compressed-tensors":
+        from tasks.quantize.ct_export import check_ct_source
+
+        check_ct_source(quant, src)
     if fmt.startswith("gguf-"):
         from tasks.quantize.gguf_export import GgufExportError, check_architecture
 
@@ -211,6 +217,10 @@ def export_model(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
             written = _write_dense(src, tmp, "float32" if fmt == "hf" else "bfloat16")
         elif fmt == "gptq":
             written = _write_gptq(src, tmp)
+        elif fmt == "compressed-tensors":
+            from tasks.quantize.ct_export import write_compressed_tensors
+
+            written = write_compressed_tensors(src, tmp)
         else:
             written = _write_gguf(src, tmp, fmt.removeprefix("gguf-"), reference_gguf)
         if dest.exists():

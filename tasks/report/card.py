@@ -186,7 +186,12 @@ def _load_lines(entry: dict[str, Any], quant: dict[str, Any] | None,
                   f'model = GPTQModel.load("{model}")  # bf16 on CPU: the "as served" scores',
                   "```", ""]
     lines += ["vLLM:", "", "```bash", f"vllm serve {model}"
-              + ("  # GPTQ is detected from config.json" if quant else ""), "```", ""]
+              + ("  # GPTQ is detected from config.json" if quant else "")]
+    if quant and quant.get("method", "gptq") != "awq" and quant.get("sym", True) \
+            and not quant.get("desc_act"):  # what `pkdq export` rewrites without requantizing
+        lines += [f"pkdq export {model} --to model-ct --format compressed-tensors  # same grid, "
+                  "vLLM's native pack-quantized W4A16", "vllm serve model-ct"]
+    lines += ["```", ""]
     serving = (entry.get("metrics") or {}).get("serving") or {}
     for warning in serving.get("warnings") or []:
         lines += [f"> vLLM: {warning}", ""]
