@@ -446,7 +446,8 @@ def _echo_gguf(metrics: dict) -> None:
             f", {metrics['tensor_count']} tensors)")
     check = metrics.get("verification")
     if check:
-        line += (f"; transformers reload: top-1 agreement {check['top1_agreement']:.3f}, "
+        loader = "llama.cpp" if metrics.get("verified_loader") == "llama.cpp" else "transformers"
+        line += (f"; {loader} reload: top-1 agreement {check['top1_agreement']:.3f}, "
                  f"max |logit diff| {check['max_abs_logit_diff']:.3g}")
     if metrics.get("exact_grid_note"):
         line += f"; {metrics['exact_grid_note']}"

@@ -31,6 +31,9 @@ LLAMA_BLOCK = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_no
                "ffn_up", "ffn_down")
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
 class ArchRefused(ValueError):
     """The folder's architecture or settings cannot be written as llama.cpp reads them."""
 
@@ -89,11 +92,12 @@ def arch_of(config: dict[str, Any], path: Path) -> GgufArch:
 
 
 def _rope_params(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{layer type or "": rope parameters}: Gemma 3 keeps one set per attention type."""
+    """{layer type or "": rope parameters}: Gemma 3 keeps one set per attention type (a GPTQ
+    checkpoint's config may carry flat leftovers beside them, which the per-type sets override).
+    """
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope and all(isinstance(v, dict) for v in rope.values()):
-        return dict(rope)
-    return {"": rope}
+    per_type = {k: v for k, v in rope.items() if k in LAYER_TYPES and isinstance(v, dict)}
+    return per_type or {"": rope}
 
 
 def rope_theta(config: dict[str, Any], layer_type: str = "full_attention") -> float:
