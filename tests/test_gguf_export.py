@@ -208,9 +208,14 @@ def test_refusals_are_one_line(tiny_llama_ref, tmp_path, monkeypatch):
     other = tmp_path / "qwen"
     other.mkdir()
     config = json.loads((tiny_llama_ref.path / "config.json").read_text())
-    config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    config |= {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
     (other / "config.json").write_text(json.dumps(config))
-    assert "llama layout (LlamaForCausalLM, MistralForCausalLM) only" in refused(model_path=other)
+    assert "writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, " \
+        "Gemma3ForCausalLM only" in refused(model_path=other)
+    config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+               "use_sliding_window": True, "sliding_window": 64}
+    (other / "config.json").write_text(json.dumps(config))
+    assert "qwen2 has no sliding window" in refused(model_path=other)
 
     fake = tmp_path / "other-vocab.gguf"
     writer = gguf.GGUFWriter(str(fake), "llama")
@@ -240,3 +245,76 @@ def test_cli_refuses_a_bad_qtype_in_one_line(tiny_llama_ref, tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: GGUF qtype 'q5_k'")
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ Qwen2, Qwen3, Gemma 3
+
+
+@pytest.fixture(scope="module")
+def family_ref(smollm2_ref, tmp_path_factory):
+    """Tiny random models of the non-Llama families (tests/families.py), built on demand."""
+    from families import build_family
+
+    root, built = tmp_path_factory.mktemp("gguf-families"), {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_family(name, smollm2_ref.path, root / name)
+        return built[name]
+
+    return get
+
+
+def test_gemma_norm_shift_and_bos_are_what_make_llama_cpp_agree(family_ref, tmp_path,
+                                                               monkeypatch):
+    """The checks the family matrix relies on can fail: Gemma 3 written without the +1 on its
+    RMSNorm weights, or without add_bos_token, disagrees with pkdq in llama.cpp."""
+    from dataclasses import replace
+
+    from tasks.quantize.gguf_arch import ARCHS
+
+    ref = family_ref("gemma3").path
+    good = export_gguf(ref, tmp_path / "good.gguf", "f16")["verification"]
+    assert good["kl_nats"] < 1e-4 and good["tokenizer_same_ids"] is True  # measured 2e-6
+    monkeypatch.setitem(ARCHS, "Gemma3ForCausalLM",
+                        replace(ARCHS["Gemma3ForCausalLM"], norm_shift=0.0))
+    unshifted = export_gguf(ref, tmp_path / "unshifted.gguf", "f16")["verification"]
+    assert unshifted["max_abs_logit_diff"] > 0.5 and unshifted["kl_nats"] > 1e-3  # 1.8, 0.045
+    monkeypatch.undo()
+    monkeypatch.setattr("tasks.quantize.gguf_export.bos_metadata",
+                        lambda tok, config: {"tokenizer.ggml.add_bos_token": False})
+    no_bos = export_gguf(ref, tmp_path / "no-bos.gguf", "f16")
+    assert no_bos["verification"]["tokenizer_same_ids"] is False
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
+def test_gptq_w4_g32_sym_is_q4_0_bit_for_bit_in_other_families(family, family_ref, tmp_path):
+    """`pkdq quantize --gguf q4_0` on Qwen2 / Qwen3 / Gemma 3: the GPTQ grid is written code for
+    code (no q/k permutation in these architectures) and llama.cpp agrees with pkdq's loader."""
+    import gguf
+    from typer.testing import CliRunner
+
+    from pkdq.cli import app
+    from tasks.core.gptq_checkpoint import read_quantized_weights
+    from tasks.quantize.gguf_arch import ARCHS
+
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", str(family_ref(family).path), "--method",
+                                      "rtn", "--group", "32", "--out", str(out), "--threads", "1",
+                                      "--gguf", "q4_0"])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp reload" in result.output
+    m = json.loads((out / "metrics.json").read_text())["gguf"]
+    assert m["exact_grid"] is True and m["verified_loader"] == "llama.cpp"
+    arch = ARCHS[json.loads((out / "model" / "config.json").read_text())["architectures"][0]]
+    layers = json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    for module, weight in read_quantized_weights(out / "model", bits=4).items():
+        t = tensors[names.get_name(f"{module}.weight", try_suffixes=(".weight",))]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, module
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), weight.numpy())
+    check = m["verification"]
+    # llama.cpp multiplies Q4_0 weights with Q8_0-quantized activations (not bit-exact compute);
+    # measured KL 4e-7 (Qwen2) .. 4e-4 (Gemma 3, whose random post-norms amplify it)
+    assert check["kl_nats"] < 5e-3 and check["tokenizer_same_ids"] is True, check
