@@ -453,8 +453,9 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"gguf_architecture": shape.spec.name, "architecture": arch, "tensor_count": len(written), "tensor_types": dict(types),
-            "fallbacks": fallbacks, "weight_error": errors.summary()}
+    return {"gguf_architecture": shape.spec.name, "architecture": arch,
+            "tensor_count": len(written), "tensor_types": dict(types), "fallbacks": fallbacks,
+            "weight_error": errors.summary()}
 
 
 def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) -> Path:
