@@ -226,7 +226,7 @@ def test_refusals_are_one_line(tiny_llama_ref, tmp_path, monkeypatch):
     writer.close()
     assert "different tokenizer vocabulary" in refused(reference_gguf=fake)
     monkeypatch.setattr("tasks.core.model_store.builtin_ggufs_on_disk", lambda: [])
-    assert "does not build GGUF tokenizers" in refused()
+    assert "does not build GGUF tokenizers other than Qwen2-style" in refused()
     assert not (tmp_path / "x.gguf").exists()
 
     with pytest.raises(ValidationError):
@@ -318,3 +318,70 @@ def test_gptq_w4_g32_sym_is_q4_0_bit_for_bit_in_other_families(family, family_re
     # llama.cpp multiplies Q4_0 weights with Q8_0-quantized activations (not bit-exact compute);
     # measured KL 4e-7 (Qwen2) .. 4e-4 (Gemma 3, whose random post-norms amplify it)
     assert check["kl_nats"] < 5e-3 and check["tokenizer_same_ids"] is True, check
+
+
+def _qwen_tokenizer_model(smollm2_ref, folder: Path):
+    """A tiny Qwen2 whose tokenizer.json has Qwen2's pre-tokenizer (over SmolLM2's vocabulary:
+    no Qwen tokenizer is available offline) and 32 embedding rows more than tokens, as real
+    Qwen checkpoints pad their vocabulary."""
+    from families import COMMON, family_tokenizer, randomise_small_tensors
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from tasks.quantize.gguf_tokenizer import QWEN2_REGEX
+
+    src = folder.with_name(folder.name + "-tok")
+    family_tokenizer("qwen2", smollm2_ref.path).save_pretrained(src)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+         "use_regex": False}]}
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    tok = AutoTokenizer.from_pretrained(str(src))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        **COMMON, vocab_size=len(tok) + 32, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True))
+    randomise_small_tensors(model)
+    return save_model(model, tok, folder), tok
+
+
+def test_qwen2_tokenizer_is_built_from_tokenizer_json(smollm2_ref, tmp_path, monkeypatch):
+    """No reference GGUF: a Qwen2-style byte-level BPE tokenizer is written as llama.cpp's
+    `gpt2` model with pre-tokenizer `qwen2`, padded to the embedding's rows; llama.cpp then
+    tokenizes text exactly as the HF tokenizer does (a wrong pre-tokenizer name does not)."""
+    import gguf
+
+    from tasks.core.llama_cpp import open_gguf
+    from tasks.quantize.gguf_tokenizer import KNOWN_PRE, QWEN2_REGEX
+
+    ref, tok = _qwen_tokenizer_model(smollm2_ref, tmp_path / "qwen")
+    monkeypatch.setattr("tasks.core.model_store.builtin_ggufs_on_disk", lambda: [])
+    probe = "He said 12345 isn't\n\n  ok, THEY'LL see: 3.14159! x=(hello) $var .NET\n\n\n"
+
+    def llama_cpp_ids(path: Path) -> list[int]:
+        llm = open_gguf(path, n_ctx=64, threads=1)
+        try:
+            return llm.tokenize(probe.encode(), add_bos=False, special=False)
+        finally:
+            llm.close()
+
+    m = export_gguf(ref.path, tmp_path / "q.gguf", "f16")
+    assert m["reference_gguf"] is None and m["tokenizer_source"].startswith("built from")
+    check = m["verification"]
+    assert check["tokenizer_same_ids"] is True and check["kl_nats"] < 1e-4, check
+    fields = _fields(tmp_path / "q.gguf")
+    assert (fields["tokenizer.ggml.model"], fields["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(tok) + 32 and tokens[-1] == f"[PAD{len(tok) + 31}]"
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    hf_ids = tok(probe, add_special_tokens=False)["input_ids"]
+    assert llama_cpp_ids(tmp_path / "q.gguf") == hf_ids
+
+    # GPT-2's pre-tokenizer (what SmolLM2's own tokenizer uses) splits this text differently
+    monkeypatch.setitem(KNOWN_PRE, QWEN2_REGEX, "gpt-2")
+    export_gguf(ref.path, tmp_path / "wrong.gguf", "f16", verify=False)
+    assert gguf.GGUFReader(str(tmp_path / "wrong.gguf")).fields[
+        "tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert llama_cpp_ids(tmp_path / "wrong.gguf") != hf_ids

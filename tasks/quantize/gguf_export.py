@@ -14,8 +14,9 @@ qwen3, gemma3; any other is refused in one line pointing at that converter):
   local rope base are written per layer;
 - head_dim is written as key/value length and rope dimension, so pruned models whose head_dim
   is not hidden/heads (query-head pruning) keep their real geometry;
-- tokenizer.* metadata is copied from a reference GGUF whose vocabulary equals the model's
-  (building a GGUF tokenizer from HF files is out of scope, so no match means a refusal), with
+- tokenizer.* metadata is copied from a reference GGUF whose vocabulary equals the model's, or
+  built from tokenizer.json where llama.cpp names its pre-tokenizer exactly (Qwen2-style
+  byte-level BPE: `gguf_tokenizer`); anything else without a reference is refused. Either way
   add_bos_token / bos_token_id set by the family's BOS convention (`tasks.core.conventions`:
   Gemma and Mistral sequences start with BOS, whatever the reference file said).
 
@@ -285,13 +286,17 @@ def _reference_tokens(path: Path) -> list[str] | None:
 
 
 def find_reference_gguf(model_path: Path, tokenizer: Any,
-                        reference: Path | None = None) -> Path:
-    """A GGUF whose tokenizer.ggml.tokens equal the model's vocabulary, id for id.
+                        reference: Path | None = None) -> Path | None:
+    """A GGUF whose tokenizer.ggml.tokens equal the model's vocabulary, id for id; None when
+    there is none but the folder's tokenizer.json can be written faithfully by itself
+    (`gguf_tokenizer`: byte-level BPE with Qwen2's pre-tokenizer).
 
     Looks at `reference` if given (then only there), else .gguf files in the model folder, then
-    the built-in models' GGUFs already on disk (SmolLM2's for SmolLM2 and its pruned variants).
+    the built-in models' GGUFs already on disk (SmolLM2's for SmolLM2 and its pruned variants,
+    Gemma 3's for Gemma 3).
     """
     from tasks.core.model_store import builtin_ggufs_on_disk
+    from tasks.quantize.gguf_tokenizer import pre_tokenizer_name
 
     vocab = _vocab(tokenizer)
     if reference is not None:
@@ -305,9 +310,14 @@ def find_reference_gguf(model_path: Path, tokenizer: Any,
     for candidate in candidates:
         if _reference_tokens(candidate) == vocab:
             return candidate
+    tokenizer_json = Path(model_path) / "tokenizer.json"
+    if tokenizer_json.is_file() and pre_tokenizer_name(
+            json.loads(tokenizer_json.read_text(encoding="utf-8"))):
+        return None
     raise GgufExportError(f"no GGUF with the tokenizer of {model_path} found (looked in the "
                           "folder and the built-in models' GGUFs); pass a reference GGUF with "
-                          "the same vocabulary (pkdq does not build GGUF tokenizers)")
+                          "the same vocabulary (pkdq does not build GGUF tokenizers other than "
+                          "Qwen2-style byte-level BPE)")
 
 
 def tokenizer_fields(reference: Path) -> list[tuple[str, Any, Any, Any]]:
@@ -458,9 +468,10 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
             "weight_error": errors.summary()}
 
 
-def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) -> Path:
+def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) -> Path | None:
     """Every refusal that needs no weights (qtype, architecture, tokenizer reference), so a
-    stage can fail before hours of quantization; returns the reference GGUF to copy from."""
+    stage can fail before hours of quantization; returns the reference GGUF to copy from (None:
+    the tokenizer is built from the folder's tokenizer.json)."""
     set_offline_env()
     from transformers import AutoTokenizer
 
@@ -523,9 +534,20 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     model, tokenizer, source = load_source(model_path)
     shape = llama_shape(model, spec)
     bos = bos_metadata(tokenizer, shape.config)
-    if len(tokenizer) != shape.vocab:
+    if reference is not None and len(tokenizer) != shape.vocab:
         raise GgufExportError(f"embedding has {shape.vocab} rows but the tokenizer has "
                               f"{len(tokenizer)} tokens; GGUF needs them equal")
+    if reference is None:
+        from tasks.quantize.gguf_tokenizer import built_tokenizer_fields
+
+        if len(tokenizer) > shape.vocab:
+            raise GgufExportError(f"the tokenizer has {len(tokenizer)} tokens, more than the "
+                                  f"embedding's {shape.vocab} rows")
+        fields = built_tokenizer_fields(model_path, tokenizer, shape.vocab) or []
+        tokenizer_source = f"built from {model_path / 'tokenizer.json'} (padded to {shape.vocab})"
+    else:
+        fields = tokenizer_fields(reference)
+        tokenizer_source = f"copied from {reference}"
     print(f"[gguf] {qtype} export of {model_path} -> {out_file}", file=sys.stderr, flush=True)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".partial")
@@ -533,8 +555,7 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     exact, exact_note = _exact_plan(model_path, qtype)
     write_type = "f16" if qtype in LLAMA_QUANTIZED else qtype
     try:
-        written = _write_file(tmp, model, shape, write_type, name, tokenizer_fields(reference),
-                              bos, exact)
+        written = _write_file(tmp, model, shape, write_type, name, fields, bos, exact)
         if qtype in LLAMA_QUANTIZED:
             written |= _llama_quantize(tmp, out_file, qtype)
         else:
@@ -544,7 +565,8 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     metrics: dict[str, Any] = {
         "file": str(out_file), "bytes": out_file.stat().st_size, "qtype": qtype,
         "source": {"path": str(model_path), "weights": source},
-        "reference_gguf": str(reference), "tokenizer_bos": bos, **written,
+        "reference_gguf": str(reference) if reference else None,
+        "tokenizer_source": tokenizer_source, "tokenizer_bos": bos, **written,
         "exact_grid": exact is not None, "exact_grid_note": exact_note,
         "grid_note": GRID_NOTE,
         "llama_cpp_verified": False, "llama_cpp_note": LLAMA_CPP_NOTE,
