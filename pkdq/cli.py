@@ -409,7 +409,8 @@ def quantize_cmd(
     threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
     seed: int = typer.Option(0, min=0, max=SEED_MAX),
     gguf: str = typer.Option("none", help="also write OUT/model.gguf for llama.cpp: none, f16, "
-                                          "q8_0, q4_0 or q4_k_m (Llama models); --group 32 "
+                                          "q8_0, q4_0 or q4_k_m (Llama, Mistral, Qwen2, Qwen3, "
+                                          "Gemma 3); --group 32 "
                                           "makes q4_0 (bits 4) / q8_0 (bits 8) bit-exact"),
 ) -> None:
     """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
@@ -455,7 +456,8 @@ def _echo_gguf(metrics: dict) -> None:
             f", {metrics['tensor_count']} tensors)")
     check = metrics.get("verification")
     if check:
-        line += (f"; transformers reload: top-1 agreement {check['top1_agreement']:.3f}, "
+        loader = "llama.cpp" if metrics.get("verified_loader") == "llama.cpp" else "transformers"
+        line += (f"; {loader} reload: top-1 agreement {check['top1_agreement']:.3f}, "
                  f"max |logit diff| {check['max_abs_logit_diff']:.3g}")
     if metrics.get("exact_grid_note"):
         line += f"; {metrics['exact_grid_note']}"
@@ -465,7 +467,8 @@ def _echo_gguf(metrics: dict) -> None:
 @app.command("export-gguf")
 def export_gguf_cmd(
     model: str = typer.Argument(..., help="built-in name, HF folder (float or GPTQ), .gguf, or "
-                                          "cached HF id; Llama architecture"),
+                                          "cached HF id; Llama, Mistral, Qwen2, Qwen3 or "
+                                          "Gemma 3 (text)"),
     out: Path = typer.Argument(..., help="the .gguf file to write"),
     qtype: str = typer.Option("q8_0", help="f16, q8_0 or q4_0 (llama.cpp's block grids)"),
     reference: Path = typer.Option(None, help="GGUF whose tokenizer.* keys are copied (default: "

@@ -184,13 +184,13 @@ def test_bad_requests_are_one_line_exit_2(sharp_ref, gptq_w4, tmp_path):
                                           "--format", "hf")
     assert "needs a GPTQ checkpoint" in refused(str(sharp_ref.path), "--to",
                                                 str(tmp_path / "c"), "--format", "gptq")
-    qwen = tmp_path / "qwen"
-    shutil.copytree(sharp_ref.path, qwen)
-    config = json.loads((qwen / "config.json").read_text())
-    config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
-    (qwen / "config.json").write_text(json.dumps(config))
-    assert "llama layout (LlamaForCausalLM" in refused(str(qwen), "--to", str(tmp_path / "d"),
-                                              "--format", "gguf-q4_0")
+    phi3 = tmp_path / "phi3"
+    shutil.copytree(sharp_ref.path, phi3)
+    config = json.loads((phi3 / "config.json").read_text())
+    config |= {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
+    (phi3 / "config.json").write_text(json.dumps(config))
+    assert "convert_hf_to_gguf" in refused(str(phi3), "--to", str(tmp_path / "d"),
+                                           "--format", "gguf-q4_0")
     assert not (tmp_path / "a").exists() and (busy / "x").is_file()
     with pytest.raises(ExportError):
         export_model(gptq_w4, busy, "gptq")

@@ -41,7 +41,9 @@ PRUNE_AXES = {
     "prune-depth": dict(depth=DepthTarget(remove=1)),
 }
 STAGES = (*PRUNE_AXES, "kd", "rtn", "gptq", "gguf", "evaluate")
-GGUF_FAMILIES = ("llama", "mistral")  # written; the others are refused in one line
+# llama.cpp architecture each family is written as (`tasks.quantize.gguf_arch`)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma3": "gemma3"}
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +110,27 @@ def _check_quantize(ref, method, tmp_path):
 
 
 def _check_gguf(ref, family, tmp_path):
-    from tasks.quantize import GgufExportError, export_gguf
+    """f16 GGUF run in llama.cpp: logits agree with pkdq's torch loader on the ids pkdq feeds
+    the family (BOS included for Gemma/Mistral), and llama.cpp's own tokenizer produces those ids
+    (so the file's add_bos_token follows the family). Gemma's norm +1, its sliding pattern or the
+    BOS left out each break this (tests/test_gguf_export.py shows it)."""
+    import gguf
+
+    from tasks.quantize import export_gguf
+    from tasks.quantize.gguf_verify import verify_in_llama_cpp
 
     out = tmp_path / "model.gguf"
-    if family in GGUF_FAMILIES:
-        metrics = export_gguf(ref.path, out, "f16")
+    metrics = export_gguf(ref.path, out, "f16")
+    if GGUF_ARCH[family] == "llama":  # also read back by transformers' GGUF loader
         assert metrics["verification"]["max_abs_logit_diff"] < 0.05
-        return
-    with pytest.raises(GgufExportError) as info:
-        export_gguf(ref.path, out, "f16")
-    assert "\n" not in str(info.value) and "convert_hf_to_gguf" in str(info.value)
-    assert not out.exists()
+    model, tok = load_model(ref)
+    check = verify_in_llama_cpp(out, model, tok)
+    assert check["kl_nats"] < 1e-4 and check["top1_agreement"] >= 0.95, check
+    assert check["max_abs_logit_diff"] < 0.05, check  # measured <= 0.021 (fp16 weights)
+    assert check["tokenizer_same_ids"] is True, check
+    fields = gguf.GGUFReader(str(out)).fields
+    assert fields["general.architecture"].contents() == GGUF_ARCH[family]
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is EXPECTS_BOS[family]
 
 
 def _check_evaluate(ref, tmp_path):
@@ -220,6 +232,26 @@ def test_gemma_bos_is_forced_even_when_its_tokenizer_forgets_it(family_refs):
     assert tok("a")["input_ids"][0] != tok.bos_token_id  # SmolLM2's tokenizer adds nothing
     assert prefix_ids(tok, model.config) == [tok.bos_token_id]
     assert prefix_ids(tok, {"model_type": "llama"}) == []
+
+
+def test_gguf_refuses_an_architecture_it_does_not_map_in_one_line(family_refs, tmp_path):
+    """A config llama.cpp may know but pkdq does not write (hand-edited to Phi-3): one line
+    pointing at llama.cpp's converter, before any weight is read, and no file."""
+    import shutil
+
+    from tasks.quantize import GgufExportError, export_gguf
+
+    folder = tmp_path / "phi3"
+    shutil.copytree(family_refs["llama"].path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "model.gguf"
+    with pytest.raises(GgufExportError) as info:
+        export_gguf(folder, out, "f16")
+    message = str(info.value)
+    assert "\n" not in message and "convert_hf_to_gguf" in message and "Phi3" in message
+    assert "Gemma3ForCausalLM" in message and not out.exists()
 
 
 def test_unsupported_architecture_is_refused_naming_the_families(tmp_path):

@@ -208,9 +208,14 @@ def test_refusals_are_one_line(tiny_llama_ref, tmp_path, monkeypatch):
     other = tmp_path / "qwen"
     other.mkdir()
     config = json.loads((tiny_llama_ref.path / "config.json").read_text())
-    config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    config |= {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"}
     (other / "config.json").write_text(json.dumps(config))
-    assert "llama layout (LlamaForCausalLM, MistralForCausalLM) only" in refused(model_path=other)
+    assert "writes LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, " \
+        "Gemma3ForCausalLM only" in refused(model_path=other)
+    config |= {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+               "use_sliding_window": True, "sliding_window": 64}
+    (other / "config.json").write_text(json.dumps(config))
+    assert "qwen2 has no sliding window" in refused(model_path=other)
 
     fake = tmp_path / "other-vocab.gguf"
     writer = gguf.GGUFWriter(str(fake), "llama")
@@ -221,7 +226,7 @@ def test_refusals_are_one_line(tiny_llama_ref, tmp_path, monkeypatch):
     writer.close()
     assert "different tokenizer vocabulary" in refused(reference_gguf=fake)
     monkeypatch.setattr("tasks.core.model_store.builtin_ggufs_on_disk", lambda: [])
-    assert "does not build GGUF tokenizers" in refused()
+    assert "does not build GGUF tokenizers other than Qwen2-style" in refused()
     assert not (tmp_path / "x.gguf").exists()
 
     with pytest.raises(ValidationError):
@@ -240,3 +245,143 @@ def test_cli_refuses_a_bad_qtype_in_one_line(tiny_llama_ref, tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().startswith("error: GGUF qtype 'q5_k'")
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ Qwen2, Qwen3, Gemma 3
+
+
+@pytest.fixture(scope="module")
+def family_ref(smollm2_ref, tmp_path_factory):
+    """Tiny random models of the non-Llama families (tests/families.py), built on demand."""
+    from families import build_family
+
+    root, built = tmp_path_factory.mktemp("gguf-families"), {}
+
+    def get(name: str):
+        if name not in built:
+            built[name] = build_family(name, smollm2_ref.path, root / name)
+        return built[name]
+
+    return get
+
+
+def test_gemma_norm_shift_and_bos_are_what_make_llama_cpp_agree(family_ref, tmp_path,
+                                                               monkeypatch):
+    """The checks the family matrix relies on can fail: Gemma 3 written without the +1 on its
+    RMSNorm weights, or without add_bos_token, disagrees with pkdq in llama.cpp."""
+    from dataclasses import replace
+
+    from tasks.quantize.gguf_arch import ARCHS
+
+    ref = family_ref("gemma3").path
+    good = export_gguf(ref, tmp_path / "good.gguf", "f16")["verification"]
+    assert good["kl_nats"] < 1e-4 and good["tokenizer_same_ids"] is True  # measured 2e-6
+    monkeypatch.setitem(ARCHS, "Gemma3ForCausalLM",
+                        replace(ARCHS["Gemma3ForCausalLM"], norm_shift=0.0))
+    unshifted = export_gguf(ref, tmp_path / "unshifted.gguf", "f16")["verification"]
+    assert unshifted["max_abs_logit_diff"] > 0.5 and unshifted["kl_nats"] > 1e-3  # 1.8, 0.045
+    monkeypatch.undo()
+    monkeypatch.setattr("tasks.quantize.gguf_export.bos_metadata",
+                        lambda tok, config: {"tokenizer.ggml.add_bos_token": False})
+    no_bos = export_gguf(ref, tmp_path / "no-bos.gguf", "f16")
+    assert no_bos["verification"]["tokenizer_same_ids"] is False
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])
+def test_gptq_w4_g32_sym_is_q4_0_bit_for_bit_in_other_families(family, family_ref, tmp_path):
+    """`pkdq quantize --gguf q4_0` on Qwen2 / Qwen3 / Gemma 3: the GPTQ grid is written code for
+    code (no q/k permutation in these architectures) and llama.cpp agrees with pkdq's loader."""
+    import gguf
+    from typer.testing import CliRunner
+
+    from pkdq.cli import app
+    from tasks.core.gptq_checkpoint import read_quantized_weights
+    from tasks.quantize.gguf_arch import ARCHS
+
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", str(family_ref(family).path), "--method",
+                                      "rtn", "--group", "32", "--out", str(out), "--threads", "1",
+                                      "--gguf", "q4_0"])
+    assert result.exit_code == 0, result.output
+    assert "llama.cpp reload" in result.output
+    m = json.loads((out / "metrics.json").read_text())["gguf"]
+    assert m["exact_grid"] is True and m["verified_loader"] == "llama.cpp"
+    arch = ARCHS[json.loads((out / "model" / "config.json").read_text())["architectures"][0]]
+    layers = json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], layers)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    for module, weight in read_quantized_weights(out / "model", bits=4).items():
+        t = tensors[names.get_name(f"{module}.weight", try_suffixes=(".weight",))]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0, module
+        assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), weight.numpy())
+    check = m["verification"]
+    # llama.cpp multiplies Q4_0 weights with Q8_0-quantized activations (not bit-exact compute);
+    # measured KL 4e-7 (Qwen2) .. 4e-4 (Gemma 3, whose random post-norms amplify it)
+    assert check["kl_nats"] < 5e-3 and check["tokenizer_same_ids"] is True, check
+
+
+def _qwen_tokenizer_model(smollm2_ref, folder: Path):
+    """A tiny Qwen2 whose tokenizer.json has Qwen2's pre-tokenizer (over SmolLM2's vocabulary:
+    no Qwen tokenizer is available offline) and 32 embedding rows more than tokens, as real
+    Qwen checkpoints pad their vocabulary."""
+    from families import COMMON, family_tokenizer, randomise_small_tensors
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    from tasks.quantize.gguf_tokenizer import QWEN2_REGEX
+
+    src = folder.with_name(folder.name + "-tok")
+    family_tokenizer("qwen2", smollm2_ref.path).save_pretrained(src)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_REGEX}, "behavior": "Isolated",
+         "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+         "use_regex": False}]}
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    tok = AutoTokenizer.from_pretrained(str(src))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        **COMMON, vocab_size=len(tok) + 32, eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True))
+    randomise_small_tensors(model)
+    return save_model(model, tok, folder), tok
+
+
+def test_qwen2_tokenizer_is_built_from_tokenizer_json(smollm2_ref, tmp_path, monkeypatch):
+    """No reference GGUF: a Qwen2-style byte-level BPE tokenizer is written as llama.cpp's
+    `gpt2` model with pre-tokenizer `qwen2`, padded to the embedding's rows; llama.cpp then
+    tokenizes text exactly as the HF tokenizer does (a wrong pre-tokenizer name does not)."""
+    import gguf
+
+    from tasks.core.llama_cpp import open_gguf
+    from tasks.quantize.gguf_tokenizer import KNOWN_PRE, QWEN2_REGEX
+
+    ref, tok = _qwen_tokenizer_model(smollm2_ref, tmp_path / "qwen")
+    monkeypatch.setattr("tasks.core.model_store.builtin_ggufs_on_disk", lambda: [])
+    probe = "He said 12345 isn't\n\n  ok, THEY'LL see: 3.14159! x=(hello) $var .NET\n\n\n"
+
+    def llama_cpp_ids(path: Path) -> list[int]:
+        llm = open_gguf(path, n_ctx=64, threads=1)
+        try:
+            return llm.tokenize(probe.encode(), add_bos=False, special=False)
+        finally:
+            llm.close()
+
+    m = export_gguf(ref.path, tmp_path / "q.gguf", "f16")
+    assert m["reference_gguf"] is None and m["tokenizer_source"].startswith("built from")
+    check = m["verification"]
+    assert check["tokenizer_same_ids"] is True and check["kl_nats"] < 1e-4, check
+    fields = _fields(tmp_path / "q.gguf")
+    assert (fields["tokenizer.ggml.model"], fields["tokenizer.ggml.pre"]) == ("gpt2", "qwen2")
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert len(tokens) == len(tok) + 32 and tokens[-1] == f"[PAD{len(tok) + 31}]"
+    assert fields["tokenizer.ggml.add_bos_token"] is False
+    hf_ids = tok(probe, add_special_tokens=False)["input_ids"]
+    assert llama_cpp_ids(tmp_path / "q.gguf") == hf_ids
+
+    # GPT-2's pre-tokenizer (what SmolLM2's own tokenizer uses) splits this text differently
+    monkeypatch.setitem(KNOWN_PRE, QWEN2_REGEX, "gpt-2")
+    export_gguf(ref.path, tmp_path / "wrong.gguf", "f16", verify=False)
+    assert gguf.GGUFReader(str(tmp_path / "wrong.gguf")).fields[
+        "tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert llama_cpp_ids(tmp_path / "wrong.gguf") != hf_ids

@@ -4,7 +4,7 @@ from tasks.core.lazy import lazy_exports
 
 _EXPORTS = {
     "quantize_stage": "stage",  # the stage: (ModelRef, QuantizeConfig, StageContext)
-    "export_gguf": "gguf_export",  # any Llama folder, float or GPTQ, to a GGUF file
+    "export_gguf": "gguf_export",  # Llama/Mistral/Qwen2/Qwen3/Gemma 3, float or GPTQ, to GGUF
     "GgufExportError": "gguf_export",
     "check_qtype": "gguf_export",  # refuses a qtype before the model is touched
     "GgufVerifyError": "gguf_verify",

@@ -1,16 +1,24 @@
-"""GGUF export of a Llama-architecture model folder, for people who run models with llama.cpp.
+"""GGUF export of a Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text) model folder, for people who
+run models with llama.cpp.
 
 pkdq's stages write HF safetensors (float) or GPTQ checkpoints; llama.cpp reads GGUF only. This
 writes one with gguf-py (the package llama.cpp's own converter uses), following what
-`convert_hf_to_gguf.py` does for LlamaForCausalLM:
+`convert_hf_to_gguf.py` does for each architecture (`tasks.quantize.gguf_arch`: llama, qwen2,
+qwen3, gemma3; any other is refused in one line pointing at that converter):
 
-- tensor names come from gguf-py's TensorNameMap for MODEL_ARCH.LLAMA, not a hand-kept table;
-- q/k rows are permuted per head (`permute_qk`): HF Llama rotates (first half, second half) of
-  each head, GGML's rope rotates adjacent pairs; transformers' GGUF loader undoes exactly this;
+- tensor names come from gguf-py's TensorNameMap for the architecture, not a hand-kept table;
+- Llama/Mistral q/k rows are permuted per head (`permute_qk`): HF Llama rotates (first half,
+  second half) of each head, GGML's rope rotates adjacent pairs; transformers' GGUF loader
+  undoes exactly this. Qwen and Gemma use NEOX rope in llama.cpp (HF's layout, no permutation);
+- Gemma 3's RMSNorm weights get +1 (HF computes x * (1 + w)), its sliding-window pattern and
+  local rope base are written per layer;
 - head_dim is written as key/value length and rope dimension, so pruned models whose head_dim
   is not hidden/heads (query-head pruning) keep their real geometry;
-- tokenizer.* metadata is copied from a reference GGUF whose vocabulary equals the model's
-  (building a GGUF tokenizer from HF files is out of scope, so no match means a refusal).
+- tokenizer.* metadata is copied from a reference GGUF whose vocabulary equals the model's, or
+  built from tokenizer.json where llama.cpp names its pre-tokenizer exactly (Qwen2-style
+  byte-level BPE: `gguf_tokenizer`); anything else without a reference is refused. Either way
+  add_bos_token / bos_token_id set by the family's BOS convention (`tasks.core.conventions`:
+  Gemma and Mistral sequences start with BOS, whatever the reference file said).
 
 Weights: a GPTQ checkpoint whose grid GGUF can hold (bits 4 / 8, sym, group 32, no act-order:
 `gguf_grid`) is written code for code as Q4_0 / Q8_0, bit-exact, with its other tensors in F16
@@ -19,8 +27,9 @@ values (`load_dequantized`): Q8_0/Q4_0 are then a re-quantization onto llama.cpp
 keeps the grid values up to fp16 rounding of scale * (code - zero). q4_k_m is llama.cpp's own
 quantizer (`llama_model_quantize` through llama-cpp-python) run on the f16 file, without an
 importance matrix (llama-cpp-python does not ship llama-imatrix). The file is checked by loading
-it back with transformers' GGUF loader (`tasks.quantize.gguf_verify`); `tasks.quantize.export`
-also runs it in llama.cpp.
+it back (`tasks.quantize.gguf_verify`): Llama-layout files with transformers' GGUF loader, the
+others in llama.cpp itself (transformers' loader does not undo Gemma's norm shift); `pkdq
+export` runs every GGUF in llama.cpp.
 """
 
 from __future__ import annotations
@@ -40,6 +49,13 @@ import numpy as np
 
 from tasks.core.common import set_offline_env
 from tasks.core.dims import Dims
+from tasks.quantize.gguf_arch import (
+    ArchRefused,
+    GgufArch,
+    arch_of,
+    rope_theta,
+    write_arch_metadata,
+)
 from tasks.quantize.gguf_grid import (
     EXACT_GRIDS,
     ExactWeight,
@@ -50,13 +66,9 @@ from tasks.quantize.gguf_grid import (
 
 QTYPES = ("f16", "q8_0", "q4_0", "q4_k_m")
 LLAMA_QUANTIZED = {"q4_k_m": "Q4_K_M"}  # written by llama.cpp's own quantizer from the f16 file
-SUPPORTED_ARCH = "LlamaForCausalLM"
-# Architectures llama.cpp reads as its llama graph (its converter maps Mistral to LLAMA too: same
-# tensors, same RoPE), with the model_type their config must carry.
-LLAMA_LAYOUT = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 BLOCK = 32  # Q8_0 and Q4_0 block width along each row (in_features)
-LLAMA_CPP_NOTE = ("checked here with transformers' GGUF loader; `pkdq export` also runs it in "
-                  "llama.cpp (llama-cpp-python)")
+LLAMA_CPP_NOTE = ("llama layout checked here with transformers' GGUF loader, other architectures "
+                  "in llama.cpp (llama-cpp-python); `pkdq export` runs every GGUF in llama.cpp")
 GRID_NOTE = ("GGUF Q8_0/Q4_0 are llama.cpp's own block grids (32 weights per block, one fp16 "
              "scale): a GPTQ checkpoint with bits 4 (Q4_0) or 8 (Q8_0), sym, group 32 and no "
              "act-order is written code for code (exact); any other is re-quantized from its "
@@ -73,14 +85,17 @@ class GgufExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class LlamaShape(Dims):
-    """The hyperparameters llama.cpp reads from `llama.*` keys, taken from the real tensors:
-    the model's `Dims` plus what llama.cpp needs besides."""
+    """The hyperparameters llama.cpp reads from `<arch>.*` keys, taken from the real tensors:
+    the model's `Dims` plus what llama.cpp needs besides, and the architecture it is written as.
+    """
 
     vocab: int
     context: int
     rope_theta: float
     rms_eps: float
     tied: bool
+    spec: GgufArch
+    config: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -104,40 +119,23 @@ def check_qtype(qtype: str) -> None:
                               f"{', '.join(QTYPES)}")
 
 
-def check_architecture(config: dict[str, Any], path: Path) -> None:
-    """Refuse what the Llama GGUF layout cannot hold, before any weight is read."""
-    archs = config.get("architectures") or [config.get("model_type", "?")]
-    if len(archs) != 1 or LLAMA_LAYOUT.get(archs[0]) != config.get("model_type"):
-        raise GgufExportError(
-            f"GGUF export writes llama.cpp's llama layout ({', '.join(LLAMA_LAYOUT)}) only; "
-            f"{path} is {', '.join(archs)}: convert it with llama.cpp's convert_hf_to_gguf.py")
-    window = config.get("sliding_window")
-    if window and window < int(config.get("max_position_embeddings") or 0):
-        raise GgufExportError(f"GGUF llama layout has no sliding window; {path} attends through "
-                              f"{window} of {config['max_position_embeddings']} positions")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise GgufExportError(f"GGUF export does not support Llama models with biases ({path})")
-    if config.get("hidden_act", "silu") != "silu":
-        raise GgufExportError(f"GGUF llama needs hidden_act silu; {path} has "
-                              f"{config['hidden_act']}")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise GgufExportError(f"GGUF export writes plain RoPE only; {path} uses rope_type "
-                              f"{rope_type!r}")
+def check_architecture(config: dict[str, Any], path: Path) -> GgufArch:
+    """Refuse what llama.cpp's graph for this architecture cannot hold, before any weight is
+    read; returns how the folder is written (`tasks.quantize.gguf_arch`)."""
+    try:
+        return arch_of(config, path)
+    except ArchRefused as exc:
+        raise GgufExportError(str(exc)) from exc
 
 
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is None:
-        raise GgufExportError("config has no rope_theta")
-    return float(theta)
-
-
-def llama_shape(model: Any) -> LlamaShape:
+def llama_shape(model: Any, spec: GgufArch) -> LlamaShape:
     """Sizes from the loaded tensors (pruned models), cross-checked with the config."""
     config = model.config
+    config_dict = config.to_dict()
+    try:
+        theta = rope_theta(config_dict)
+    except ArchRefused as exc:
+        raise GgufExportError(str(exc)) from exc
     layers = model.model.layers
     attn, mlp = layers[0].self_attn, layers[0].mlp
     heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
@@ -150,9 +148,9 @@ def llama_shape(model: Any) -> LlamaShape:
     return LlamaShape(
         layers=len(layers), hidden=int(embed.shape[1]), ffn=int(mlp.gate_proj.weight.shape[0]),
         heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=int(embed.shape[0]),
-        context=int(config.max_position_embeddings), rope_theta=_rope_theta(config),
+        context=int(config.max_position_embeddings), rope_theta=theta,
         rms_eps=float(config.rms_norm_eps),
-        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        tied=bool(getattr(config, "tie_word_embeddings", False)), spec=spec, config=config_dict,
     )
 
 
@@ -173,26 +171,32 @@ def permute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_tensors(model: Any, shape: LlamaShape) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(HF key, GGUF name, float32 array [out, in]) for every tensor llama.cpp's graph reads."""
+    """(HF key, GGUF name, float32 array [out, in]) for every tensor llama.cpp's graph reads,
+    transformed as llama.cpp's converter does (Llama q/k permutation, Gemma's norm + 1)."""
     import gguf
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.layers)
+    spec = shape.spec
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch], shape.layers)
     for key, tensor in model.state_dict().items():
         if shape.tied and key == "lm_head.weight":
             continue  # llama.cpp uses token_embd as the output when output.weight is absent
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise GgufExportError(f"tensor {key} has no llama GGUF name")
+            raise GgufExportError(f"tensor {key} has no {spec.name} GGUF name")
         data = tensor.detach().float().cpu().numpy()
-        if name.endswith(".attn_q.weight"):
+        if spec.norm_shift and key.endswith("norm.weight"):
+            data = data + np.float32(spec.norm_shift)  # (1 + w) RMSNorm -> llama.cpp's w
+        if spec.permute_qk and name.endswith(".attn_q.weight"):
             data = permute_qk(data, shape.heads)
-        elif name.endswith(".attn_k.weight"):
+        elif spec.permute_qk and name.endswith(".attn_k.weight"):
             data = permute_qk(data, shape.kv_heads)
         yield key, name, data
 
 
 def qk_permutation(name: str, shape: LlamaShape):
     """The row permutation `gguf_tensors` applies to tensor `name` (identity for most)."""
+    if not shape.spec.permute_qk:
+        return lambda rows: rows
     if name.endswith(".attn_q.weight"):
         return functools.partial(permute_qk, heads=shape.heads)
     if name.endswith(".attn_k.weight"):
@@ -201,11 +205,10 @@ def qk_permutation(name: str, shape: LlamaShape):
 
 
 def expected_tensor_names(shape: LlamaShape) -> set[str]:
-    """What llama.cpp's LLM_ARCH_LLAMA loader requires (dense model, no biases)."""
-    per_block = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                 "ffn_gate", "ffn_up", "ffn_down")
+    """What llama.cpp's loader requires for the architecture (dense model)."""
     names = {"token_embd.weight", "output_norm.weight"}
-    names |= {f"blk.{i}.{part}.weight" for i in range(shape.layers) for part in per_block}
+    names |= {f"blk.{i}.{part}" if part.endswith(".bias") else f"blk.{i}.{part}.weight"
+              for i in range(shape.layers) for part in shape.spec.block}
     return names if shape.tied else names | {"output.weight"}
 
 
@@ -283,13 +286,17 @@ def _reference_tokens(path: Path) -> list[str] | None:
 
 
 def find_reference_gguf(model_path: Path, tokenizer: Any,
-                        reference: Path | None = None) -> Path:
-    """A GGUF whose tokenizer.ggml.tokens equal the model's vocabulary, id for id.
+                        reference: Path | None = None) -> Path | None:
+    """A GGUF whose tokenizer.ggml.tokens equal the model's vocabulary, id for id; None when
+    there is none but the folder's tokenizer.json can be written faithfully by itself
+    (`gguf_tokenizer`: byte-level BPE with Qwen2's pre-tokenizer).
 
     Looks at `reference` if given (then only there), else .gguf files in the model folder, then
-    the built-in models' GGUFs already on disk (SmolLM2's for SmolLM2 and its pruned variants).
+    the built-in models' GGUFs already on disk (SmolLM2's for SmolLM2 and its pruned variants,
+    Gemma 3's for Gemma 3).
     """
     from tasks.core.model_store import builtin_ggufs_on_disk
+    from tasks.quantize.gguf_tokenizer import pre_tokenizer_name
 
     vocab = _vocab(tokenizer)
     if reference is not None:
@@ -303,9 +310,14 @@ def find_reference_gguf(model_path: Path, tokenizer: Any,
     for candidate in candidates:
         if _reference_tokens(candidate) == vocab:
             return candidate
+    tokenizer_json = Path(model_path) / "tokenizer.json"
+    if tokenizer_json.is_file() and pre_tokenizer_name(
+            json.loads(tokenizer_json.read_text(encoding="utf-8"))):
+        return None
     raise GgufExportError(f"no GGUF with the tokenizer of {model_path} found (looked in the "
                           "folder and the built-in models' GGUFs); pass a reference GGUF with "
-                          "the same vocabulary (pkdq does not build GGUF tokenizers)")
+                          "the same vocabulary (pkdq does not build GGUF tokenizers other than "
+                          "Qwen2-style byte-level BPE)")
 
 
 def tokenizer_fields(reference: Path) -> list[tuple[str, Any, Any, Any]]:
@@ -360,15 +372,30 @@ def load_source(model_path: Path) -> tuple[Any, Any, str]:
     return model, tokenizer, "float weights"
 
 
+BOS_KEYS = ("tokenizer.ggml.add_bos_token", "tokenizer.ggml.bos_token_id")
+
+
+def bos_metadata(tokenizer: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """tokenizer.ggml.add_bos_token (and the BOS id when it is added), from the family's
+    convention rather than the reference file: llama.cpp's tokenizer puts BOS first exactly when
+    add_bos_token is true, and a Gemma model fed no <bos> is a different model."""
+    from tasks.core.conventions import needs_bos
+
+    if needs_bos(tokenizer, config):
+        return {BOS_KEYS[0]: True, BOS_KEYS[1]: int(tokenizer.bos_token_id)}
+    return {BOS_KEYS[0]: False}
+
+
 def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
-                    fields: list[tuple[str, Any, Any, Any]]) -> dict[str, Any]:
+                    fields: list[tuple[str, Any, Any, Any]],
+                    bos: dict[str, Any]) -> dict[str, Any]:
     import gguf
 
     writer.add_name(name)
     file_type = "F16" if qtype in LLAMA_QUANTIZED else qtype.upper()
     writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{file_type}"])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    arch = {  # `llama.<key>`: (value, the writer method that types it as llama.cpp expects)
+    arch = {  # `<arch>.<key>`: (value, the writer method that types it as llama.cpp expects)
         "context_length": (shape.context, writer.add_context_length),
         "embedding_length": (shape.hidden, writer.add_embedding_length),
         "block_count": (shape.layers, writer.add_block_count),
@@ -384,13 +411,24 @@ def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
     }
     for value, add in arch.values():
         add(value)
+    try:
+        extra = write_arch_metadata(writer, shape.spec, shape.config, shape.layers)
+    except ArchRefused as exc:
+        raise GgufExportError(str(exc)) from exc
     for key, value, vtype, sub in fields:
+        if key in BOS_KEYS and (key in bos or key == BOS_KEYS[0]):
+            continue
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    return {f"llama.{key}": value for key, (value, _) in arch.items()}
+    writer.add_add_bos_token(bos[BOS_KEYS[0]])
+    if BOS_KEYS[1] in bos:
+        writer.add_bos_token_id(bos[BOS_KEYS[1]])
+    prefix = shape.spec.name
+    return {f"{prefix}.{key}": value for key, value in
+            [*((k, v) for k, (v, _) in arch.items()), *extra.items()]}
 
 
 def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
-                fields: list[tuple[str, Any, Any, Any]],
+                fields: list[tuple[str, Any, Any, Any]], bos: dict[str, Any],
                 exact: dict[str, ExactWeight] | None = None) -> dict[str, Any]:
     """Write the GGUF into `tmp`; returns what was written (types, fallbacks, error).
 
@@ -399,8 +437,8 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
     """
     import gguf
 
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    arch = _write_metadata(writer, shape, qtype, name, fields)
+    writer = gguf.GGUFWriter(str(tmp), shape.spec.name)
+    arch = _write_metadata(writer, shape, qtype, name, fields, bos)
     types: Counter[str] = Counter()
     fallbacks: dict[str, str] = {}
     errors = _ErrorStats()
@@ -425,13 +463,15 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"architecture": arch, "tensor_count": len(written), "tensor_types": dict(types),
-            "fallbacks": fallbacks, "weight_error": errors.summary()}
+    return {"gguf_architecture": shape.spec.name, "architecture": arch,
+            "tensor_count": len(written), "tensor_types": dict(types), "fallbacks": fallbacks,
+            "weight_error": errors.summary()}
 
 
-def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) -> Path:
+def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) -> Path | None:
     """Every refusal that needs no weights (qtype, architecture, tokenizer reference), so a
-    stage can fail before hours of quantization; returns the reference GGUF to copy from."""
+    stage can fail before hours of quantization; returns the reference GGUF to copy from (None:
+    the tokenizer is built from the folder's tokenizer.json)."""
     set_offline_env()
     from transformers import AutoTokenizer
 
@@ -481,18 +521,33 @@ def _llama_quantize(f16_file: Path, out_file: Path, qtype: str) -> dict[str, Any
 
 def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
                 reference_gguf: Path | None = None, verify: bool = True) -> dict[str, Any]:
-    """Write `model_path` (Llama, float or GPTQ) as a GGUF llama.cpp can load; return metrics.
+    """Write `model_path` (Llama, Mistral, Qwen2, Qwen3 or Gemma 3; float or GPTQ) as a GGUF
+    llama.cpp can load; return metrics.
 
     The file appears under its name only when complete (written as .partial, then renamed).
-    `verify` loads it back with transformers and compares logits with the source model.
+    `verify` loads it back (transformers for the llama layout, llama.cpp for the others) and
+    compares logits with the source model on the same token ids.
     """
     model_path, out_file = Path(model_path), Path(out_file)
     reference = preflight(model_path, qtype, reference_gguf)
+    spec = check_architecture(json.loads((model_path / "config.json").read_text()), model_path)
     model, tokenizer, source = load_source(model_path)
-    shape = llama_shape(model)
-    if len(tokenizer) != shape.vocab:
+    shape = llama_shape(model, spec)
+    bos = bos_metadata(tokenizer, shape.config)
+    if reference is not None and len(tokenizer) != shape.vocab:
         raise GgufExportError(f"embedding has {shape.vocab} rows but the tokenizer has "
                               f"{len(tokenizer)} tokens; GGUF needs them equal")
+    if reference is None:
+        from tasks.quantize.gguf_tokenizer import built_tokenizer_fields
+
+        if len(tokenizer) > shape.vocab:
+            raise GgufExportError(f"the tokenizer has {len(tokenizer)} tokens, more than the "
+                                  f"embedding's {shape.vocab} rows")
+        fields = built_tokenizer_fields(model_path, tokenizer, shape.vocab) or []
+        tokenizer_source = f"built from {model_path / 'tokenizer.json'} (padded to {shape.vocab})"
+    else:
+        fields = tokenizer_fields(reference)
+        tokenizer_source = f"copied from {reference}"
     print(f"[gguf] {qtype} export of {model_path} -> {out_file}", file=sys.stderr, flush=True)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".partial")
@@ -500,8 +555,7 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     exact, exact_note = _exact_plan(model_path, qtype)
     write_type = "f16" if qtype in LLAMA_QUANTIZED else qtype
     try:
-        written = _write_file(tmp, model, shape, write_type, name, tokenizer_fields(reference),
-                              exact)
+        written = _write_file(tmp, model, shape, write_type, name, fields, bos, exact)
         if qtype in LLAMA_QUANTIZED:
             written |= _llama_quantize(tmp, out_file, qtype)
         else:
@@ -511,15 +565,22 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     metrics: dict[str, Any] = {
         "file": str(out_file), "bytes": out_file.stat().st_size, "qtype": qtype,
         "source": {"path": str(model_path), "weights": source},
-        "reference_gguf": str(reference), **written,
+        "reference_gguf": str(reference) if reference else None,
+        "tokenizer_source": tokenizer_source, "tokenizer_bos": bos, **written,
         "exact_grid": exact is not None, "exact_grid_note": exact_note,
         "grid_note": GRID_NOTE,
         "llama_cpp_verified": False, "llama_cpp_note": LLAMA_CPP_NOTE,
         "versions": {d: metadata.version(d) for d in ("gguf", "transformers")},
     }
-    if verify:
+    if verify and spec.gguf_arch == "LLAMA":
         from tasks.quantize.gguf_verify import verify_gguf
 
         metrics["verified_loader"] = "transformers-gguf"
         metrics["verification"] = verify_gguf(out_file, model, tokenizer)
+    elif verify:
+        from tasks.quantize.gguf_verify import verify_in_llama_cpp
+
+        metrics["verified_loader"] = "llama.cpp"
+        metrics["verification"] = verify_in_llama_cpp(out_file, model, tokenizer)
+        metrics["llama_cpp_verified"] = True
     return metrics

@@ -1,10 +1,15 @@
-"""Check a written GGUF by loading it back with transformers' GGUF loader.
+"""Check a written GGUF by loading it back: with transformers' GGUF loader, or in llama.cpp.
 
-llama.cpp is not installed here, so the nearest independent reader is transformers: it reads
-the `llama.*` keys into a config, dequantizes every tensor with gguf-py and reverses the q/k
-permutation. Same logits as the source model (up to the chosen qtype's rounding) means the
-names, shapes, permutation and hyperparameters were written the way GGUF readers expect; the
-tokenizer rebuilt from the copied tokenizer.* keys must also encode a text to the same ids.
+`verify_gguf` (llama layout): transformers reads the `llama.*` keys into a config, dequantizes
+every tensor with gguf-py and reverses the q/k permutation. Same logits as the source model (up
+to the chosen qtype's rounding) means the names, shapes, permutation and hyperparameters were
+written the way GGUF readers expect; the tokenizer rebuilt from the copied tokenizer.* keys must
+also encode a text to the same ids.
+
+`verify_in_llama_cpp` (every architecture; the only check for Qwen2/Qwen3/Gemma 3, whose
+conventions transformers' loader does not all undo): llama.cpp's logits on the ids pkdq feeds
+the model (the family's BOS included) against pkdq's torch loader, and llama.cpp's own
+tokenization of the text (BOS by the file's add_bos_token) against those ids.
 """
 
 from __future__ import annotations
@@ -96,3 +101,30 @@ def verify_gguf(gguf_file: Path, source_model: Any, tokenizer: Any,
         same_ids = f"not checked: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
     return {"tokens": int(ids.shape[1]), **compare_logits(ref, got), **weights,
             "tokenizer_same_ids": same_ids}
+
+
+@torch.no_grad()
+def verify_in_llama_cpp(gguf_file: Path, source_model: Any, tokenizer: Any,
+                        text: str = VERIFY_TEXT) -> dict[str, Any]:
+    """Logits of `gguf_file` in llama.cpp vs `source_model` in torch, on the token ids pkdq's
+    convention gives `text` (`tasks.core.conventions.encode_text`), plus whether llama.cpp's
+    tokenizer produces those same ids by itself."""
+    import numpy as np
+
+    from tasks.core.conventions import encode_text
+    from tasks.core.llama_cpp import LlamaCppError, open_gguf
+
+    ids = encode_text(tokenizer, text, source_model.config)
+    ref = source_model(torch.tensor([ids])).logits[0].float()
+    try:
+        llm = open_gguf(gguf_file, n_ctx=len(ids), threads=1, logits_all=True, n_batch=len(ids))
+    except LlamaCppError as exc:
+        raise GgufVerifyError(str(exc)) from exc
+    try:
+        llm.eval(ids)
+        got = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+        own_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    finally:
+        llm.close()
+    return {"tokens": len(ids), "runtime": "llama.cpp", **compare_logits(ref, got),
+            "tokenizer_same_ids": own_ids == ids}
