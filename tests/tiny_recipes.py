@@ -20,10 +20,12 @@ def tiny_recipe_raw(model_path: Path, name: str = "tiny-run") -> dict[str, Any]:
             {"quantize": {"method": "rtn", "bits": 4, "group_size": 32,
                           "calibration": {"source": "c4", "samples": 2, "seq_len": 32}}},
         ],
-        # The as-served pass and the generations have their own tests (test_model_card);
-        # flow, resume and comparison tests don't pay for them on every unit.
+        # The as-served pass, the generations (test_model_card), the speed probe and lm-eval's
+        # rolling WikiText pages (test_evaluate) have their own tests; flow, resume and
+        # comparison tests don't pay for them on every unit.
         "evaluate": {"tasks": ["arc_easy", "piqa"], "samples": 4, "batch_size": 4,
-                     "wikitext": {"tokens": 512, "max_length": 128}, "served": False,
+                     "wikitext": {"tokens": 512, "max_length": 128, "pages": 0},
+                     "speed": {"enabled": False}, "served": False,
                      "generations": {"enabled": False}},
     }
 
