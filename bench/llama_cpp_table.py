@@ -103,7 +103,27 @@ def _stage_rows(run: Path) -> list[tuple[str, Path, str]]:
     return rows
 
 
-def write_table(rows: list[dict[str, Any]], out: Path, command: str, threads: int) -> None:
+def _transformers_rows(run: Path) -> list[str]:
+    """The same run's stages as pkdq's evaluation measured them in transformers (the reference
+    runtime): same prompt length, decode length and threads as the llama.cpp rows above."""
+    lines = [f"## The same stages in transformers (pkdq's evaluation of `{run.name}`)", "",
+             "Read from each stage's eval.json: prefill 512 / decode 64 tokens, median of 3, "
+             "the run's threads; peak RSS is the evaluating process's.", "",
+             "| stage | compute dtype | prefill tok/s | decode tok/s | peak RSS MB |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for ev in sorted(run.glob("[0-9][0-9]-*/eval.json")):
+        data = json.loads(ev.read_text())
+        speed = data.get("speed") or {}
+        if not speed.get("decode_tokens_per_s"):
+            continue
+        lines.append(f"| {ev.parent.name} | {speed.get('dtype', '?')} "
+                     f"| {speed['prefill_tokens_per_s']:.0f} | {speed['decode_tokens_per_s']:.1f} "
+                     f"| {(data.get('peak_rss_bytes') or 0) / 1e6:.0f} |")
+    return lines
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, command: str, threads: int,
+                run: Path | None = None) -> None:
     from tasks.core.llama_cpp import llama_cpp_version
 
     lines = [
@@ -127,6 +147,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, threads: in
                      f"| {exact} | {r['pkdq_perplexity']:.2f} | {r['llama_cpp_perplexity']:.2f} "
                      f"| {s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} "
                      f"| {s['peak_rss_mb']:.0f} |")
+    if run is not None:
+        lines += ["", *_transformers_rows(run)]
     lines += ["", "Notes:", ""]
     lines += [f"- {r['name']}: {r['exact_grid_note']}" for r in rows if r.get("exact_grid_note")]
     lines += ["", f"Command: `{command}`", ""]
@@ -167,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         rows.append(_row(name, src, fmt, args.work, args.threads,
                          args.fresh or bool(args.only and name in args.only)))
-        write_table(rows, args.out, command, args.threads)  # a partial table survives a kill
+        write_table(rows, args.out, command, args.threads, args.run)  # a partial table survives
     print(args.out.read_text())
     shutil.rmtree(args.work / "exports", ignore_errors=True)
 
