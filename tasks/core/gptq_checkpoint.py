@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tasks.core.common import ModelRef, one_line, set_offline_env
-from tasks.core.model_folder import CARD_FILE, seal_folder
+from tasks.core.model_folder import copy_side_files, seal_folder
 
 PACK_BITS = 32  # GPTQ packs codes into int32 words
 SAVE_DTYPE = torch.float16  # unquantized tensors on disk; GPTQ scales are fp16 too
@@ -285,11 +285,7 @@ def write_gptq(model: nn.Module, codes: dict[str, torch.Tensor], grids: dict[str
             continue
         tensors[key] = value.detach().to(SAVE_DTYPE).contiguous().clone()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for file in Path(template).iterdir():
-        if file.is_file() and not file.name.endswith(".safetensors") and \
-                not file.name.startswith(".") and \
-                file.name not in ("model.safetensors.index.json", CARD_FILE):  # a new model
-            shutil.copy2(file, tmp / file.name)
+    copy_side_files(Path(template), tmp)
     return seal_folder(tmp, out_dir)
 
 

@@ -55,6 +55,17 @@ def model_bytes(path: Path) -> int:
     return sum(file.stat().st_size for _, file in _content_files(Path(path), skip_card=True))
 
 
+def copy_side_files(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a model folder's files other than its weights (tokenizer, configs) into `dest`, for
+    a new model written from it: never the weights, the seal's own files, the weight index or
+    the model card (they describe the old model), nor any name in `skip`."""
+    for file in Path(src).iterdir():
+        if file.is_file() and not file.name.endswith(".safetensors") and \
+                not file.name.startswith(".") and \
+                file.name not in ("model.safetensors.index.json", CARD_FILE, *skip):
+            shutil.copy2(file, Path(dest) / file.name)
+
+
 def file_digest(file: Path) -> tuple[int, str]:
     """(size in bytes, sha256 hex) of one file, read in 4 MiB chunks."""
     digest, size = hashlib.sha256(), 0

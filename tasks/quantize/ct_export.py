@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from tasks.core.gptq_checkpoint import dequantize, read_parts, scale_zero, unpack_int32
-from tasks.core.model_folder import CARD_FILE, seal_folder
+from tasks.core.model_folder import copy_side_files, seal_folder
 from tasks.quantize.errors import ExportError
 
 CT_PIN = "compressed-tensors==0.20.1"  # pyproject.toml's pin: what the writer was checked with
@@ -155,12 +155,8 @@ def write_compressed_tensors(src: Path, tmp: Path) -> dict[str, Any]:
 
     save_file({k: v.contiguous() for k, v in tensors.items()},
               str(stage / "model.safetensors"), metadata={"format": "pt"})
-    for file in src.iterdir():
-        if file.is_file() and not file.name.endswith(".safetensors") and \
-                not file.name.startswith(".") and \
-                file.name not in ("config.json", "model.safetensors.index.json", CARD_FILE,
-                                  "quantize_config.json"):  # GPTQModel's: the old layout
-            shutil.copy2(file, stage / file.name)
+    # config.json is rewritten below; GPTQModel's quantize_config.json describes the old layout
+    copy_side_files(src, stage, skip=("config.json", "quantize_config.json"))
     config["quantization_config"] = qconfig.model_dump() | {ct.version_key: ct.version}
     (stage / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     seal_folder(stage, tmp)
