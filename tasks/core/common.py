@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -92,13 +93,31 @@ class StageResult:
     metrics: dict[str, Any]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write then rename, so a crash never leaves a half-written JSON that looks finished."""
+def unique_tmp(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this process and thread.
+
+    Why not `path.tmp`: two writers of one shared cache entry (two runs on a machine, two test
+    workers) would write into, or rename away, each other's half-written file.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write then rename, so a crash (or a concurrent reader) never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    tmp = unique_tmp(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write then rename, so a crash never leaves a half-written JSON that looks finished."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
 def read_json(path: Path) -> Any:

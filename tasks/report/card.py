@@ -10,13 +10,12 @@ folder's fingerprint and integrity check leave README.md out (`tasks.core.model_
 from __future__ import annotations
 
 import json
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tasks.core.common import write_text_atomic
 from tasks.core.model_folder import CARD_FILE
 from tasks.report.format import pm, scores_note, served_label
 from tasks.report.run_report import collect
@@ -241,7 +240,5 @@ def write_card(run_dir: Path, stage: str, source: dict[str, Any]) -> Path | None
         return None
     target = Path(model_path) / CARD_FILE
     # one temporary name per writer: evaluations of two stages may rewrite cards side by side
-    tmp = target.with_name(f".{CARD_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(render_card(data, stage, source, Path(run_dir) / stage), encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, render_card(data, stage, source, Path(run_dir) / stage))
     return target

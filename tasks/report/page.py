@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import read_json
+from tasks.core.common import read_json, write_text_atomic
 from tasks.report import plots
 from tasks.report.data_section import DATA_COLUMNS, DATA_NOTE, data_rows
 from tasks.report.format import (
@@ -354,7 +354,5 @@ def run_page(data: dict[str, Any], curves: dict[str, dict[str, Any]]) -> dict[st
 def write_html(run_dir: Path, data: dict[str, Any]) -> Path:
     """report.html next to report.json; `data` is what report.json holds."""
     path = Path(run_dir) / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(render_html(run_page(data, load_loss_curves(run_dir, data))))
-    tmp.replace(path)
+    write_text_atomic(path, render_html(run_page(data, load_loss_curves(run_dir, data))))
     return path
