@@ -27,7 +27,7 @@ from tasks.core.recipe import DepthTarget, FfnTarget, HeadsTarget, PruneConfig, 
 CALIB = TextSample(source="c4", samples=2, seq_len=32)
 IDS = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
 SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=128)
+             max_position_embeddings=512)
 FFN = 128
 # architecture: (its FFN config key, the out-projection reading the FFN, the in-projections)
 FFN_PARTS = {
@@ -169,7 +169,8 @@ def test_phi_heads_are_cut_whole_and_head_dim_is_kept(tokenizer, tmp_path):
     assert reloaded.config.num_attention_heads == 2
 
 
-def test_prune_stage_takes_an_opt_folder_end_to_end(tokenizer, tmp_path):
+def _opt_through_prune_stage(tokenizer, tmp_path):
+    """A tiny OPT folder through the real stage entry: (pruned ModelRef, unpruned ModelRef)."""
     from tasks.prune import prune_stage
 
     ref = save_model(_model("opt", tokenizer), tokenizer, tmp_path / "opt")
@@ -179,6 +180,30 @@ def test_prune_stage_takes_an_opt_folder_end_to_end(tokenizer, tmp_path):
     assert reloaded.config.ffn_dim == 96
     assert reloaded.model.decoder.layers[0].fc1.out_features == 96
     assert result.metrics["plan"]["before"]["ffn"] == 128
+    return result.model, ref
+
+
+def test_prune_stage_takes_an_opt_folder_end_to_end(tokenizer, tmp_path):
+    _opt_through_prune_stage(tokenizer, tmp_path)
+
+
+def test_a_pruned_opt_distills_and_gguf_refuses_it_in_one_line(tokenizer, tmp_path):
+    """KD takes any causal LM; GGUF export maps only the supported families' architectures."""
+    import math
+
+    from tasks.core.recipe import DistillConfig
+    from tasks.distill import distill_stage
+    from tasks.quantize import GgufExportError, export_gguf
+
+    student, teacher = _opt_through_prune_stage(tokenizer, tmp_path)
+    cfg = DistillConfig(tokens=32 * 2 * 2, seq_len=32, batch_size=2, lr=1e-3, warmup_steps=0,
+                        eval_blocks=1, alpha=1.0, temperature=1.0, source="c4")
+    result = distill_stage(student, cfg, StageContext(out_dir=tmp_path / "kd", seed=0,
+                                                      teacher=teacher))
+    assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["heldout_kl_after"])
+    with pytest.raises(GgufExportError) as info:
+        export_gguf(result.model.path, tmp_path / "m.gguf", "f16")
+    assert "\n" not in str(info.value) and "OPTForCausalLM" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------ refusals
@@ -197,16 +222,16 @@ def _refusal(model, tokenizer, cfg, tmp_path) -> str:
 HEADS = PruneConfig(heads=HeadsTarget(mode="kv_groups", size=2, criterion="magnitude"))
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt_neox"])
-def test_heads_refused_where_head_dim_is_derived(arch, tokenizer, tmp_path):
-    message = _refusal(_model(arch, tokenizer), tokenizer, HEADS, tmp_path)
-    assert "derives head_dim as hidden_size / num_attention_heads" in message \
-        or "fuses" in message
+def test_heads_refused_where_head_dim_is_derived(tokenizer, tmp_path):
+    message = _refusal(_model("opt", tokenizer), tokenizer, HEADS, tmp_path)
+    assert "derives head_dim as hidden_size / num_attention_heads" in message
 
 
-def test_heads_refused_on_phi3_fused_qkv(tokenizer, tmp_path):
-    message = _refusal(_model("phi3", tokenizer), tokenizer, HEADS, tmp_path)
-    assert "fuses them" in message
+@pytest.mark.parametrize("arch", ["gpt_neox", "phi3"])
+def test_heads_refused_on_fused_qkv(arch, tokenizer, tmp_path):
+    model = _model(arch, tokenizer)
+    message = _refusal(model, tokenizer, HEADS, tmp_path)
+    assert "fuses them" in message and model.config.num_attention_heads == 4
 
 
 def test_depth_and_hidden_refused_outside_the_families(tokenizer, tmp_path):
