@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tasks.core.common import ModelRef, StageContext, StageResult
-from tasks.core.conventions import prefix_ids
+from tasks.core.conventions import SUPPORTED_FAMILIES, model_type, prefix_ids
 from tasks.core.data_blocks import Blocks, training_blocks
 from tasks.core.dims import Dims
 from tasks.core.model_store import is_quantized, load_model, save_model
@@ -203,21 +203,36 @@ def apply_plan(anatomy: Anatomy, plan: PrunePlan, scores: AxisScores) -> dict[st
 
 
 def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[str, Any]:
-    """Prune a live model in place; returns metrics. Refuses unsupported models in one line."""
-    anatomy = Anatomy.of(model)
-    plan = plan_prune(Dims.from_config(model.config), cfg)
+    """Prune a live model in place; returns metrics. Refuses unsupported models in one line.
+
+    The one dispatch point: the supported families are sliced here (`slicing.py`), any other
+    decoder-only architecture goes through torch-pruning's dependency graph (`depgraph.py`:
+    FFN and, where the config can say so, whole heads) or is refused in one line.
+    """
+    outside = _outside_families(model.config)
+    if outside:
+        from tasks.prune import depgraph
+
+        dep_anatomy, plan = depgraph.check_config(model, cfg)
+    else:
+        anatomy = Anatomy.of(model)
+        plan = plan_prune(Dims.from_config(model.config), cfg)
     criteria = _criteria(cfg)
     calibration = (calibration_data(tokenizer, cfg, ctx, model.config)
                    if cfg.needs_calibration() else None)
     blocks = calibration.ids if calibration is not None else None
     params_before = count_params(model)
-    measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,
-                            ctx.stage_name or "prune")
-    try:
-        scores = score_axes(cfg, measured, ctx.seed)
-    finally:
-        measured.release()
-    removed = apply_plan(anatomy, plan, scores)
+    if outside:
+        removed = depgraph.prune_with_depgraph(dep_anatomy, plan, cfg, blocks, ctx.seed,
+                                               ctx.stage_name or "prune")
+    else:
+        measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,
+                                ctx.stage_name or "prune")
+        try:
+            scores = score_axes(cfg, measured, ctx.seed)
+        finally:
+            measured.release()
+        removed = apply_plan(anatomy, plan, scores)
     return {
         "axes": cfg.axes(),
         "criteria": criteria,
@@ -229,6 +244,11 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
         "params_before": params_before,
         "params_after": count_params(model),
     }
+
+
+def _outside_families(config) -> bool:
+    """A model_type outside `SUPPORTED_FAMILIES` (then `depgraph.py` prunes it)."""
+    return model_type(config) not in SUPPORTED_FAMILIES
 
 
 def prune_stage(model_ref: ModelRef, cfg: PruneConfig, ctx: StageContext) -> StageResult:

@@ -8,7 +8,9 @@ scored is exactly what is cut.
 Supported: decoder-only models with separate q/k/v/o and gate/up/down projections and RMSNorms
 (Llama, SmolLM2, Mistral, Qwen2/Qwen2.5 with q/k/v biases, Qwen3 with per-head q/k norms that no
 head cut touches, Gemma 3 text; `tasks.core.conventions.SUPPORTED_FAMILIES`, each tested in
-tests/test_families.py). Anything else is refused with one line naming those families.
+tests/test_families.py). Other decoder-only architectures are pruned through torch-pruning's
+dependency graph instead (`depgraph.py`, FFN and MHA heads only); what neither path can cut is
+refused with one line naming those families.
 """
 
 from __future__ import annotations

@@ -1,0 +1,516 @@
+"""Pruning for decoder-only architectures outside the supported families, through torch-pruning.
+
+Why a second path: `units.py` slices the Llama module layout (separate q/k/v/o, gate/up/down,
+RMSNorm) and nothing else. Other decoder-only layouts (OPT's fc1/fc2, GPT-NeoX's
+dense_h_to_4h, Phi's fc1/fc2 next to parallel attention, Phi-3's fused gate_up_proj) still have
+an FFN whose neurons are rows of some projections and columns of another; torch-pruning's
+dependency graph finds those couplings from the autograd graph of one forward, so this path
+needs no per-architecture table. What it cuts:
+
+- FFN neurons, the same number in every layer (an HF config holds one intermediate size).
+  The group is rooted at the one nn.Linear per layer that reads the FFN neurons (fc2, down_proj,
+  dense_4h_to_h) and torch-pruning finds the rest (fc1, gate and up, Phi-3's fused gate_up
+  through its chunk, biases).
+- Whole attention heads, where the config can say so: separate q/k/v/o nn.Linears, one K/V head
+  per query head (MHA), and a model class that reads `head_dim` from the config; then
+  num_attention_heads (and num_key_value_heads) drop and head_dim is written explicitly.
+  Checked on the meta device before any weight moves: where transformers derives head_dim as
+  hidden_size / num_attention_heads (OPT, StableLM, GPT-NeoX) fewer heads would mean wider heads.
+
+Tracing is patched where torch-pruning cannot follow an architecture: every attention module
+with separate q/k/v/o is traced through a stand-in `o(q(x) + k(x) + v(x))`. Head h owns the
+same channels [h*head_dim, (h+1)*head_dim) of q, k, v and of o's input in the real attention,
+and the stand-in keeps exactly that channel coupling, without the rotary slicing/concatenation
+that made graph propagation loop forever (Phi, Llama: `rotate_half`). The real forward is
+restored before anything is scored or cut.
+
+Scores (higher = kept), the recipe's criterion per axis:
+- activation (Minitron, as `importance.py`): FFN neuron = |input of the FFN's out-projection|,
+  query head = L2 norm of its slice of the attention out-projection's input; mean over the
+  sequence, L2 over calibration blocks.
+- magnitude / magnitude_l2: torch-pruning's `GroupMagnitudeImportance` (p=1 / p=2, summed over
+  the whole coupled group, no normaliser) -- pkdq's magnitude criteria over exactly the weights
+  the group cuts (magnitude_l2 without the square root, same ranking).
+- random. Taylor is refused on this path (it would need the gradient pass per architecture).
+
+Every result is verified: the model transformers builds from the new config, holding the pruned
+tensors, must give bit-identical logits on a probe, or the stage refuses in one line.
+Depth and hidden width are refused here: the layer stack and the residual width are named
+differently in every layout (and GPT-2-style Conv1D is not an nn.Linear torch-pruning traces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from tasks.core.common import Progress
+from tasks.core.dims import Dims
+from tasks.core.recipe import PruneConfig
+from tasks.prune.plan import PrunePlan, plan_prune
+from tasks.prune.units import UnsupportedModelError
+
+# config keys that hold the FFN width, in the order architectures use them
+FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+ATTN_NAMES = ("self_attn", "attention", "attn", "self_attention")
+QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+OUT_NAMES = ("o_proj", "out_proj", "dense")
+CRITERIA = ("activation", "magnitude", "magnitude_l2", "random")
+PROBE_TOKENS = 12
+
+
+def _get(config: Any, key: str) -> Any:
+    return getattr(config, key, None)
+
+
+@dataclass
+class Attention:
+    """An attention block with separate q/k/v/o nn.Linears (None when fused or absent)."""
+
+    module: nn.Module
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+
+
+@dataclass
+class Block:
+    prefix: str  # qualified name of the decoder layer
+    layer: nn.Module
+    ffn_out: nn.Linear  # the one projection that reads the FFN neurons
+    attn: Attention | None
+
+
+def _attention(layer: nn.Module) -> Attention | None:
+    for name in ATTN_NAMES:
+        module = getattr(layer, name, None)
+        if module is None:
+            continue
+        for q, k, v in QKV_NAMES:
+            parts = [getattr(module, n, None) for n in (q, k, v)]
+            out = next((getattr(module, n) for n in OUT_NAMES
+                        if isinstance(getattr(module, n, None), nn.Linear)), None)
+            if all(isinstance(p, nn.Linear) for p in parts) and out is not None:
+                return Attention(module, *parts, out)
+    return None
+
+
+@dataclass
+class DepAnatomy:
+    """The parts of an arbitrary decoder-only CausalLM that this path reads and cuts."""
+
+    model: nn.Module
+    blocks: list[Block]
+    ffn_key: str
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
+
+    def dims(self) -> Dims:
+        return Dims(layers=len(self.blocks), hidden=self.hidden, ffn=self.ffn, heads=self.heads,
+                    kv_heads=self.kv_heads, head_dim=self.head_dim)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> DepAnatomy:
+        config, name = model.config, type(model).__name__
+        if _get(config, "is_encoder_decoder"):
+            raise UnsupportedModelError(f"{name}: an encoder-decoder; pruning takes decoder-only "
+                                        "CausalLMs")
+        ffn_key = next((k for k in FFN_KEYS if hasattr(config, k)), None)
+        hidden = _get(config, "hidden_size")
+        heads = _get(config, "num_attention_heads")
+        n_layers = _get(config, "num_hidden_layers")
+        if ffn_key is None or not (hidden and heads and n_layers):
+            raise UnsupportedModelError(
+                f"{name}: config.json names no FFN width ({', '.join(FFN_KEYS)}) or lacks "
+                "hidden_size / num_attention_heads / num_hidden_layers")
+        ffn = _get(config, ffn_key) or 4 * hidden  # GPT-2-style n_inner: None means 4 * hidden
+        layers = next((m for m in model.modules()
+                       if isinstance(m, nn.ModuleList) and len(m) == n_layers), None)
+        if layers is None:
+            raise UnsupportedModelError(f"{name}: no list of {n_layers} decoder layers found")
+        prefix = next(n for n, m in model.named_modules() if m is layers)
+        blocks = [_block(f"{prefix}.{i}", layer, ffn, f"{name} layer {i}")
+                  for i, layer in enumerate(layers)]
+        head_dim = _get(config, "head_dim") or hidden // heads
+        kv = _get(config, "num_key_value_heads") or heads
+        return cls(model, blocks, ffn_key, int(ffn), int(heads), int(kv), int(head_dim),
+                   int(hidden))
+
+
+def _block(prefix: str, layer: nn.Module, ffn: int, where: str) -> Block:
+    attn = _attention(layer)
+    skip = {id(m) for m in attn.module.modules()} if attn else set()
+    readers = [m for m in layer.modules()
+               if isinstance(m, nn.Linear) and m.in_features == ffn and id(m) not in skip]
+    if len(readers) != 1:
+        kinds = sorted({type(m).__name__ for m in layer.modules() if hasattr(m, "weight")})
+        raise UnsupportedModelError(
+            f"{where}: {len(readers)} nn.Linear read the {ffn} FFN neurons (need exactly one; "
+            f"layer holds {', '.join(kinds)}), so torch-pruning's graph has no FFN group to cut "
+            "(GPT-2-style Conv1D and MoE experts are refused)")
+    return Block(prefix, layer, readers[0], attn)
+
+
+# ---------------------------------------------------------------------------- refusals up front
+
+
+def check_config(model: nn.Module, cfg: PruneConfig) -> tuple[DepAnatomy, PrunePlan]:
+    """The anatomy and kept sizes, or one line saying which axis this path cannot cut and why.
+    Runs before calibration, so a refusal costs no forward pass."""
+    anatomy = DepAnatomy.of(model)
+    name = anatomy.name
+    for axis in ("depth", "hidden"):
+        if getattr(cfg, axis) is not None:
+            raise UnsupportedModelError(
+                f"{name}: prune.{axis} is cut only for the supported families (outside them "
+                "pkdq prunes ffn and, where the config can express it, heads)")
+    if cfg.target is not None:
+        raise UnsupportedModelError(f"{name}: prune.target (the budget search) plans Llama-"
+                                    "layout shapes only; give prune.ffn / prune.heads")
+    for axis in cfg.axes():
+        criterion = getattr(cfg, axis).criterion
+        if criterion not in CRITERIA:
+            raise UnsupportedModelError(
+                f"{name}: prune.{axis}.criterion {criterion} is not offered outside the "
+                f"supported families (use {', '.join(CRITERIA)})")
+    if cfg.heads is not None:
+        _check_heads(anatomy)
+    plan = plan_prune(anatomy.dims(), cfg)
+    if cfg.heads is not None:
+        _check_head_config(anatomy, plan.after.heads)
+    return anatomy, plan
+
+
+def _check_heads(anatomy: DepAnatomy) -> None:
+    name = anatomy.name
+    if any(b.attn is None for b in anatomy.blocks):
+        raise UnsupportedModelError(
+            f"{name}: prune.heads needs separate q/k/v/o projections; this attention fuses "
+            "them, so whole heads cannot be cut cleanly")
+    if anatomy.kv_heads != anatomy.heads:
+        raise UnsupportedModelError(
+            f"{name}: prune.heads outside the supported families cuts whole MHA heads; this "
+            f"model shares {anatomy.kv_heads} K/V heads among {anatomy.heads} query heads")
+
+
+def _check_head_config(anatomy: DepAnatomy, kept: int) -> None:
+    """Build the pruned config on the meta device: its q projection must have `kept` heads of
+    the old head_dim, or the config cannot say what the cut model is."""
+    want = kept * anatomy.head_dim
+    probe = _config_with(anatomy.model.config, num_attention_heads=kept,
+                         num_key_value_heads=kept, head_dim=anatomy.head_dim)
+    try:
+        attn = _attention(_blocks_like(_meta_model(probe), anatomy)[0])
+        got = attn.q.out_features if attn else "no"
+    except Exception as exc:  # the model class's own check (OPT: embed_dim % num_heads)
+        got = f"an error: {str(exc).splitlines()[0]}"
+    if got != want:
+        raise UnsupportedModelError(
+            f"{anatomy.name}: prune.heads refused: transformers derives head_dim as hidden_size "
+            f"/ num_attention_heads for this class (a config with {kept} heads builds {got} "
+            f"q outputs, not {want}), so the config cannot express fewer heads")
+
+
+def _config_with(config: Any, **values: Any) -> Any:
+    out = config.__class__.from_dict(config.to_dict())
+    for key, value in values.items():
+        if key != "num_key_value_heads" or hasattr(config, key):
+            setattr(out, key, value)
+    return out
+
+
+def _meta_model(config: Any) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _blocks_like(model: nn.Module, anatomy: DepAnatomy) -> list[nn.Module]:
+    first = anatomy.blocks[0].prefix.rsplit(".", 1)[0]
+    return list(model.get_submodule(first))
+
+
+# ---------------------------------------------------------------------------- tracing
+
+
+@contextlib.contextmanager
+def _traced_attention(anatomy: DepAnatomy, arity: dict[int, int]) -> Iterator[None]:
+    """Swap each separate-q/k/v/o attention's forward for `o(q(x) + k(x) + v(x))` (see the module
+    docstring); `arity` is how many values the real forward returns."""
+    saved = []
+    for block in anatomy.blocks:
+        attn = block.attn
+        if attn is None:
+            continue
+        n_out = arity.get(id(attn.module), 2)
+        groups = attn.q.out_features // attn.k.out_features
+
+        def stand_in(_self, hidden_states=None, *args, _a=attn, _n=n_out, _g=groups, **kwargs):
+            x = hidden_states if hidden_states is not None else args[0]
+            k, v = _a.k(x), _a.v(x)
+            if _g > 1:  # GQA: each K/V channel feeds its group's query channels (FFN-only runs)
+                k, v = (t.repeat_interleave(_g, dim=-1) for t in (k, v))
+            out = _a.o(_a.q(x) + k + v)
+            return (out, *([None] * (_n - 1))) if _n > 1 else out
+
+        saved.append((attn.module, attn.module.__dict__.get("forward")))
+        attn.module.forward = types.MethodType(stand_in, attn.module)
+    try:
+        yield
+    finally:
+        for module, old in saved:
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+
+
+def _arity(anatomy: DepAnatomy, ids: torch.Tensor) -> tuple[dict[int, int], torch.Tensor]:
+    """How many values each attention forward returns, and the probe's logits (one real pass)."""
+    arity: dict[int, int] = {}
+
+    def hook(module, _args, output):
+        arity[id(module)] = len(output) if isinstance(output, tuple) else 1
+
+    handles = [b.attn.module.register_forward_hook(hook) for b in anatomy.blocks if b.attn]
+    try:
+        with torch.no_grad():
+            logits = anatomy.model(input_ids=ids, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return arity, logits
+
+
+def build_graph(anatomy: DepAnatomy, ids: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of the model (attention traced through the stand-in)."""
+    arity, _ = _arity(anatomy, ids)
+    model = anatomy.model
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with _traced_attention(anatomy, arity), torch.enable_grad(), warnings.catch_warnings():
+            # custom norms' bare weights: torch-pruning warns it would cut them; `_owner`
+            # refuses any group that reaches one
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs={"input_ids": ids, "use_cache": False},
+                output_transform=lambda out: out.logits)
+    except Exception as exc:  # torch-pruning's tracer raises anything on an unknown graph
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise UnsupportedModelError(f"{anatomy.name}: torch-pruning could not trace it "
+                                    f"({type(exc).__name__}: {first})") from exc
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------- groups and scores
+
+
+def _owner(graph: tp.DependencyGraph, block: Block, group: tp.Group, what: str,
+           allowed: set[int]) -> None:
+    """Refuse a group that reaches modules outside the ones this unit may own (a hidden-size
+    norm, another layer): cutting it would change widths the config holds fixed."""
+    for dep, _idxs in group:
+        module = dep.target.module
+        if isinstance(module, nn.Parameter):  # a bare weight (a custom norm): hidden-sized
+            raise UnsupportedModelError(
+                f"{block.prefix}: torch-pruning couples the {what} to a bare parameter of shape "
+                f"{tuple(module.shape)}; refusing a cut the config cannot express")
+        if isinstance(module, nn.Module) and not type(module).__module__.startswith(
+                "torch_pruning") and id(module) not in allowed:
+            name = graph._module2name.get(module, type(module).__name__)
+            raise UnsupportedModelError(
+                f"{block.prefix}: torch-pruning couples the {what} to {name}, outside the "
+                "block's own projections; refusing a cut the config cannot express")
+
+
+def ffn_group(graph: tp.DependencyGraph, block: Block, idxs: list[int]) -> tp.Group:
+    group = graph.get_pruning_group(block.ffn_out, tp.prune_linear_in_channels, idxs=idxs)
+    skip = {id(m) for m in block.attn.module.modules()} if block.attn else set()
+    allowed = {id(m) for m in block.layer.modules() if id(m) not in skip}
+    _owner(graph, block, group, "FFN neurons", allowed)
+    return group
+
+
+def head_group(graph: tp.DependencyGraph, block: Block, head_dim: int,
+               heads: list[int]) -> tp.Group:
+    idxs = [h * head_dim + j for h in heads for j in range(head_dim)]
+    attn = block.attn
+    group = graph.get_pruning_group(attn.q, tp.prune_linear_out_channels, idxs=idxs)
+    _owner(graph, block, group, "attention heads",
+           {id(attn.q), id(attn.k), id(attn.v), id(attn.o)})
+    touched = {id(dep.target.module) for dep, _ in group}
+    if not {id(attn.k), id(attn.v), id(attn.o)} <= touched:
+        raise UnsupportedModelError(f"{block.prefix}: torch-pruning did not couple q's heads to "
+                                    "k, v and the output projection; refusing to cut heads")
+    return group
+
+
+def _generator(seed: int, axis: str) -> torch.Generator:
+    """The stage's per-axis random stream (same seed arithmetic as `stage._generator`)."""
+    return torch.Generator().manual_seed(seed * 1000 + zlib.crc32(axis.encode()) % 1000)
+
+
+@torch.no_grad()
+def activation_scores(anatomy: DepAnatomy, blocks: torch.Tensor, heads: bool,
+                      stage: str, batch_size: int = 4) -> tuple[list, list]:
+    """Minitron's per-unit activation (mean |x| over the sequence, L2 over blocks) at the FFN's
+    out-projection input and, per head, at the attention out-projection's input."""
+    n, hd = len(anatomy.blocks), anatomy.head_dim
+    ffn = [torch.zeros(anatomy.ffn, dtype=torch.float64) for _ in range(n)]
+    head = [torch.zeros(anatomy.heads, dtype=torch.float64) for _ in range(n)]
+
+    def add(store: torch.Tensor, x: torch.Tensor) -> None:
+        store += x.detach().to(torch.float64).mean(dim=1).pow(2).sum(dim=0)
+
+    handles = []
+    for i, block in enumerate(anatomy.blocks):
+        handles.append(block.ffn_out.register_forward_pre_hook(
+            lambda _m, args, i=i: add(ffn[i], args[0].abs())))
+        if heads:
+            handles.append(block.attn.o.register_forward_pre_hook(
+                lambda _m, args, i=i: add(head[i], args[0].unflatten(-1, (-1, hd)).norm(dim=-1))))
+    progress = Progress(stage, total=len(blocks), unit="calibration block")
+    try:
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size]
+            anatomy.model(input_ids=batch, use_cache=False)
+            progress.update(start + len(batch), tokens=batch.numel())
+    finally:
+        for h in handles:
+            h.remove()
+    return [s.sqrt() for s in ffn], [s.sqrt() for s in head]
+
+
+def _magnitude(group: tp.Group, criterion: str) -> torch.Tensor:
+    p = 1 if criterion == "magnitude" else 2
+    scorer = tp.importance.GroupMagnitudeImportance(p=p, group_reduction="sum", normalizer=None)
+    return scorer(group).detach().to(torch.float64)
+
+
+def _lowest(scores: torch.Tensor, keep: int) -> list[int]:
+    """Indices of the units to remove: all but the `keep` highest scores, sorted."""
+    kept = set(torch.topk(scores, keep).indices.tolist())
+    return [i for i in range(len(scores)) if i not in kept]
+
+
+# ---------------------------------------------------------------------------- the cut
+
+
+def prune_with_depgraph(anatomy: DepAnatomy, plan: PrunePlan, cfg: PruneConfig,
+                        blocks: torch.Tensor | None, seed: int,
+                        stage: str = "prune") -> dict[str, Any]:
+    """Score on the unpruned model, cut heads then FFN through torch-pruning's groups, update
+    the config, verify a stock rebuild; returns what was removed (for metrics)."""
+    model = anatomy.model
+    ids = torch.arange(PROBE_TOKENS)[None, :] % int(model.config.vocab_size)
+    graph = build_graph(anatomy, ids)
+    acts = (activation_scores(anatomy, blocks, cfg.heads is not None, stage)
+            if cfg.needs_calibration() else None)
+    removed: dict[str, Any] = {"method": "torch-pruning dependency graph "
+                                         f"{tp.__version__}"}
+    head_cuts, ffn_cuts = [], []
+    hd, after = anatomy.head_dim, plan.after
+    gens = {axis: _generator(seed, axis) for axis in ("heads", "ffn")}
+    for i, block in enumerate(anatomy.blocks):  # score everything before cutting anything
+        if cfg.heads is not None:
+            criterion = cfg.heads.criterion
+            if criterion == "activation":
+                scores = acts[1][i]
+            elif criterion == "random":
+                scores = torch.rand(anatomy.heads, generator=gens["heads"],
+                                    dtype=torch.float64)
+            else:
+                per_channel = _magnitude(head_group(graph, block, hd,
+                                                    list(range(anatomy.heads))), criterion)
+                scores = per_channel.view(-1, hd).sum(dim=1)
+            head_cuts.append(_lowest(scores, after.heads))
+        if cfg.ffn is not None:
+            criterion = cfg.ffn.criterion
+            if criterion == "activation":
+                scores = acts[0][i]
+            elif criterion == "random":
+                scores = torch.rand(anatomy.ffn, generator=gens["ffn"],
+                                    dtype=torch.float64)
+            else:
+                scores = _magnitude(ffn_group(graph, block, list(range(anatomy.ffn))),
+                                    criterion)
+            ffn_cuts.append(_lowest(scores, after.ffn))
+    config = model.config
+    if head_cuts:
+        for block, cut in zip(anatomy.blocks, head_cuts, strict=True):
+            head_group(graph, block, hd, cut).prune()
+        config.num_attention_heads = after.heads
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = after.heads
+        config.head_dim = hd
+        removed["heads_removed"] = head_cuts
+    if ffn_cuts:
+        for block, cut in zip(anatomy.blocks, ffn_cuts, strict=True):
+            ffn_group(graph, block, cut).prune()
+        setattr(config, anatomy.ffn_key, after.ffn)
+    verify_rebuild(model, ids)
+    return removed
+
+
+@torch.no_grad()
+def verify_rebuild(model: nn.Module, ids: torch.Tensor) -> None:
+    """The model transformers builds from the new config, holding the pruned tensors (shared,
+    not copied), must match every shape and give identical logits; else refuse in one line."""
+    name = type(model).__name__
+    rebuilt = _meta_model(model.config)
+    try:
+        rebuilt.load_state_dict(model.state_dict(), strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UnsupportedModelError(f"{name}: transformers rebuilds the pruned config with other "
+                                    f"shapes ({detail})") from exc
+    for key, buffer in model.named_buffers():
+        owner, _, attr = key.rpartition(".")
+        target = rebuilt.get_submodule(owner)
+        if getattr(target, attr).is_meta:
+            target._buffers[attr] = buffer
+    for ((module, attr), _meta), (_live_key, live) in zip(
+            tensor_attributes(rebuilt), tensor_attributes(model), strict=True):
+        setattr(module, attr, live)
+    rebuilt.eval()
+    want = model(input_ids=ids, use_cache=False).logits
+    got = rebuilt(input_ids=ids, use_cache=False).logits
+    if not torch.equal(want, got):
+        diff = (want - got).abs().max().item()
+        raise UnsupportedModelError(f"{name}: transformers' rebuild of the pruned model differs "
+                                    f"from it (max |logit diff| {diff:.3g})")
+
+
+def tensor_attributes(model: nn.Module) -> list[tuple[tuple[nn.Module, str], torch.Tensor]]:
+    """Plain tensor attributes of modules (rotary `original_inv_freq`), which neither the
+    state dict nor the buffers carry: the rebuild borrows the live model's."""
+    out = []
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not attr.startswith("_"):
+                out.append(((module, attr), value))
+    return out
+
