@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import types
 import warnings
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +55,7 @@ from torch import nn
 from tasks.core.common import Progress
 from tasks.core.dims import Dims
 from tasks.core.recipe import PruneConfig
+from tasks.prune.importance import axis_generator
 from tasks.prune.plan import PrunePlan, plan_prune
 from tasks.prune.units import UnsupportedModelError
 
@@ -367,10 +367,6 @@ def head_group(graph: tp.DependencyGraph, block: Block, head_dim: int,
     return group
 
 
-def _generator(seed: int, axis: str) -> torch.Generator:
-    """The stage's per-axis random stream (same seed arithmetic as `stage._generator`)."""
-    return torch.Generator().manual_seed(seed * 1000 + zlib.crc32(axis.encode()) % 1000)
-
 
 @torch.no_grad()
 def activation_scores(anatomy: DepAnatomy, blocks: torch.Tensor, heads: bool,
@@ -432,7 +428,7 @@ def prune_with_depgraph(anatomy: DepAnatomy, plan: PrunePlan, cfg: PruneConfig,
                                          f"{tp.__version__}"}
     head_cuts, ffn_cuts = [], []
     hd, after = anatomy.head_dim, plan.after
-    gens = {axis: _generator(seed, axis) for axis in ("heads", "ffn")}
+    gens = {axis: axis_generator(seed, axis) for axis in ("heads", "ffn")}
     for i, block in enumerate(anatomy.blocks):  # score everything before cutting anything
         if cfg.heads is not None:
             criterion = cfg.heads.criterion

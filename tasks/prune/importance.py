@@ -15,6 +15,7 @@ perplexity rise when the layer is skipped, or random.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -187,6 +188,11 @@ def release_gradients(anatomy: Anatomy) -> None:
     for p in anatomy.model.parameters():
         p.grad = None
         p.requires_grad_(False)
+
+
+def axis_generator(seed: int, axis: str) -> torch.Generator:
+    """A random stream per axis, so adding an axis never changes another axis's random picks."""
+    return torch.Generator().manual_seed(seed * 1000 + zlib.crc32(axis.encode()) % 1000)
 
 
 def random_scores(size: int, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,6 @@ config.json that stock `AutoModelForCausalLM.from_pretrained` loads. Kept sizes 
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from tasks.prune.importance import (
     ActivationScores,
     accumulate_gradients,
     activation_scores,
+    axis_generator,
     random_scores,
     release_gradients,
     skip_layer_ppl_increase,
@@ -71,10 +71,6 @@ def calibration_blocks(tokenizer, cfg: PruneConfig, ctx: StageContext,
 def _criteria(cfg: PruneConfig) -> dict[str, str]:
     return {axis: getattr(cfg, axis).criterion for axis in cfg.axes()}
 
-
-def _generator(seed: int, axis: str) -> torch.Generator:
-    """A random stream per axis, so adding an axis never changes another axis's random picks."""
-    return torch.Generator().manual_seed(seed * 1000 + zlib.crc32(axis.encode()) % 1000)
 
 
 def _unit_scores(criterion: str, n_layers: int, couplings: Callable[[int], list[Coupling]],
@@ -141,16 +137,16 @@ def score_axes(cfg: PruneConfig, measured: Measurements, seed: int) -> AxisScore
             cfg.heads.criterion, n, anatomy.kv_group_units if kv else anatomy.query_head_units,
             lambda: (measured.activations().kv_groups(anatomy.q_per_group) if kv
                      else measured.activations().query_heads),
-            anatomy.n_kv if kv else anatomy.n_heads, _generator(seed, "heads"))
+            anatomy.n_kv if kv else anatomy.n_heads, axis_generator(seed, "heads"))
     if cfg.ffn:
         out.ffn = _unit_scores(cfg.ffn.criterion, n, anatomy.ffn_units,
                                lambda: measured.activations().ffn, anatomy.ffn,
-                               _generator(seed, "ffn"))
+                               axis_generator(seed, "ffn"))
     if cfg.hidden:
         out.hidden = _unit_scores(cfg.hidden.criterion, 1,
                                   lambda _i: anatomy.hidden_units(norms=False),
                                   lambda: [measured.activations().hidden], anatomy.hidden,
-                                  _generator(seed, "hidden"))[0]
+                                  axis_generator(seed, "hidden"))[0]
     if cfg.depth:
         criterion = cfg.depth.criterion
         if criterion == "block_influence":
@@ -158,7 +154,7 @@ def score_axes(cfg: PruneConfig, measured: Measurements, seed: int) -> AxisScore
         elif criterion == "ppl_skip":
             out.depth = measured.skip_increase()
         else:
-            out.depth = random_scores(n, _generator(seed, "depth"))
+            out.depth = random_scores(n, axis_generator(seed, "depth"))
     return out
 
 
