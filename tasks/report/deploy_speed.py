@@ -148,7 +148,7 @@ def speed_note(data: dict[str, Any]) -> str:
     def join(values: list[Any]) -> str:
         return "/".join(str(v) for v in values) or "?"
 
-    return (f"{', '.join(runtimes)}, {join(threads)} threads; prompt {join(prompts)} tokens "
+    return (f"{', '.join(runtimes)}, threads {join(threads)}; prompt {join(prompts)} tokens "
             f"(fixed random ids), greedy decode {join(new)} tokens, median of {join(repeats)} "
             "after a warm-up; each GGUF (pkdq's own exporter) timed in a fresh process, whose "
             "peak RSS is Python + llama.cpp + the model. transformers rows: the stage's "
@@ -165,7 +165,9 @@ def goal_sentence(summary: dict[str, Any] | None) -> str:
                 "measured in llama.cpp).")
     verdict = (f"met by {', '.join(summary['met_by'])}" if summary["met"] else "not met")
     return (f"Goal for {summary['final_stage']} in llama.cpp (decode ≥ 2x baseline f16 and ≥ "
-            f"1.3x baseline at the same type, ≤ 0.30x baseline bf16 bytes): **{verdict}**.")
+            f"1.3x baseline at the same type, ≤ 0.30x baseline bf16 bytes): **{verdict}**. "
+            "Bytes: the GGUF file, tokenizer included, against the baseline's parameters at 2 "
+            "bytes each.")
 
 
 def speed_markdown(data: dict[str, Any]) -> list[str]:
@@ -176,15 +178,15 @@ def speed_markdown(data: dict[str, Any]) -> list[str]:
     if not rows:
         return []
 
-    def table(columns: list[str], body: list[list[Cell]], numeric_from: int) -> list[str]:
-        align = ["---" if i < numeric_from else "---:" for i in range(len(columns))]
+    def table(columns: list[str], body: list[list[Cell]], numeric: range) -> list[str]:
+        align = ["---:" if i in numeric else "---" for i in range(len(columns))]
         return ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |",
                 *("| " + " | ".join(cell_text(c).replace("|", "\\|") for c in row) + " |"
                   for row in body)]
 
     summary = data.get("deploy_speed")
     lines = ["## Speed where it is deployed", "", speed_note(data), "",
-             *table(COLUMNS, rows, 4), "", goal_sentence(summary), ""]
+             *table(COLUMNS, rows, range(4, 8)), "", goal_sentence(summary), ""]
     if summary:
-        lines += [*table(GOAL_COLUMNS, goal_rows(summary), 1), ""]
+        lines += [*table(GOAL_COLUMNS, goal_rows(summary), range(1, 4)), ""]
     return lines
