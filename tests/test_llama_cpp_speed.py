@@ -141,6 +141,17 @@ def test_report_shows_speed_where_deployed_and_the_goal(speed_run):
     assert browser.check_dom(html, data)["mismatches"] == []
 
 
+def test_speed_table_renders_in_chromium_with_the_report_numbers(speed_run):
+    from tasks.report import browser
+
+    if browser.find_chromium() is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    data = json.loads(speed_run["paths"]["json"].read_text())
+    result = browser.check_rendered(speed_run["paths"]["html"], data)
+    assert result["rendered"] and result["mismatches"] == [], result
+    assert result["numbers_checked"] >= 3 * 9 + 2 * 3  # speed rows and goal ratios among them
+
+
 def test_a_finished_measurement_is_reused_and_a_changed_one_redone(speed_run, capsys):
     run_dir, stage, recipe = speed_run["run_dir"], speed_run["stages"][2], speed_run["recipe"]
     file = run_dir / stage.folder / LLAMA_CPP_FILE
