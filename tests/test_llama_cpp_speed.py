@@ -199,3 +199,41 @@ def test_an_architecture_without_gguf_mapping_is_one_line_not_a_failure(tmp_path
     assert reused
     rows = speed_rows({"stages": [{"stage": "00-baseline", "llama_cpp": got, "eval": None}]})
     assert rows[0][3].startswith("not measured: GGUF export writes")
+
+
+def _stage(name: str, rows: list[dict] | None, params: int | None = None) -> dict:
+    return {"stage": name, "eval": {"params": params} if params else None,
+            "llama_cpp": None if rows is None else {"rows": rows, "refused": None}}
+
+
+def _timed(qtype: str, decode: float, mb: float) -> dict:
+    return {"type": qtype, "decode_tok_s": decode, "file_bytes": mb * 1e6}
+
+
+def test_goal_is_judged_on_the_final_model_against_the_baseline():
+    """SmolLM2-like numbers: baseline 135M params (270 MB in bf16), f16 36 tok/s, q4_0 55."""
+    from tasks.report.deploy_speed import deploy_summary
+
+    base = _stage("00-baseline", [_timed("f16", 36.0, 270.9), _timed("q4_0", 55.0, 91.7)],
+                  params=135_000_000)
+    hit = deploy_summary([base, _stage("01-prune", []),
+                          _stage("02-quantize", [_timed("q4_0", 72.0, 80.0)])])
+    (row,) = hit["by_type"]
+    assert row["decode_vs_baseline_f16"] == pytest.approx(2.0)
+    assert row["decode_vs_baseline_same_type"] == pytest.approx(72 / 55)
+    assert row["bytes_vs_baseline_bf16"] == pytest.approx(80 / 270)
+    assert hit["met"] and hit["met_by"] == ["q4_0"] and hit["final_stage"] == "02-quantize"
+    # 1% slower: decode below 2x the f16 baseline, and the goal is not met
+    miss = deploy_summary([base, _stage("02-quantize", [_timed("q4_0", 71.3, 80.0)])])
+    assert not miss["met"] and miss["by_type"][0]["met"] is False
+    # fast enough but too big
+    big = deploy_summary([base, _stage("02-quantize", [_timed("q4_0", 90.0, 82.0)])])
+    assert not big["met"]
+    # a type the baseline was not timed at cannot be judged
+    k = deploy_summary([base, _stage("02-quantize", [_timed("q4_k_m", 90.0, 60.0)])])
+    assert k["by_type"][0]["met"] is None and not k["met"]
+    # a final model llama.cpp could not take judges nothing; no baseline record: not judged
+    refused = _stage("02-quantize", [])
+    refused["llama_cpp"]["refused"] = "GGUF export writes llama, ... only"
+    assert deploy_summary([base, refused])["by_type"] == []
+    assert deploy_summary([_stage("00-baseline", None, 10), refused]) is None

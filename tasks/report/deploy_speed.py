@@ -39,21 +39,21 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def deploy_summary(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The goal ratios of the final model measured in llama.cpp (None: nothing measured).
+    """The goal ratios of the run's final model in llama.cpp; None until both the baseline and
+    the last stage have a llama.cpp record (a refused one judges nothing: no types, not met).
 
-    The final model is the last stage with a llama.cpp measurement; each of its GGUF types is
-    compared with the baseline in f16 and at that type.
+    Each GGUF type the final model was timed at is compared with the baseline in f16 and at
+    that type.
     """
-    measured = [e for e in stages if (e.get("llama_cpp") or {}).get("rows")]
     base = next((e for e in stages if e["stage"].endswith("baseline")), None)
-    if not measured or base is None or measured[-1] is base:
+    final = stages[-1] if stages else None
+    if base is None or final is base or not (base.get("llama_cpp") and final.get("llama_cpp")):
         return None
-    final = measured[-1]
     base_rows = _timed((base.get("llama_cpp") or {}).get("rows") or [])
     params = (base.get("eval") or {}).get("params")
     bf16 = params * BF16_BYTES if params else None
     by_type = []
-    for qtype, row in _timed(final["llama_cpp"]["rows"]).items():
+    for qtype, row in _timed(final["llama_cpp"].get("rows") or []).items():
         ratios = {
             "decode_vs_baseline_f16": _ratio(row["decode_tok_s"],
                                              (base_rows.get("f16") or {}).get("decode_tok_s")),
