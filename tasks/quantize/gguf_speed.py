@@ -11,6 +11,7 @@ An architecture (or tokenizer) the exporter cannot write is one line (`refusal`)
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def gguf_speed_rows(model_path: Path, qtypes: list[str], work: Path, prompt_toke
             rows.append({"type": qtype, "refused": _one_line(exc)})
         except LlamaCppError as exc:  # the runtime, not the model: worth another try later
             rows.append({"type": qtype, "error": _one_line(exc)})
+        except subprocess.TimeoutExpired as exc:  # a machine too busy to finish in time
+            rows.append({"type": qtype, "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"})
     return {"rows": rows, "refused": None}
 
 
