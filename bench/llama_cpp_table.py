@@ -46,28 +46,28 @@ def _gptq_baseline(base: Path, work: Path, threads: int) -> Path:
 
 def _row(name: str, src: Path, fmt: str, work: Path, threads: int, fresh: bool
          ) -> dict[str, Any]:
-    from tasks.core.llama_cpp import llama_cpp_perplexity, llama_cpp_speed
-    from tasks.quantize import export_model
+    from tasks.core.llama_cpp import llama_cpp_perplexity
+    from tasks.quantize import gguf_speed_row
 
     cached = work / "rows" / f"{name}.json"
     if cached.is_file() and not fresh:
         return json.loads(cached.read_text())
     print(f"[llama-cpp-table] {name}: {fmt} of {src}", file=sys.stderr, flush=True)
-    dest = work / "exports" / name
-    record = export_model(src, dest, fmt, overwrite=True, verify=False, threads=threads)
-    gguf = dest / "model.gguf"
+    gguf = work / "exports" / name / "model.gguf"
+    # the same export and timing as a run's llama.cpp speed unit; the file is kept for the ppl
+    speed = gguf_speed_row(src, fmt.removeprefix("gguf-"), gguf, PROMPT, DECODE, threads,
+                           repeats=3, keep=True)
     ppl = _pkdq_ppl(src, threads)
     start = time.perf_counter()
     got = llama_cpp_perplexity(gguf, ids=ppl.pop("ids"), max_length=WINDOW, threads=threads)
+    gguf.unlink()
     row = {
-        "name": name, "source": str(src), "format": fmt, "file_mb": gguf.stat().st_size / 1e6,
-        "tensor_types": record["written"]["tensor_types"],
-        "exact_grid": record["written"].get("exact_grid", False),
-        "exact_grid_note": record["written"].get("exact_grid_note"),
+        "name": name, "source": str(src), "format": fmt, "file_mb": speed["file_bytes"] / 1e6,
+        "tensor_types": speed["tensor_types"], "exact_grid": speed["grid"] == "exact",
+        "exact_grid_note": speed["grid_note"],
         "pkdq_perplexity": ppl["token_perplexity"], "pkdq_loader": ppl["loader"],
         "llama_cpp_perplexity": got["token_perplexity"],
-        "llama_cpp_ppl_s": time.perf_counter() - start,
-        "speed": llama_cpp_speed(gguf, PROMPT, DECODE, threads=threads, repeats=3),
+        "llama_cpp_ppl_s": time.perf_counter() - start, "speed": speed,
     }
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(row, indent=1))

@@ -45,6 +45,9 @@ from tasks.run_folder import (
 BASELINE = "baseline"
 RUN_FILE = "run.json"
 EVAL_DONE = EVAL_FILE + ".done"  # an evaluation's record, beside its stage's stage.json
+LLAMA_CPP_FILE = "llama_cpp.json"  # a stage's speed in llama.cpp (`llama_cpp_unit`)
+LLAMA_CPP_DONE = LLAMA_CPP_FILE + ".done"
+LLAMA_CPP_WORK = "llama_cpp"  # the GGUF being timed; removed once timed
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,7 @@ def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
     from tasks.evaluate import evaluate_model
 
     folder.mkdir(parents=True, exist_ok=True)
-    key = stage_key("evaluate", model.fingerprint, recipe.evaluate.model_dump(mode="json"),
-                    recipe.seed)
+    key = stage_key("evaluate", model.fingerprint, recipe.evaluate.unit_config(), recipe.seed)
     record, why = check_finished(folder, key, EVAL_DONE, check_model=False)
     if record is not None and not (folder / EVAL_FILE).is_file():  # a record listing no files
         record, why = None, f"{EVAL_FILE} is missing"
@@ -334,12 +336,90 @@ def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
                              files=files), False
 
 
+def llama_cpp_unit(folder: Path, name: str, recipe: Recipe,
+                   model: ModelRef) -> tuple[dict[str, Any] | None, bool]:
+    """Time `model` in llama.cpp as each GGUF type `evaluate.speed.llama_cpp` lists, into
+    `folder`/llama_cpp.json, once per (model fingerprint, types, prompt, threads): (record,
+    reused); (None, False) when the recipe does not ask for it.
+
+    The GGUF files are written into `llama_cpp/`, emptied first (a file an interrupted attempt
+    left is never timed) and removed once timed: one on disk at a time. An architecture the
+    exporter cannot write is recorded in one line and sealed like a measurement; llama.cpp
+    failing (the runtime, not the model) is recorded but not sealed, so a rerun tries again.
+    Neither fails the run.
+    """
+    import os
+    import shutil
+
+    from tasks.core.model_store import read_config
+    from tasks.quantize import gguf_speed_rows
+
+    speed = recipe.evaluate.speed
+    if not speed.llama_cpp_on():
+        return None, False
+    types = list(speed.llama_cpp.types)
+    config = {"types": types, "prompt_tokens": speed.prompt_tokens,
+              "new_tokens": speed.new_tokens, "repeats": speed.repeats,
+              "threads": recipe.threads}
+    key = stage_key("llama_cpp_speed", model.fingerprint, config, recipe.seed)
+    record, why = check_finished(folder, key, LLAMA_CPP_DONE, check_model=False)
+    if record is not None:
+        print(f"[{name}] llama.cpp speed finished earlier: reused", flush=True)
+        return record, True
+    if why:
+        print(f"[{name}] llama.cpp speed finished earlier but {why}: recomputing", flush=True)
+    (folder / LLAMA_CPP_DONE).unlink(missing_ok=True)
+    (folder / LLAMA_CPP_FILE).unlink(missing_ok=True)
+    print(f"[{name}] llama.cpp speed: {', '.join(types)} GGUF of {model.path.name}", flush=True)
+    prompt = speed.prompt_within(read_config(model.path).get("max_position_embeddings"))
+    work = folder / LLAMA_CPP_WORK
+    begin_stage(work)
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    try:
+        with _unfinished_on_disk_full(work):
+            measured = gguf_speed_rows(model.path, types, work, prompt, speed.new_tokens,
+                                       recipe.threads, speed.repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"model_path": str(model.path), **config, "prompt_tokens": prompt, **measured,
+              # other processes on the CPU slow every rate; the run cannot know whether they
+              # ran, the load average before timing is the one hint it has
+              "load_average_1m_before": load, "cpus": os.cpu_count(),
+              "wall_s": time.perf_counter() - started}
+    write_json_atomic(folder / LLAMA_CPP_FILE, result)
+    for line in _llama_cpp_lines(result):
+        print(f"[{name}] {line}", flush=True)
+    if any("error" in row for row in result["rows"]):
+        return None, False
+    return finish_record(folder, key, model, {"llama_cpp": LLAMA_CPP_FILE}, LLAMA_CPP_DONE,
+                         files=[LLAMA_CPP_FILE]), False
+
+
+def _llama_cpp_lines(result: dict[str, Any]) -> list[str]:
+    """What the terminal shows of a llama.cpp speed unit: a line per type, or the refusal."""
+    if result.get("refused"):
+        return [f"llama.cpp speed not measured: {result['refused']}"]
+    lines = []
+    for row in result["rows"]:
+        if "prefill_tok_s" in row:
+            lines.append(f"llama.cpp {row['type']} ({row['grid']}, "
+                         f"{row['file_bytes'] / 1e6:,.1f} MB): prefill "
+                         f"{row['prefill_tok_s']:,.0f} tok/s, decode {row['decode_tok_s']:.1f} "
+                         f"tok/s, peak RSS {row['peak_rss_mb']:,.0f} MB")
+        else:
+            lines.append(f"llama.cpp {row['type']}: not measured: "
+                         f"{row.get('refused') or row.get('error')}")
+    return lines
+
+
 def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,
                    model: ModelRef) -> tuple[dict[str, Any], bool]:
-    """Evaluate a stage's model once per (model fingerprint, eval config, seed); the stage's
-    model card is rewritten with the scores."""
+    """Evaluate a stage's model once per (model fingerprint, eval config, seed), then time it in
+    llama.cpp when the recipe asks (`llama_cpp_unit`); the stage's model card is rewritten with
+    the scores."""
     out = evaluate_unit(run_dir / stage.folder, stage.folder, recipe, model,
                         baseline=stage.kind == BASELINE)
+    llama_cpp_unit(run_dir / stage.folder, stage.folder, recipe, model)
     for other in plan(recipe)[1:]:  # the baseline's scores enter every stage's card
         if other.index == stage.index or stage.kind == BASELINE:
             write_stage_card(run_dir, other.folder, recipe)

@@ -179,3 +179,24 @@ def test_validate_stays_torch_free():
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_llama_cpp_speed_is_its_own_unit_and_off_unless_asked():
+    """`evaluate.speed.llama_cpp`: on in the default and llama.cpp recipes, off by default; it
+    never enters the evaluation's key or an unset dump (finished evaluations stay reusable)."""
+    from tasks.core.recipe import EvalConfig
+
+    for name in ("smollm2-ffn25-kd-w4", "smollm2-ffn25-kd-w4-llamacpp"):
+        speed = load_recipe(name).evaluate.speed
+        assert speed.llama_cpp_on() and speed.llama_cpp.types == ["f16", "q4_0"]
+    plain, timed = EvalConfig(), EvalConfig(speed={"llama_cpp": {"types": ["q4_k_m"]}})
+    assert "llama_cpp" not in plain.model_dump(mode="json")["speed"]
+    assert plain.unit_config() == timed.unit_config() == plain.model_dump(mode="json")
+    assert not plain.speed.llama_cpp_on()
+    assert not EvalConfig(speed={"llama_cpp": {"enabled": False}}).speed.llama_cpp_on()
+    assert timed.speed.prompt_within(256) == 192 and timed.speed.prompt_within(None) == 512
+    for types, fragment in ((["f16", "f16"], "types must be unique"),
+                            (["q3_k"], "evaluate.speed.llama_cpp.types[0]: Input should be")):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(_minimal(evaluate={"speed": {"llama_cpp": {"types": types}}}), "my.yaml")
+        assert fragment in str(info.value) and "\n" not in str(info.value)

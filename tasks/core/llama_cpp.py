@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.core.peak_memory import peak_rss_bytes
 from tasks.core.perplexity import perplexity
 
 PIN = "llama-cpp-python==0.3.36"
@@ -100,7 +100,10 @@ def _last_logits(llm, vocab: int) -> np.ndarray:
 def _speed_here(gguf_path: Path, prompt_tokens: int, decode_tokens: int, threads: int,
                 repeats: int) -> dict[str, Any]:
     """Runs in the measuring process: median prefill and decode rates over `repeats`."""
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: Linux carries the parent's RSS at fork into a child's ru_maxrss
+    # across exec, so a child of a process holding torch and a model "peaked" at the parent's
+    # size (2.5 GB reported for a 270 MB GGUF) before it loaded anything
+    baseline_kb = peak_rss_bytes() / 1024
     llm = open_gguf(gguf_path, n_ctx=prompt_tokens + decode_tokens, threads=threads)
     vocab = llm.n_vocab()
     rng = np.random.default_rng(0)
@@ -117,7 +120,7 @@ def _speed_here(gguf_path: Path, prompt_tokens: int, decode_tokens: int, threads
         prefill.append(prompt_tokens / (mid - start))
         decode.append(decode_tokens / (end - mid))
     llm.close()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = peak_rss_bytes() / 1024
     return {"prefill_tok_s": float(np.median(prefill[1:])),
             "decode_tok_s": float(np.median(decode[1:])),
             "peak_rss_mb": peak_kb / 1024, "process_before_load_mb": baseline_kb / 1024,

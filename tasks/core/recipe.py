@@ -464,6 +464,28 @@ class WikitextEval(Strict):
                               "rolling wikitext task (seeded); 0 = skip, null = all 62")
 
 
+GgufType = Literal["f16", "q8_0", "q4_0", "q4_k_m"]  # what tasks.quantize's exporter writes
+
+
+class LlamaCppSpeed(Strict):
+    """Speed where CPU users deploy: every stage's model (the baseline's too) exported to GGUF
+    by pkdq's own exporter and timed in llama.cpp, with `speed`'s prompt and new tokens and the
+    run's threads. A unit of its own (`tasks.pipeline.llama_cpp_unit`), so turning it on never
+    re-runs an evaluation."""
+
+    enabled: bool = True
+    types: list[GgufType] = Field(
+        ["f16", "q4_0"], min_length=1, max_length=4,
+        description="GGUF types each stage is exported to and timed in; q4_0/q8_0 hold a GPTQ "
+        "grid with bits 4/8, sym, group_size 32 exactly, any other is re-gridded")
+
+    @model_validator(mode="after")
+    def _unique_types(self) -> LlamaCppSpeed:
+        if len(set(self.types)) != len(self.types):
+            raise ValueError(f"types must be unique; got {self.types}")
+        return self
+
+
 class SpeedEval(Strict):
     """CPU generation speed, measured the same way for every stage's model."""
 
@@ -471,6 +493,28 @@ class SpeedEval(Strict):
     prompt_tokens: int = Field(512, ge=8, le=8192, description="prefill length (WikiText text)")
     new_tokens: int = Field(64, ge=1, le=4096, description="greedy tokens decoded with KV cache")
     repeats: int = Field(3, ge=1, le=50, description="timed repeats; the median is reported")
+    llama_cpp: LlamaCppSpeed | None = Field(
+        None, description="also time each stage's GGUF export in llama.cpp (null: off)")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_llama_cpp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave `llama_cpp` out while unset: comparison folders hash this dump, and recipes
+        that never ask for it keep the names and keys they had before the field existed."""
+        data = handler(self)
+        if data.get("llama_cpp") is None:
+            data.pop("llama_cpp", None)
+        return data
+
+    def llama_cpp_on(self) -> bool:
+        return self.llama_cpp is not None and self.llama_cpp.enabled
+
+    def prompt_within(self, positions: int | None) -> int:
+        """The prompt length that leaves room for `new_tokens` in a model with `positions`
+        (max_position_embeddings; 0/None: no limit), at least 8: one rule for both runtimes,
+        so transformers and llama.cpp time the same prompt."""
+        if not positions:
+            return self.prompt_tokens
+        return max(8, min(self.prompt_tokens, int(positions) - self.new_tokens))
 
 
 BUILTIN_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande",
@@ -538,6 +582,13 @@ class EvalConfig(Strict):
         data = handler(self)
         if data.get("include_path") is None:
             data.pop("include_path", None)
+        return data
+
+    def unit_config(self) -> dict[str, Any]:
+        """What keys the evaluation unit: the whole config but `speed.llama_cpp`, which is a
+        unit of its own; turning it on or off never re-runs an evaluation."""
+        data = self.model_dump(mode="json")
+        data["speed"].pop("llama_cpp", None)
         return data
 
     def task_names(self) -> list[str]:

@@ -379,10 +379,7 @@ def speed_section(model: Any, cfg: SpeedEval) -> dict[str, Any] | None:
 
     from tasks.evaluate.speed import measure_latency
 
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-    prompt_tokens = cfg.prompt_tokens
-    if limit:
-        prompt_tokens = max(8, min(prompt_tokens, limit - cfg.new_tokens))
+    prompt_tokens = cfg.prompt_within(getattr(model.config, "max_position_embeddings", 0))
     speed = measure_latency(model, prompt_tokens, cfg.new_tokens, cfg.repeats)
     speed.update(threads=torch.get_num_threads(),
                  dtype=str(next(model.parameters()).dtype).removeprefix("torch."))

@@ -8,6 +8,9 @@ _EXPORTS = {
     "GgufExportError": "gguf_export",
     "check_qtype": "gguf_export",  # refuses a qtype before the model is touched
     "GgufVerifyError": "gguf_verify",
+    # a model's GGUF export timed in llama.cpp: the run's speed unit and the bench table
+    "gguf_speed_rows": "gguf_speed",
+    "gguf_speed_row": "gguf_speed",
     "export_model": "export",  # `pkdq export`: a run/model folder in a served format, verified
     "check_export": "export",  # torch-free refusals (format, folders, architecture)
     "ExportError": "errors",

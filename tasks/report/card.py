@@ -161,11 +161,12 @@ def _size_lines(entry: dict[str, Any]) -> list[str]:
                   f"| {speed.get('decode_tokens_per_s', 0):.1f} tokens/s |",
                   f"| prefill, PyTorch CPU | {speed.get('prefill_tokens_per_s', 0):,.0f} "
                   "tokens/s |"]
-    llama = ev.get("speed_llama_cpp") or (entry.get("metrics") or {}).get("speed_llama_cpp")
-    if llama:
-        lines.append(f"| decode, llama.cpp ({llama.get('qtype', 'GGUF')}, "
-                     f"{llama.get('threads', '?')} threads) | "
-                     f"{llama.get('decode_tokens_per_s', 0):.1f} tokens/s |")
+    llama = entry.get("llama_cpp") or {}
+    for row in llama.get("rows") or []:
+        if "decode_tok_s" in row:
+            lines.append(f"| decode, llama.cpp ({row['type']} GGUF, {row['file_bytes'] / 1e6:,.1f}"
+                         f" MB, {llama.get('threads', '?')} threads) | "
+                         f"{row['decode_tok_s']:.1f} tokens/s |")
     return [*lines, ""]
 
 

@@ -4,6 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+Cell = str | dict[str, Any]  # a table cell: text, or {"text", "json", "value"} (html.py)
+DASH = "–"
+
+
+def json_path(prefix: str, *parts: Any) -> str:
+    """Dotted report.json path; list indices are plain parts ("stages.2.eval.params")."""
+    return ".".join(str(p) for p in (prefix, *parts) if str(p) != "")
+
+
+def num(path: str, value: Any, text: str) -> Cell:
+    """A numeric cell tied to report.json, or a dash when the number is missing."""
+    if value is None:
+        return DASH
+    return {"text": text, "json": path, "value": float(value)}
+
+
+def cell_text(cell: Cell) -> str:
+    """What a cell shows, for Markdown."""
+    return str(cell["text"]) if isinstance(cell, dict) else str(cell)
+
+
 RETENTION_NOTE = (
     "Score ± standard error; retention = stage / baseline; chance-normalised = "
     "(s − chance) / (b − chance); paired Δ = s − b over the same doc ids, its error from "

@@ -18,9 +18,15 @@ from typing import Any
 from tasks.core.common import read_json, write_text_atomic
 from tasks.report import plots
 from tasks.report.data_section import DATA_COLUMNS, DATA_NOTE, data_rows
+from tasks.report.deploy_speed import COLUMNS as SPEED_COLUMNS
+from tasks.report.deploy_speed import GOAL_COLUMNS, goal_rows, goal_sentence, speed_note, speed_rows
 from tasks.report.format import (
+    DASH,
     RETENTION_NOTE,
     SIZE_NOTE,
+    Cell,
+    json_path,
+    num,
     scores_note,
     served_label,
     short_stage,
@@ -29,22 +35,8 @@ from tasks.report.html import render_html
 from tasks.report.retention import primary_metric
 from tasks.report.side_by_side import GENERATIONS_NOTE, max_new_tokens, side_by_side
 
-Cell = str | dict[str, Any]
 Section = dict[str, Any]
-DASH = "–"
 ONE: Cell = {"text": "1"}  # the baseline against itself: numeric-looking, not a report number
-
-
-def json_path(prefix: str, *parts: Any) -> str:
-    """Dotted report.json path; list indices are plain parts ("stages.2.eval.params")."""
-    return ".".join(str(p) for p in (prefix, *parts) if str(p) != "")
-
-
-def num(path: str, value: Any, text: str) -> Cell:
-    """A numeric cell tied to report.json, or a dash when the number is missing."""
-    if value is None:
-        return DASH
-    return {"text": text, "json": path, "value": float(value)}
 
 
 def _pct(value: float) -> str:
@@ -321,6 +313,23 @@ def environment_sections(run: dict[str, Any], prefix: str = "run") -> list[Secti
              "text": json.dumps(run.get("recipe"), indent=2)}]
 
 
+def speed_sections(data: dict[str, Any]) -> list[Section]:
+    """Speed where it is deployed (llama.cpp, transformers beside it) and the goal verdict;
+    nothing when no stage was timed in llama.cpp."""
+    rows = speed_rows(data)
+    if not rows:
+        return []
+    summary = data.get("deploy_speed")
+    sections = [table_section("Speed where it is deployed", SPEED_COLUMNS, rows,
+                              note=speed_note(data))]
+    goal = goal_rows(summary)
+    sections.append(table_section("Speed goal (llama.cpp, final model)", GOAL_COLUMNS, goal,
+                                  note=goal_sentence(summary).replace("**", ""))
+                    if goal else {"kind": "text", "title": "Speed goal (llama.cpp, final model)",
+                                  "text": goal_sentence(summary).replace("**", "")})
+    return sections
+
+
 def warnings_section(items: list[str]) -> Section:
     return {"kind": "warnings", "title": "Warnings", "items": list(items)}
 
@@ -340,6 +349,7 @@ def run_page(data: dict[str, Any], curves: dict[str, dict[str, Any]]) -> dict[st
         table_section("Stages", stage_columns(), stage_rows(data), note=SIZE_NOTE),
         table_section("Retention per benchmark", retention_columns(), retention_rows(data),
                       note=f"{RETENTION_NOTE} {scores_note(data['stages'])}"),
+        *speed_sections(data),
         *([table_section("Training data and contamination", DATA_COLUMNS, data_rows(data),
                          note=DATA_NOTE)] if data_rows(data) else []),
         *figure_sections(quality_figures({run["run_id"]: data})),

@@ -10,6 +10,7 @@ from typing import Any
 
 from tasks.core.common import read_json, write_json_atomic
 from tasks.report.data_section import data_markdown
+from tasks.report.deploy_speed import deploy_summary, speed_markdown
 from tasks.report.format import RETENTION_NOTE, SIZE_NOTE, scores_note, served_label
 from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
 from tasks.report.format import pm as _pm
@@ -19,6 +20,7 @@ from tasks.report.side_by_side import GENERATIONS_NOTE, max_new_tokens, side_by_
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
 SERVED_SAMPLES_FILE = Path("eval") / "served_samples.json"
 GENERATIONS_FILE = Path("eval") / "generations.json"
+LLAMA_CPP_FILE = "llama_cpp.json"  # tasks.pipeline.llama_cpp_unit (report sits below pipeline)
 
 
 def _maybe_json(path: Path) -> Any:
@@ -40,6 +42,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
                                  "metrics": metrics, "eval": evaluation,
                                  "model": (record or {}).get("model")}
         entry["generations"] = _maybe_json(stage_dir / GENERATIONS_FILE)
+        entry["llama_cpp"] = _maybe_json(stage_dir / LLAMA_CPP_FILE)  # speed where deployed
         if folder.endswith("baseline"):
             baseline_eval, baseline_samples = evaluation, samples
         elif evaluation is not None and baseline_eval is not None:
@@ -51,7 +54,8 @@ def collect(run_dir: Path) -> dict[str, Any]:
                     baseline_eval, {"tasks": served["tasks"]}, baseline_samples,
                     _maybe_json(stage_dir / SERVED_SAMPLES_FILE))
         stages.append(entry)
-    return {"run": run, "stages": stages, "warnings": warnings(stages)}
+    return {"run": run, "stages": stages, "deploy_speed": deploy_summary(stages),
+            "warnings": warnings(stages)}
 
 
 def warnings(stages: list[dict[str, Any]]) -> list[str]:
@@ -178,6 +182,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         *_retention_rows(data),
         "",
+        *speed_markdown(data),
         *_generation_lines(data),
     ]
     lines += data_markdown(data)

@@ -1,0 +1,89 @@
+"""A model folder's speed where CPU users deploy it: exported to GGUF by pkdq's own exporter
+(`export_gguf`) and timed in llama.cpp (`tasks.core.llama_cpp.llama_cpp_speed`).
+
+One function for a run's llama.cpp speed unit (`tasks.pipeline.llama_cpp_unit`) and the
+llama.cpp bench table (`bench/llama_cpp_table.py`), so both time the same way. Each row says how
+the weights got onto the GGUF type: a GPTQ grid the type holds (bits 4 / 8, sym, group 32, no
+act-order) is written code for code ("exact"); any other GPTQ grid is re-quantized onto
+llama.cpp's blocks ("re-gridded"); a float model is quantized from its float weights.
+An architecture (or tokenizer) the exporter cannot write is one line (`refusal`), not a failure.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.core.llama_cpp import LlamaCppError, llama_cpp_speed
+from tasks.core.model_store import is_quantized
+from tasks.quantize.gguf_export import GgufExportError, export_gguf, preflight
+
+
+def grid_label(written: dict[str, Any], quantized: bool, qtype: str) -> str:
+    """One word on how the weights reached `qtype`: exact / re-gridded / grid-f16 / from-float."""
+    if written.get("exact_grid"):
+        return "exact"
+    if quantized:
+        return "grid-f16" if qtype == "f16" else "re-gridded"
+    return "from-float"
+
+
+def gguf_speed_row(model_path: Path, qtype: str, gguf_file: Path, prompt_tokens: int,
+                   decode_tokens: int, threads: int, repeats: int,
+                   keep: bool = False) -> dict[str, Any]:
+    """Export `model_path` to `gguf_file` as `qtype`, time it in llama.cpp, and delete the file
+    unless `keep` (a 135M model's f16 GGUF is 270 MB; a run measures several per stage).
+
+    Raises GgufExportError when the exporter refuses, LlamaCppError when llama.cpp fails.
+    """
+    gguf_file = Path(gguf_file)
+    start = time.perf_counter()
+    try:
+        written = export_gguf(Path(model_path), gguf_file, qtype, verify=False)
+        exported = time.perf_counter()
+        speed = llama_cpp_speed(gguf_file, prompt_tokens, decode_tokens, threads=threads,
+                                repeats=repeats)
+    finally:
+        if not keep:
+            gguf_file.unlink(missing_ok=True)
+    return {
+        "type": qtype, "file_bytes": written["bytes"],
+        "grid": grid_label(written, is_quantized(Path(model_path)), qtype),
+        "grid_note": written.get("exact_grid_note"),
+        "tensor_types": written.get("tensor_types"),
+        **speed,
+        "export_s": exported - start, "measure_s": time.perf_counter() - exported,
+    }
+
+
+def gguf_speed_rows(model_path: Path, qtypes: list[str], work: Path, prompt_tokens: int,
+                    decode_tokens: int, threads: int, repeats: int) -> dict[str, Any]:
+    """`gguf_speed_row` for each of `qtypes`, one GGUF on disk at a time, in `work`.
+
+    {"rows": [...], "refused": None}; or, when the exporter cannot write this model at all (an
+    architecture without a GGUF mapping, a tokenizer it cannot carry), no rows and the reason in
+    one line, found before any weight is read. A type refused on its own gets a row with its
+    reason; one llama.cpp failed to load or run gets a row with the error (`error`).
+    """
+    try:
+        preflight(Path(model_path), qtypes[0])
+    except GgufExportError as exc:
+        return {"rows": [], "refused": _one_line(exc)}
+    rows = []
+    for qtype in qtypes:
+        try:
+            rows.append(gguf_speed_row(model_path, qtype, Path(work) / f"model-{qtype}.gguf",
+                                       prompt_tokens, decode_tokens, threads, repeats))
+        except GgufExportError as exc:
+            rows.append({"type": qtype, "refused": _one_line(exc)})
+        except LlamaCppError as exc:  # the runtime, not the model: worth another try later
+            rows.append({"type": qtype, "error": _one_line(exc)})
+        except subprocess.TimeoutExpired as exc:  # a machine too busy to finish in time
+            rows.append({"type": qtype, "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"})
+    return {"rows": rows, "refused": None}
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

@@ -1,0 +1,192 @@
+"""The report's "Speed where it is deployed" section: every stage's GGUF timed in llama.cpp (the
+runtime CPU users deploy on; `llama_cpp.json` of each stage folder), beside the same stage timed
+in transformers by its evaluation (`eval.json` "speed", the reference), and the issue's goal for
+the final model.
+
+The goal (issue 18): in llama.cpp on this CPU, the final model decodes at least 2x as fast as
+the baseline in f16 and at least 1.3x as fast as the baseline at the same GGUF type, in no more
+than 0.30x the baseline's bf16 bytes (its parameters at 2 bytes each). Judged per GGUF type of
+the final model; met when one type meets all three.
+
+Built from collected data alone (`run_report.collect`); the rows are table cells shared by
+report.md and report.html, numbers tagged with their report.json path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.report.format import DASH, Cell, json_path, num
+from tasks.report.retention import BF16_BYTES
+
+GOAL = {"decode_vs_baseline_f16": 2.0, "decode_vs_baseline_same_type": 1.3,
+        "bytes_vs_baseline_bf16": 0.30}
+COLUMNS = ["stage", "runtime", "type", "weights", "MB", "prefill tok/s", "decode tok/s",
+           "peak RSS MB"]
+GOAL_COLUMNS = ["final stage, type", "decode vs baseline f16 (goal ≥ 2)",
+                "decode vs baseline, same type (goal ≥ 1.3)",
+                "bytes vs baseline bf16 (goal ≤ 0.30)", "goal met"]
+WEIGHTS = {"exact": "GPTQ grid, exact", "re-gridded": "GPTQ grid re-gridded",
+           "grid-f16": "GPTQ grid in f16", "from-float": "from float"}
+
+
+def _timed(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["type"]: row for row in rows if "decode_tok_s" in row}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def deploy_summary(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The goal ratios of the run's final model in llama.cpp; None until both the baseline and
+    the last stage have a llama.cpp record (a refused one judges nothing: no types, not met).
+
+    Each GGUF type the final model was timed at is compared with the baseline in f16 and at
+    that type.
+    """
+    base = next((e for e in stages if e["stage"].endswith("baseline")), None)
+    final = stages[-1] if stages else None
+    if base is None or final is base or not (base.get("llama_cpp") and final.get("llama_cpp")):
+        return None
+    base_rows = _timed((base.get("llama_cpp") or {}).get("rows") or [])
+    params = (base.get("eval") or {}).get("params")
+    bf16 = params * BF16_BYTES if params else None
+    by_type = []
+    for qtype, row in _timed(final["llama_cpp"].get("rows") or []).items():
+        ratios = {
+            "decode_vs_baseline_f16": _ratio(row["decode_tok_s"],
+                                             (base_rows.get("f16") or {}).get("decode_tok_s")),
+            "decode_vs_baseline_same_type": _ratio(
+                row["decode_tok_s"], (base_rows.get(qtype) or {}).get("decode_tok_s")),
+            "bytes_vs_baseline_bf16": _ratio(row["file_bytes"], bf16),
+        }
+        known = all(v is not None for v in ratios.values())
+        met = known and all(
+            ratios[k] <= goal if k.startswith("bytes") else ratios[k] >= goal
+            for k, goal in GOAL.items())
+        by_type.append({"type": qtype, **ratios, "met": met if known else None})
+    return {"final_stage": final["stage"], "goal": GOAL, "bytes_baseline_bf16": bf16,
+            "by_type": by_type, "met": any(t["met"] for t in by_type),
+            "met_by": [t["type"] for t in by_type if t["met"]]}
+
+
+def _mb(value: float | None) -> str:
+    return f"{(value or 0) / 1e6:,.1f}"
+
+
+def speed_rows(data: dict[str, Any], prefix: str = "") -> list[list[Cell]]:
+    """Per stage: a row per llama.cpp type (or the reason there is none), then transformers."""
+    rows: list[list[Cell]] = []
+    for i, entry in enumerate(data["stages"]):
+        llama = entry.get("llama_cpp")
+        if llama is None:
+            continue
+        base = json_path(prefix, "stages", i)
+        if llama.get("refused"):
+            rows.append([entry["stage"], "llama.cpp", DASH, f"not measured: {llama['refused']}",
+                         DASH, DASH, DASH, DASH])
+        for j, row in enumerate(llama.get("rows") or []):
+            path = f"{base}.llama_cpp.rows.{j}"
+            if "decode_tok_s" not in row:
+                why = row.get("refused") or row.get("error")
+                rows.append([entry["stage"], "llama.cpp", row["type"], f"not measured: {why}",
+                             DASH, DASH, DASH, DASH])
+                continue
+            rows.append([
+                entry["stage"], "llama.cpp", row["type"], WEIGHTS.get(row["grid"], row["grid"]),
+                num(f"{path}.file_bytes", row["file_bytes"], _mb(row["file_bytes"])),
+                num(f"{path}.prefill_tok_s", row["prefill_tok_s"], f"{row['prefill_tok_s']:,.0f}"),
+                num(f"{path}.decode_tok_s", row["decode_tok_s"], f"{row['decode_tok_s']:.1f}"),
+                num(f"{path}.peak_rss_mb", row["peak_rss_mb"], f"{row['peak_rss_mb']:,.0f}")])
+        rows.append(_transformers_row(entry, base))
+    return rows
+
+
+def _transformers_row(entry: dict[str, Any], base: str) -> list[Cell]:
+    """The evaluation's own timing of the stage in transformers (peak RSS: the evaluation's)."""
+    ev = entry.get("eval") or {}
+    speed = ev.get("speed") or {}
+    prefill, decode = speed.get("prefill_tokens_per_s"), speed.get("decode_tokens_per_s")
+    rss = ev.get("peak_rss_bytes")
+    return [entry["stage"], "transformers (reference)", speed.get("dtype") or DASH,
+            "as pkdq evaluates it" if speed else "speed not measured",
+            num(f"{base}.eval.bytes_on_disk", ev.get("bytes_on_disk"),
+                _mb(ev.get("bytes_on_disk"))),
+            num(f"{base}.eval.speed.prefill_tokens_per_s", prefill, f"{prefill or 0:,.0f}"),
+            num(f"{base}.eval.speed.decode_tokens_per_s", decode, f"{decode or 0:.1f}"),
+            num(f"{base}.eval.peak_rss_bytes", rss if speed else None, f"{(rss or 0) / 1e6:,.0f}")]
+
+
+def goal_rows(summary: dict[str, Any] | None, prefix: str = "") -> list[list[Cell]]:
+    if not summary:
+        return []
+    rows: list[list[Cell]] = []
+    for k, t in enumerate(summary["by_type"]):
+        path = json_path(prefix, "deploy_speed", "by_type", k)
+        met = {True: "yes", False: "no", None: "unknown (a baseline row is missing)"}[t["met"]]
+        rows.append([f"{summary['final_stage']}, {t['type']}",
+                     *[num(f"{path}.{key}", t[key], f"{t[key] or 0:.2f}x") for key in GOAL],
+                     met])
+    return rows
+
+
+def speed_note(data: dict[str, Any]) -> str:
+    """How the numbers were taken: runtime version, threads, prompt, and what is not known."""
+    units = [e["llama_cpp"] for e in data["stages"] if e.get("llama_cpp")]
+    timed = [r for u in units for r in u.get("rows") or [] if "runtime" in r]
+    runtimes = sorted({r["runtime"] for r in timed}) or ["llama.cpp (not run)"]
+    threads = sorted({u.get("threads") for u in units if u.get("threads") is not None})
+    prompts = sorted({u.get("prompt_tokens") for u in units if u.get("prompt_tokens")})
+    new = sorted({u.get("new_tokens") for u in units if u.get("new_tokens")})
+    repeats = sorted({u.get("repeats") for u in units if u.get("repeats")})
+    loads = [u["load_average_1m_before"] for u in units if "load_average_1m_before" in u]
+    cpus = next((u.get("cpus") for u in units if u.get("cpus")), "?")
+    load = (f"the 1-minute load average before timing was {min(loads):.1f}–{max(loads):.1f} "
+            f"on {cpus} CPUs" if loads else "no load average was recorded")
+
+    def join(values: list[Any]) -> str:
+        return "/".join(str(v) for v in values) or "?"
+
+    return (f"{', '.join(runtimes)}, threads {join(threads)}; prompt {join(prompts)} tokens "
+            f"(fixed random ids), greedy decode {join(new)} tokens, median of {join(repeats)} "
+            "after a warm-up; each GGUF (pkdq's own exporter) timed in a fresh process, whose "
+            "peak RSS is Python + llama.cpp + the model. transformers rows: the stage's "
+            "evaluation timing the same prompt length, new tokens and threads (its peak RSS is "
+            "the whole evaluation's). Whether other processes shared the CPU while these were "
+            f"measured is not knowable from the run folder: {load}; rates taken on a busy "
+            "machine are lower bounds.")
+
+
+def goal_sentence(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return ("Goal (final decode ≥ 2x baseline f16 and ≥ 1.3x baseline at the same type, "
+                "≤ 0.30x baseline bf16 bytes): not judged (baseline or final stage not "
+                "measured in llama.cpp).")
+    verdict = (f"met by {', '.join(summary['met_by'])}" if summary["met"] else "not met")
+    return (f"Goal for {summary['final_stage']} in llama.cpp (decode ≥ 2x baseline f16 and ≥ "
+            f"1.3x baseline at the same type, ≤ 0.30x baseline bf16 bytes): **{verdict}**. "
+            "Bytes: the GGUF file, tokenizer included, against the baseline's parameters at 2 "
+            "bytes each.")
+
+
+def speed_markdown(data: dict[str, Any]) -> list[str]:
+    """The Markdown section (empty when no stage was timed in llama.cpp)."""
+    from tasks.report.format import cell_text
+
+    rows = speed_rows(data)
+    if not rows:
+        return []
+
+    def table(columns: list[str], body: list[list[Cell]], numeric: range) -> list[str]:
+        align = ["---:" if i in numeric else "---" for i in range(len(columns))]
+        return ["| " + " | ".join(columns) + " |", "| " + " | ".join(align) + " |",
+                *("| " + " | ".join(cell_text(c).replace("|", "\\|") for c in row) + " |"
+                  for row in body)]
+
+    summary = data.get("deploy_speed")
+    lines = ["## Speed where it is deployed", "", speed_note(data), "",
+             *table(COLUMNS, rows, range(4, 8)), "", goal_sentence(summary), ""]
+    if summary:
+        lines += [*table(GOAL_COLUMNS, goal_rows(summary), range(1, 4)), ""]
+    return lines
