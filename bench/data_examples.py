@@ -11,7 +11,9 @@ seeded docs. Units are cached under the bench folder, so a rerun resumes.
 
     python examples/arc_chat.py && python bench/arc_to_jsonl.py
     flock /tmp/pkdq-heavy.lock .venv/bin/python bench/data_examples.py --tokens 16384
-Writes bench/results/data_examples.json (+ .md).
+Writes bench/results/data_examples.json and .md (paired differences per doc: each arm against
+the general arm and against the baseline, on the same seeded docs); `--render-only` rewrites the
+.md from the JSON and the arms' per-doc files.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tasks.core.common import ModelRef, read_json  # noqa: E402
 from tasks.core.model_store import resolve_model  # noqa: E402
 from tasks.core.recipe import load_recipe, parse_recipe  # noqa: E402
 from tasks.pipeline import evaluate_unit, run_unit  # noqa: E402
+from tasks.report import paired_stats, per_doc  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 ARMS = {"general": "smollm2-ffn25-kd-w4", "domain-text": "smollm2-ffn25-kd-w4-domain-text",
@@ -55,14 +58,59 @@ def arm_recipe(name: str, tokens: int, samples: int, threads: int):
     return parse_recipe(raw, f"{ARMS[name]} (bench)")
 
 
+def _samples(folder: Path, unit: str) -> dict:
+    return read_json(folder / unit / "eval" / "eval_samples.json")
+
+
+def _paired(folder: Path, unit: str, against: str, task: str, metric: str) -> str:
+    """'+3.5 ± 2.1' points: the arm's mean minus the other's, over the docs both scored."""
+    mine = per_doc(_samples(folder, unit), task, metric)
+    theirs = per_doc(_samples(folder, against), task, metric)
+    stats = paired_stats(theirs, mine) if mine and theirs else None
+    if stats is None:
+        return "–"
+    return f"{100 * stats['diff']:+.1f} ± {100 * stats['diff_stderr']:.1f}"
+
+
+def render(out: dict, folder: Path) -> str:
+    """The worked examples' table: WikiText-2 test ppl, the job's task, general benchmarks."""
+    tasks = list(out["baseline"]["tasks"])
+    head = ["arm", "KD data (tokens trained on)", "WikiText-2 test ppl", *tasks]
+    rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
+    units = {"baseline": "baseline", **{name: f"{name}-kd" for name in out["arms"]}}
+    for name, unit in units.items():
+        ev = out["baseline"] if name == "baseline" else out["arms"][name]["eval"]
+        data = {} if name == "baseline" else out["arms"][name]["kd"].get("data") or {}
+        used = "–" if name == "baseline" else (
+            f"{data.get('kind')}: {data.get('loss_tokens', data.get('tokens_used')):,} "
+            f"{'assistant' if 'loss_tokens' in data else ''} tokens".replace("  ", " "))
+        cells = [name, used, f"{ev['wikitext']['token_perplexity']:.2f}"]
+        for task in tasks:
+            t = ev["tasks"][task]
+            metric = t["metric"]
+            cell = f"{100 * t[metric]:.1f} ± {100 * t[metric + '_stderr']:.1f}"
+            if name not in ("baseline", "general"):
+                cell += f" (vs general {_paired(folder, unit, 'general-kd', task, metric)})"
+            cells.append(cell)
+        rows.append(cells)
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--folder", default="runs/bench-data-examples")
+    ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     folder = Path(args.folder)
+    if args.render_only:
+        out = read_json(OUT / "data_examples.json")
+        (OUT / "data_examples.md").write_text(render(out, folder))
+        print(f"wrote {OUT / 'data_examples.md'}")
+        return
     out: dict = {"tokens": args.tokens, "samples": args.samples, "arms": {}}
     base = None
     for name in ARMS:
@@ -86,7 +134,8 @@ def main() -> None:
                              "wall_s": time.perf_counter() - started}
         OUT.mkdir(exist_ok=True)
         (OUT / "data_examples.json").write_text(json.dumps(out, indent=1, default=str))
-    print(f"wrote {OUT / 'data_examples.json'}")
+    (OUT / "data_examples.md").write_text(render(out, folder))
+    print(f"wrote {OUT / 'data_examples.json'} and .md")
 
 
 if __name__ == "__main__":

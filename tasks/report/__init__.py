@@ -15,6 +15,8 @@ _EXPORTS = {
     "pm": "format",
     "fmt": "format",
     "stage_retention": "retention",  # stage score / baseline score, with standard errors
+    "per_doc": "retention",  # one task's {doc_id: score} from a per-doc samples file
+    "paired_stats": "retention",  # paired difference of two models on the docs both scored
     "loss_curve": "plots",
 }
 _MODULES = ("plots", "browser", "devtools")  # PNG plots; headless Chromium: files, live apps

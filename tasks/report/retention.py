@@ -30,7 +30,7 @@ def primary_metric(task: dict[str, Any]) -> str:
     return "acc_norm" if "acc_norm" in task else "acc"
 
 
-def _per_doc(samples: dict[str, Any] | None, task: str, metric: str) -> PerDoc | None:
+def per_doc(samples: dict[str, Any] | None, task: str, metric: str) -> PerDoc | None:
     """{doc_id: value} for one task/metric; accepts {metric: {id: v}} or a flat {id: v}."""
     if not samples or task not in samples:
         return None
@@ -170,8 +170,8 @@ def stage_retention(baseline: dict[str, Any], stage: dict[str, Any],
         if task not in stage_tasks:
             continue
         metric = primary_metric(base_tasks[task])
-        bdocs = _per_doc(baseline_samples, task, metric)
-        sdocs = _per_doc(stage_samples, task, metric)
+        bdocs = per_doc(baseline_samples, task, metric)
+        sdocs = per_doc(stage_samples, task, metric)
         paired = paired_stats(bdocs, sdocs) if bdocs and sdocs else None
         rows[task] = benchmark_retention(base_tasks[task], stage_tasks[task], paired)
     informative = [r for r in rows.values() if not r["uninformative"]]
