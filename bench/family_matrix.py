@@ -4,7 +4,9 @@
     python bench/family_matrix.py --junit results.xml  # tabulates an existing pytest run
 
 Writes bench/results/family_matrix.md: `pass` / `FAIL` / `skip` per cell, plus the per-family
-BOS-convention test (every path's first token checked) and how long each cell took.
+BOS-convention test (every path's first token checked) and how long each cell took; then every
+test of tests/test_depgraph_prune.py (architectures outside the families, pruned through
+torch-pruning's dependency graph or refused in one line).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ BOS = re.compile(r"test_every_path_follows_the_family_bos_convention\[(\w+)\]")
 def run_tests(junit: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_families.py",
-                    "-p", "no:cacheprovider", f"--junitxml={junit}"], cwd=REPO, env=env,
+                    "tests/test_depgraph_prune.py", "-p", "no:cacheprovider",
+                    f"--junitxml={junit}"], cwd=REPO, env=env,
                    check=False)
 
 
@@ -45,6 +48,18 @@ def outcomes(junit: Path) -> dict[tuple[str, str], tuple[str, float]]:
         elif m := BOS.fullmatch(name):
             cells[(m[1], "bos-every-path")] = (state, seconds)
     return cells
+
+
+def outside_families(junit: Path) -> str:
+    """One row per test of tests/test_depgraph_prune.py: what it shows and its outcome."""
+    lines = ["| test (tests/test_depgraph_prune.py) | outcome |", "| --- | --- |"]
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        if not case.get("classname", "").endswith("test_depgraph_prune"):
+            continue
+        state = "FAIL" if case.find("failure") is not None or case.find("error") is not None \
+            else "skip" if case.find("skipped") is not None else "pass"
+        lines.append(f"| `{case.get('name')}` | {state} ({float(case.get('time', 0)):.0f}s) |")
+    return "\n".join(lines)
 
 
 def table(cells: dict[tuple[str, str], tuple[str, float]]) -> str:
@@ -82,7 +97,14 @@ def main() -> None:
         "calibration, KD, held-out, GPTQ calibration, WikiText windows and the lm-eval backend "
         "open with BOS exactly when the family expects it.\n\n"
         f"Command: `python bench/family_matrix.py` (junit: `{junit.name}`).\n\n"
-        + table(outcomes(junit)) + "\n")
+        + table(outcomes(junit)) + "\n\n"
+        "## Outside the families: torch-pruning's dependency graph\n\n"
+        "Decoder-only architectures outside the five families (`tasks/prune/depgraph.py`): FFN "
+        "neurons on OPT, GPT-NeoX, Phi and Phi-3 (fused gate_up), whole heads on Phi; the "
+        "checkpoint reloads in stock transformers with identical logits. What the config cannot "
+        "express (derived head_dim, fused q/k/v, Conv1D, encoder-decoder, depth/hidden) is "
+        "refused in one line naming the supported families.\n\n"
+        + outside_families(junit) + "\n")
     OUT.write_text(text)
     print(text)
 
