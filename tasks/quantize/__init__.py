@@ -10,6 +10,7 @@ _EXPORTS = {
     "GgufVerifyError": "gguf_verify",
     "export_model": "export",  # `pkdq export`: a run/model folder in a served format, verified
     "check_export": "export",  # torch-free refusals (format, folders, architecture)
+    "plan_imatrix": "export",  # torch-free: gguf-q4_k_m's importance-matrix text, or why none
     "ExportError": "errors",
     "EXPORT_FORMATS": "export",
     "exact_grid_problem": "gguf_grid",  # torch-free: can a GGUF type hold this GPTQ grid?
