@@ -157,3 +157,22 @@ def test_missing_binary_and_bad_requests_are_one_line_exit_2(run_folder, tmp_pat
                   "--no-imatrix", "--no-verify", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert "no imatrix (--no-imatrix)" in result.output
+
+
+def test_a_quantize_stage_with_gguf_q4_k_m_uses_its_calibration(wide_llama, tmp_path):
+    """Recipe path: `quantize: {gguf: q4_k_m}` writes model.gguf with an importance matrix
+    computed on the stage's own calibration text (the text GPTQ calibrated on)."""
+    from tasks.core.common import StageContext
+    from tasks.core.model_folder import model_ref
+    from tasks.core.recipe import QuantizeConfig, TextSample
+    from tasks.quantize.stage import quantize_stage
+
+    cfg = QuantizeConfig(group_size=32, calibration=TextSample(**CALIBRATION), gguf="q4_k_m")
+    result = quantize_stage(model_ref(wide_llama), cfg,
+                            StageContext(out_dir=tmp_path, seed=3, threads=1))
+    metrics = result.metrics["gguf"]
+    matrix = metrics["imatrix"]
+    assert matrix["used"] and matrix["source"] == "quantize.calibration: builtin c4"
+    assert (matrix["tokens"], matrix["seed"]) == (512, 3)
+    assert _kv(tmp_path / "model.gguf")["quantize.imatrix.chunks_count"] == 4
+    assert set(metrics["tensor_types"]) == {"Q4_K", "Q6_K", "F32"}

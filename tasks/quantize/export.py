@@ -127,12 +127,7 @@ def plan_imatrix(run_or_model: Path, fmt: str, imatrix: bool = True,
             calibration, cal.tokens if cal else default.samples * default.seq_len,
             cal.chunk_tokens if cal else default.seq_len,
             cal.seed if cal else Recipe.model_fields["seed"].default)
-    from tasks.core.llama_cpp import LlamaCppError, llama_tool
-
-    try:
-        llama_tool("llama-imatrix"), llama_tool("llama-quantize")
-    except LlamaCppError as exc:
-        raise ExportError(str(exc)) from exc
+    im.check_tools()
     return cal, None
 
 

@@ -8,7 +8,8 @@ only, never an evaluation split (`tasks.core.data`, `tasks.core.text_sources`):
 - a pkdq run folder (or a stage model inside one) brings its recipe's quantize calibration (the
   text GPTQ would calibrate on; the quantize section's default when the recipe has none), with
   its token budget (samples x seq_len) and seed;
-- `--calibration` names a built-in training source (wikipedia, c4, mixed) or a text file.
+- `--calibration` names a built-in training source (wikipedia, c4, mixed) or a text file;
+- a quantize stage with `gguf: q4_k_m` uses its own `calibration` (`sample_calibration`).
 
 This module chooses and writes the text; `tasks.core.llama_cpp` runs the executables.
 """
@@ -38,6 +39,7 @@ class Calibration:
     tokens: int  # the budget: at most this many tokens are run through the model
     chunk_tokens: int  # llama-imatrix's window (the recipe's seq_len)
     seed: int  # documents are taken in this seed's shuffled order
+    data: str | None = None  # the data dir built-in sources are read from (None: data_dir())
 
 
 def run_folder_of(path: Path) -> Path | None:
@@ -48,6 +50,17 @@ def run_folder_of(path: Path) -> Path | None:
     if path.name == "model" and (path.parent.parent / "run.json").is_file():
         return path.parent.parent
     return None
+
+
+def sample_calibration(sample: Any, seed: int, label: str,
+                       data: Path | None = None) -> Calibration:
+    """A recipe's `TextSample` (its source, samples x seq_len tokens) as imatrix text."""
+    spec = sample.spec()
+    what = (spec.source if spec.kind == "builtin"
+            else ", ".join(spec.paths) or spec.name or spec.path)
+    return Calibration(source=f"{label}: {spec.kind} {what}", spec=spec.model_dump(),
+                       tokens=sample.samples * sample.seq_len, chunk_tokens=sample.seq_len,
+                       seed=seed, data=str(data) if data is not None else None)
 
 
 def recipe_calibration(run: Path) -> Calibration:
@@ -62,12 +75,7 @@ def recipe_calibration(run: Path) -> Calibration:
     configs = [cfg for kind, cfg in recipe.stage_list() if kind == "quantize"]
     cal = (configs[-1] if configs else QuantizeConfig()).calibration
     where = "quantize.calibration" if configs else "default quantize.calibration (no quantize)"
-    spec = cal.spec()
-    what = (spec.source if spec.kind == "builtin"
-            else ", ".join(spec.paths) or spec.name or spec.path)
-    return Calibration(source=f"recipe {recipe.name} {where}: {spec.kind} {what}",
-                       spec=spec.model_dump(), tokens=cal.samples * cal.seq_len,
-                       chunk_tokens=cal.seq_len, seed=recipe.seed)
+    return sample_calibration(cal, recipe.seed, f"recipe {recipe.name} {where}")
 
 
 def named_calibration(name: str, tokens: int, chunk_tokens: int, seed: int) -> Calibration:
@@ -104,7 +112,7 @@ def calibration_text(cal: Calibration) -> str:
     from tasks.core.text_sources import DataError, load_corpus
 
     try:
-        docs = load_corpus(DataSpec(**cal.spec), data_dir()).texts()
+        docs = load_corpus(DataSpec(**cal.spec), Path(cal.data or data_dir())).texts()
     except DataError as exc:
         raise ExportError(str(exc)) from exc
     order = list(range(len(docs)))
@@ -116,6 +124,16 @@ def calibration_text(cal: Calibration) -> str:
         if size >= need:
             break
     return "\n\n".join(picked)
+
+
+def check_tools() -> None:
+    """Both executables present, or one line naming ./setup.sh (before any weight is read)."""
+    from tasks.core.llama_cpp import LlamaCppError, llama_tool
+
+    try:
+        llama_tool("llama-imatrix"), llama_tool("llama-quantize")
+    except LlamaCppError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def imatrix_quantize(f16_file: Path, out_file: Path, ftype: str, cal: Calibration,
