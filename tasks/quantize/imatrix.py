@@ -64,18 +64,22 @@ def sample_calibration(sample: Any, seed: int, label: str,
 
 
 def recipe_calibration(run: Path) -> Calibration:
-    """The run's recipe quantize calibration (the QuantizeConfig default if it quantizes not)."""
+    """The run's recipe quantize calibration (the QuantizeConfig default if it quantizes not),
+    read from the data dir the run recorded."""
     from tasks.core.recipe import QuantizeConfig, Recipe
 
     try:
-        recipe = Recipe.model_validate(json.loads((run / "run.json").read_text())["recipe"])
+        record = json.loads((run / "run.json").read_text())
+        recipe = Recipe.model_validate(record["recipe"])
     except Exception as exc:  # noqa: BLE001 - any unreadable record is one line
         raise ExportError(f"{run / 'run.json'}: no readable recipe for the importance matrix's "
                           f"calibration text ({type(exc).__name__}); pass --calibration") from exc
     configs = [cfg for kind, cfg in recipe.stage_list() if kind == "quantize"]
     cal = (configs[-1] if configs else QuantizeConfig()).calibration
     where = "quantize.calibration" if configs else "default quantize.calibration (no quantize)"
-    return sample_calibration(cal, recipe.seed, f"recipe {recipe.name} {where}")
+    data = (record.get("data") or {}).get("path")  # the data dir the run read, if recorded
+    return sample_calibration(cal, recipe.seed, f"recipe {recipe.name} {where}",
+                              Path(data) if data else None)
 
 
 def named_calibration(name: str, tokens: int, chunk_tokens: int, seed: int) -> Calibration:
