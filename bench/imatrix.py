@@ -72,6 +72,25 @@ def _row(name: str, src: Path, fmt: str, imatrix: bool, calibration: str | None,
     return row
 
 
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model: what Q4_K_M costs over f16 in llama.cpp perplexity, without and with the
+    importance matrix (same file size: the matrix changes the rounding, not the types)."""
+    by = {(r["source"], r["format"], bool((r.get("imatrix") or {}).get("used"))): r for r in rows}
+    out = []
+    for (source, fmt, used), row in by.items():
+        f16, plain = by.get((source, "gguf-f16", False)), by.get((source, fmt, False))
+        if not used or f16 is None or plain is None:
+            continue
+        cost = [100 * (r["llama_cpp_perplexity"] / f16["llama_cpp_perplexity"] - 1)
+                for r in (plain, row)]
+        out.append(f"- {row['name'].removesuffix('-q4_k_m-imatrix')}: Q4_K_M costs "
+                   f"{cost[0]:+.1f}% perplexity over f16 without an importance matrix, "
+                   f"{cost[1]:+.1f}% with one ({plain['llama_cpp_perplexity']:.2f} -> "
+                   f"{row['llama_cpp_perplexity']:.2f}), same file size "
+                   f"({row['bytes'] / 1e6:.1f} MB vs {plain['bytes'] / 1e6:.1f} MB).")
+    return out
+
+
 def write_results(rows: list[dict[str, Any]], out: Path, command: str, threads: int) -> None:
     from tasks.core.llama_cpp import llama_cpp_version
 
@@ -86,7 +105,9 @@ def write_results(rows: list[dict[str, Any]], out: Path, command: str, threads: 
         "embedding Q8_0); q4_k_m is llama.cpp's, on the f16 file.",
         "",
         "Measured on a shared 2-core machine (other jobs running; nice 19): the times are "
-        "wall-clock under load, the perplexities and sizes do not depend on it.", "",
+        "wall-clock under load, the perplexities and sizes do not depend on it. One importance "
+        "matrix per model (one calibration draw: the recipe's seed); how far another draw of "
+        "the same source would move the with-imatrix perplexity was not measured.", "",
         "| model | GGUF | imatrix | MB | pkdq ppl | llama.cpp ppl | vs f16 | write s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -99,7 +120,7 @@ def write_results(rows: list[dict[str, Any]], out: Path, command: str, threads: 
         lines.append(f"| {r['name']} | {r['format'].removeprefix('gguf-')} | {used} "
                      f"| {r['bytes'] / 1e6:.1f} | {r['pkdq_perplexity']:.2f} "
                      f"| {r['llama_cpp_perplexity']:.2f} | {rel} | {r['write_s']:.0f} |")
-    lines += ["", "Importance matrices:", ""]
+    lines += ["", *_summary(rows), "", "Importance matrices:", ""]
     for r in rows:
         m = r.get("imatrix") or {}
         if m.get("used"):
