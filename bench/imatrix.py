@@ -128,7 +128,8 @@ def write_results(rows: list[dict[str, Any]], out: Path, command: str, threads: 
                          f"x {m['chunk_tokens']} = {m['tokens']} tokens ({m['text_bytes']} "
                          f"bytes of text), statistics for {m['tensors_with_statistics']} "
                          f"matrices, llama-imatrix {m['wall_s']:.0f} s")
-    lines += ["", f"Command: `{command}`", ""]
+    lines += ["", f"Command: `{command}` (the run folder is read only; rows are cached under "
+              "`~/.cache/pkdq/bench-imatrix/rows`, `--fresh` recomputes)", ""]
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
 
