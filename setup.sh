@@ -19,6 +19,27 @@ assert v('llama-cpp-python') == '0.3.36'" 2>/dev/null || \
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DGGML_CUDA=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}" \
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   $PIP install -q --disable-pip-version-check --no-binary llama-cpp-python "llama-cpp-python==0.3.36"
+# llama.cpp's llama-imatrix and llama-quantize (gguf-q4_k_m exports with an importance matrix):
+# the binding has neither. Built from the llama.cpp that the same llama-cpp-python sdist vendors
+# (version-matched), CPU only, static (no shared libs beside them), those two targets only.
+build_llama_tools() {
+  local work; work=$(mktemp -d)
+  $PIP download -q --disable-pip-version-check --no-deps --no-binary :all: \
+    "llama-cpp-python==0.3.36" -d "$work"
+  tar -xzf "$work"/llama_cpp_python-0.3.36.tar.gz -C "$work"
+  command -v cmake >/dev/null || $PIP install -q --disable-pip-version-check cmake
+  local cmake; cmake=$(command -v cmake || echo .venv/bin/cmake)
+  "$cmake" -S "$work/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$work/build" \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA=OFF -DGGML_NATIVE=ON \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_OPENSSL=OFF >/dev/null
+  "$cmake" --build "$work/build" --target llama-imatrix llama-quantize \
+    -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" >/dev/null
+  install -m 755 "$work/build/bin/llama-imatrix" "$work/build/bin/llama-quantize" .venv/bin/
+  rm -rf "$work"
+}
+[ -x .venv/bin/llama-imatrix ] && [ -x .venv/bin/llama-quantize ] || build_llama_tools
 # GPTQModel builds from source; skip its CUDA kernels on machines without CUDA.
 GPTQMODEL_BUILD=0 $PIP install -q --disable-pip-version-check -e ".[dev]"
 # Debian's chromium renders report.html in a test (skipped without it); best effort, never fatal.

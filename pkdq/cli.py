@@ -519,10 +519,25 @@ def export_cmd(
                                 "serving runtime (transformers or llama.cpp) against pkdq"),
     reference: Path = typer.Option(None, help="GGUF whose tokenizer.* keys are copied"),
     threads: int = typer.Option(2, min=1, max=256, help="CPU threads"),
+    imatrix: bool = typer.Option(True, "--imatrix/--no-imatrix", help="gguf-q4_k_m: give "
+                                 "llama.cpp's quantizer an importance matrix (llama-imatrix) "
+                                 "computed on calibration text: a run folder's recipe "
+                                 "calibration (or --calibration); a model folder outside a "
+                                 "run without --calibration gets none"),
+    calibration: str = typer.Option(None, "--calibration", help="gguf-q4_k_m importance-matrix "
+                                    "text: a built-in training source (wikipedia, c4, mixed) or "
+                                    "a UTF-8 text file; token budget and seed from the run's "
+                                    "recipe, else 16 x 512 tokens, seed 1234"),
 ) -> None:
-    """Export a model for the runtime that serves it, verified in that runtime."""
+    """Export a model for the runtime that serves it, verified in that runtime.
+
+    gguf-q4_k_m from a run folder (or a stage model inside one) uses an importance matrix
+    computed by llama.cpp's llama-imatrix on the recipe's quantize calibration text (training
+    split, never evaluation data); .pkdq-export.json records whether one was used, on how many
+    tokens of which text.
+    """
     from tasks.core.model_store import BUILTIN_MODELS
-    from tasks.quantize import ExportError, check_export
+    from tasks.quantize import ExportError, check_export, plan_imatrix
 
     if not model.exists() and str(model) in BUILTIN_MODELS:  # the baseline, by its name
         from tasks.core.model_store import resolve_model
@@ -530,6 +545,7 @@ def export_cmd(
         model = resolve_model(str(model)).path
     try:
         check_export(model, to, fmt, overwrite)
+        plan_imatrix(model, fmt, imatrix, calibration)
     except ExportError as exc:
         _fail(str(exc))
     import torch
@@ -540,13 +556,20 @@ def export_cmd(
 
     torch.set_num_threads(threads)
     try:
-        record = export_model(model, to, fmt, overwrite, verify, reference, threads=threads)
+        record = export_model(model, to, fmt, overwrite, verify, reference, threads=threads,
+                              imatrix=imatrix, calibration=calibration)
     except (ExportError, GgufExportError, LlamaCppError, QuantizeError) as exc:
         _fail(str(exc))
     line = f"pkdq: {fmt} -> {record['dest']} ({record['bytes'] / 1e6:.1f} MB)"
     note = record["written"].get("exact_grid_note")
     if note:
         line += f"; {note}"
+    matrix = record["written"].get("imatrix")
+    if matrix and matrix["used"]:
+        line += (f"; imatrix on {matrix['tokens']} tokens ({matrix['chunks']} x "
+                 f"{matrix['chunk_tokens']})")
+    elif matrix:
+        line += f"; no imatrix ({matrix['why']})"
     typer.echo(line)
     check = record.get("verification")
     if check:

@@ -8,7 +8,11 @@ measured, in the runtime that will serve them rather than in transformers:
 - `llama_cpp_speed`: prefill and greedy decode tokens/s and peak RSS, in a fresh process (peak
   RSS of this one would include torch and whatever else ran before);
 - `quantize_gguf`: llama.cpp's own quantizer (`llama_model_quantize`), for the k-quants gguf-py
-  cannot write.
+  cannot write;
+- `compute_imatrix` / `quantize_with_imatrix`: llama.cpp's `llama-imatrix` and `llama-quantize`
+  executables (setup.sh builds them from the llama.cpp that llama-cpp-python vendors, so they
+  match its version): the binding cannot pass an importance matrix (`imatrix` in the quantize
+  params is a C++ map pointer ctypes cannot build) and ships no imatrix tool.
 
 Importing this module imports neither torch nor llama_cpp; the functions import llama_cpp.
 """
@@ -165,6 +169,80 @@ def quantize_gguf(src: Path, dest: Path, ftype: str = "Q4_K_M", threads: int = 2
     status = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
     if status != 0 or not Path(dest).is_file():
         raise LlamaCppError(f"llama.cpp could not quantize {src} to {ftype} (status {status})")
+    return Path(dest)
+
+
+TOOL_ENV = {"llama-imatrix": "PKDQ_LLAMA_IMATRIX", "llama-quantize": "PKDQ_LLAMA_QUANTIZE"}
+
+
+def llama_tool(name: str) -> Path:
+    """The llama.cpp executable `name`: $PKDQ_LLAMA_IMATRIX / $PKDQ_LLAMA_QUANTIZE if set, else
+    beside this interpreter (.venv/bin, where setup.sh puts them). Never from PATH: a llama.cpp
+    of another version may write or read a different imatrix format."""
+    env = TOOL_ENV[name]
+    path = Path(os.environ[env]) if os.environ.get(env) else Path(sys.executable).parent / name
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise LlamaCppError(f"llama.cpp's {name} not found at {path}: run ./setup.sh (it builds "
+                            f"{name} from {PIN}'s llama.cpp), or set {env}")
+    return path
+
+
+def _run_tool(name: str, args: list[str], timeout_s: float) -> str:
+    """Run a llama.cpp tool; its output (both streams) is returned, a failure is one line."""
+    tool = llama_tool(name)
+    try:
+        done = subprocess.run([str(tool), *args], capture_output=True, text=True,
+                              timeout=timeout_s, errors="replace")
+    except subprocess.TimeoutExpired as exc:
+        raise LlamaCppError(f"{name} did not finish within {timeout_s:.0f} s") from exc
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        tail = " ".join(output.split())[-300:]
+        raise LlamaCppError(f"{name} failed (exit {done.returncode}): {tail}")
+    return output
+
+
+def compute_imatrix(gguf_path: Path, text_file: Path, out: Path, chunk_tokens: int = 512,
+                    chunks: int = 16, threads: int = 2,
+                    timeout_s: float = 3600) -> dict[str, Any]:
+    """llama.cpp's importance matrix of `gguf_path` (f16/f32) over `text_file`: at most `chunks`
+    windows of `chunk_tokens` tokens (llama.cpp's tokenizer, the file's own BOS convention).
+
+    Returns what llama-imatrix recorded in the file it wrote (chunks, chunk size, tokens): the
+    text may hold fewer chunks than asked, and the record says what was really used.
+    """
+    import gguf
+
+    if chunks < 1 or chunk_tokens < 8:
+        raise LlamaCppError(f"imatrix needs chunks >= 1 and chunk_tokens >= 8 ({chunks}, "
+                            f"{chunk_tokens})")
+    start = time.perf_counter()
+    _run_tool("llama-imatrix", ["-m", str(gguf_path), "-f", str(text_file), "-o", str(out),
+                                "-c", str(chunk_tokens), "-b", str(chunk_tokens),
+                                "--chunks", str(chunks), "-t", str(threads), "--no-ppl",
+                                "-ngl", "0"], timeout_s)
+    if not Path(out).is_file():
+        raise LlamaCppError(f"llama-imatrix wrote no {out}")
+    fields = gguf.GGUFReader(str(out)).fields
+    count = int(fields["imatrix.chunk_count"].contents())
+    size = int(fields["imatrix.chunk_size"].contents())
+    entries = sum(1 for key in gguf.GGUFReader(str(out)).tensors if key.name.endswith(".in_sum2"))
+    return {"chunks": count, "chunk_tokens": size, "tokens": count * size,
+            "tensors_with_statistics": entries, "wall_s": time.perf_counter() - start,
+            "tool": f"llama-imatrix ({PIN}'s llama.cpp)"}
+
+
+def quantize_with_imatrix(src: Path, dest: Path, imatrix: Path, ftype: str = "Q4_K_M",
+                          threads: int = 2, timeout_s: float = 3600) -> Path:
+    """`llama-quantize --imatrix` from an f16/f32 GGUF: the k-quant rounding weighs each input
+    column by how much activation energy it carries on the calibration text."""
+    if ftype not in _FTYPES:
+        raise LlamaCppError(f"llama.cpp quantize type {ftype!r} is not offered; use one of "
+                            f"{', '.join(_FTYPES)}")
+    _run_tool("llama-quantize", ["--imatrix", str(imatrix), str(src), str(dest), ftype,
+                                 str(threads)], timeout_s)
+    if not Path(dest).is_file():
+        raise LlamaCppError(f"llama-quantize wrote no {dest}")
     return Path(dest)
 
 

@@ -443,7 +443,8 @@ class QuantizeConfig(Strict):
         "none", description="also write the stage's model as model.gguf beside it, for "
         "llama.cpp (Llama models); q4_0/q8_0 hold a GPTQ grid with bits 4/8, sym, group_size "
         "32 exactly and re-quantize any other; q4_k_m is llama.cpp's own quantizer on the f16 "
-        "file; f16 keeps the grid up to fp16 rounding")
+        "file, with an importance matrix on this section's calibration text; f16 keeps the "
+        "grid up to fp16 rounding")
 
     @model_serializer(mode="wrap")
     def _omit_gguf_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -13,6 +13,7 @@ _EXPORTS = {
     "gguf_speed_row": "gguf_speed",
     "export_model": "export",  # `pkdq export`: a run/model folder in a served format, verified
     "check_export": "export",  # torch-free refusals (format, folders, architecture)
+    "plan_imatrix": "export",  # torch-free: gguf-q4_k_m's importance-matrix text, or why none
     "ExportError": "errors",
     "EXPORT_FORMATS": "export",
     "exact_grid_problem": "gguf_grid",  # torch-free: can a GGUF type hold this GPTQ grid?

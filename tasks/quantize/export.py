@@ -11,8 +11,11 @@ verified in that runtime.
   Verified in transformers.
 - gguf-f16, gguf-q8_0, gguf-q4_0: GGUF via gguf-py; a GPTQ grid the GGUF type can hold
   (bits 4 / 8, sym, group 32) is written exactly. Verified in llama.cpp.
-- gguf-q4_k_m: the f16 GGUF quantized by llama.cpp's own quantizer (no importance matrix:
-  llama-cpp-python ships no llama-imatrix). Verified in llama.cpp.
+- gguf-q4_k_m: the f16 GGUF quantized by llama.cpp's own quantizer, with an importance matrix
+  (`llama-imatrix`, `tasks.quantize.imatrix`) on the run's recipe calibration text when the
+  source is a run folder (or a stage model in one), or on `calibration` when named; without
+  one otherwise or when `imatrix=False`. The record says which, on how many tokens of what.
+  Verified in llama.cpp.
 
 Verification scores the same WikiText-2 test slice (pkdq's window convention) with pkdq's own
 loader on the source and with the serving runtime on the export, and states both perplexities.
@@ -93,6 +96,41 @@ def check_export(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
     return src
 
 
+IMATRIX_FORMATS = ("gguf-q4_k_m",)  # llama.cpp's k-quants: the ones an importance matrix steers
+
+
+def plan_imatrix(run_or_model: Path, fmt: str, imatrix: bool = True,
+                 calibration: str | None = None) -> tuple[Any, str | None]:
+    """(the `Calibration` the importance matrix is computed on, or None; why none), torch-free,
+    with the llama.cpp executables checked, so a refusal comes before any weight is read."""
+    from tasks.core.recipe import QuantizeConfig, Recipe
+    from tasks.quantize import imatrix as im
+
+    if calibration is not None and fmt not in IMATRIX_FORMATS:
+        raise ExportError(f"--calibration is the importance-matrix text of "
+                          f"{', '.join(IMATRIX_FORMATS)}, not of {fmt}")
+    if calibration is not None and not imatrix:
+        raise ExportError("--calibration names importance-matrix text; --no-imatrix turns the "
+                          "matrix off: pass one of them")
+    if fmt not in IMATRIX_FORMATS:
+        return None, None
+    if not imatrix:
+        return None, "--no-imatrix"
+    run = im.run_folder_of(run_or_model)
+    if run is None and calibration is None:
+        return None, ("no calibration text: export a pkdq run folder (its recipe's calibration) "
+                      "or pass --calibration")
+    cal = im.recipe_calibration(run) if run is not None else None
+    if calibration is not None:
+        default = QuantizeConfig().calibration
+        cal = im.named_calibration(
+            calibration, cal.tokens if cal else default.samples * default.seq_len,
+            cal.chunk_tokens if cal else default.seq_len,
+            cal.seed if cal else Recipe.model_fields["seed"].default)
+    im.check_tools()
+    return cal, None
+
+
 # --------------------------------------------------------------------------------------------
 # Writers
 # --------------------------------------------------------------------------------------------
@@ -132,7 +170,8 @@ def _write_gptq(src: Path, tmp: Path) -> dict[str, Any]:
     return {"quantization": {k: quant.get(k) for k in ("bits", "group_size", "sym", "desc_act")}}
 
 
-def _write_gguf(src: Path, tmp: Path, qtype: str, reference: Path | None) -> dict[str, Any]:
+def _write_gguf(src: Path, tmp: Path, qtype: str, reference: Path | None,
+                calibration: Any = None, threads: int = 2) -> dict[str, Any]:
     from tasks.quantize.gguf_export import export_gguf
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -140,7 +179,8 @@ def _write_gguf(src: Path, tmp: Path, qtype: str, reference: Path | None) -> dic
                  "special_tokens_map.json", "generation_config.json"):
         if (src / name).is_file():  # what a model card and HF tools read beside the GGUF
             shutil.copy2(src / name, tmp / name)
-    return export_gguf(src, tmp / GGUF_FILE, qtype, reference, verify=False)
+    return export_gguf(src, tmp / GGUF_FILE, qtype, reference, verify=False,
+                       calibration=calibration, threads=threads)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,13 +241,16 @@ def verify_export(src: Path, dest: Path, fmt: str, tokens: int = VERIFY_TOKENS,
 
 def export_model(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = False,
                  verify: bool = True, reference_gguf: Path | None = None,
-                 verify_tokens: int = VERIFY_TOKENS, threads: int = 2) -> dict[str, Any]:
+                 verify_tokens: int = VERIFY_TOKENS, threads: int = 2, imatrix: bool = True,
+                 calibration: str | None = None) -> dict[str, Any]:
     """Write `run_or_model` (a pkdq model folder or a run's final model) to folder `dest` as
     `fmt`, verify it in its serving runtime, and return (and store as dest/export.json) what
-    was done. The folder appears under its name only when complete."""
+    was done. The folder appears under its name only when complete. `imatrix` and
+    `calibration` steer gguf-q4_k_m's importance matrix (`plan_imatrix`)."""
     from tasks.core.common import write_json_atomic
 
     src = check_export(run_or_model, dest, fmt, overwrite)
+    cal, no_imatrix = plan_imatrix(run_or_model, fmt, imatrix, calibration)
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -222,7 +265,10 @@ def export_model(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
 
             written = write_compressed_tensors(src, tmp)
         else:
-            written = _write_gguf(src, tmp, fmt.removeprefix("gguf-"), reference_gguf)
+            written = _write_gguf(src, tmp, fmt.removeprefix("gguf-"), reference_gguf, cal,
+                                  threads)
+            if no_imatrix:
+                written["imatrix"] = {"used": False, "why": no_imatrix}
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         tmp.rename(dest)

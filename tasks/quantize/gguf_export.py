@@ -25,11 +25,12 @@ Weights: a GPTQ checkpoint whose grid GGUF can hold (bits 4 / 8, sym, group 32, 
 (as the checkpoint stores them). Any other GPTQ checkpoint is exported from its dequantized grid
 values (`load_dequantized`): Q8_0/Q4_0 are then a re-quantization onto llama.cpp's blocks, f16
 keeps the grid values up to fp16 rounding of scale * (code - zero). q4_k_m is llama.cpp's own
-quantizer (`llama_model_quantize` through llama-cpp-python) run on the f16 file, without an
-importance matrix (llama-cpp-python does not ship llama-imatrix). The file is checked by loading
-it back (`tasks.quantize.gguf_verify`): Llama-layout files with transformers' GGUF loader, the
-others in llama.cpp itself (transformers' loader does not undo Gemma's norm shift); `pkdq
-export` runs every GGUF in llama.cpp.
+quantizer run on the f16 file: with calibration text, `llama-imatrix` computes an importance
+matrix on it and `llama-quantize --imatrix` uses it (`tasks.quantize.imatrix`); without,
+`llama_model_quantize` through llama-cpp-python, no importance matrix. The file is checked by
+loading it back (`tasks.quantize.gguf_verify`): Llama-layout files with transformers' GGUF
+loader, the others in llama.cpp itself (transformers' loader does not undo Gemma's norm shift);
+`pkdq export` runs every GGUF in llama.cpp.
 """
 
 from __future__ import annotations
@@ -482,7 +483,8 @@ def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) 
     return find_reference_gguf(model_path, tokenizer, reference_gguf)
 
 
-def _exact_plan(model_path: Path, qtype: str) -> tuple[dict[str, ExactWeight] | None, str]:
+def _exact_plan(model_path: Path, qtype: str, calibration: Any = None
+                ) -> tuple[dict[str, ExactWeight] | None, str]:
     """The exact codes/scales when the GPTQ grid fits `qtype`, and one line saying what happened.
     """
     from tasks.core.model_store import is_quantized
@@ -490,8 +492,10 @@ def _exact_plan(model_path: Path, qtype: str) -> tuple[dict[str, ExactWeight] | 
     quantized = is_quantized(model_path)
     of = "the GPTQ grid values" if quantized else "the float weights"
     if qtype in LLAMA_QUANTIZED:
-        return None, (f"llama.cpp's own {LLAMA_QUANTIZED[qtype]} quantizer (no importance "
-                      f"matrix) on {of} in f16")
+        matrix = ("no importance matrix" if calibration is None else
+                  f"importance matrix from {calibration.source}")
+        return None, (f"llama.cpp's own {LLAMA_QUANTIZED[qtype]} quantizer ({matrix}) on {of} "
+                      "in f16")
     if qtype not in EXACT_GRIDS:
         return None, f"{of} in {qtype}"
     if not quantized:
@@ -505,24 +509,36 @@ def _exact_plan(model_path: Path, qtype: str) -> tuple[dict[str, ExactWeight] | 
                    "matrices F16 as stored in the checkpoint")
 
 
-def _llama_quantize(f16_file: Path, out_file: Path, qtype: str) -> dict[str, Any]:
-    """Run llama.cpp's own quantizer on the f16 file; the tensor types it chose."""
+def _llama_quantize(f16_file: Path, out_file: Path, qtype: str, shape: LlamaShape,
+                    calibration: Any = None, threads: int = 2) -> dict[str, Any]:
+    """Run llama.cpp's own quantizer on the f16 file (with an importance matrix computed on
+    `calibration`, a `tasks.quantize.imatrix.Calibration`, when given); the tensor types it
+    chose and the imatrix record."""
     from tasks.core.llama_cpp import LlamaCppError, gguf_tensor_types, quantize_gguf
 
-    try:
-        quantize_gguf(f16_file, out_file, LLAMA_QUANTIZED[qtype])
-    except LlamaCppError as exc:
-        raise GgufExportError(str(exc)) from exc
-    types = gguf_tensor_types(out_file)
-    return {"tensor_types": types, "quantizer": "llama.cpp llama_model_quantize "
-            f"{LLAMA_QUANTIZED[qtype]} (no importance matrix: llama-cpp-python ships no "
-            "llama-imatrix)", "weight_error_of": "the f16 file llama.cpp quantized"}
+    ftype = LLAMA_QUANTIZED[qtype]
+    if calibration is not None:
+        from tasks.quantize.imatrix import imatrix_quantize
+
+        imatrix = imatrix_quantize(f16_file, out_file, ftype, calibration, shape.context, threads)
+        quantizer = f"llama.cpp llama-quantize {ftype} --imatrix (llama-imatrix on the f16 file)"
+    else:
+        try:
+            quantize_gguf(f16_file, out_file, ftype, threads)
+        except LlamaCppError as exc:
+            raise GgufExportError(str(exc)) from exc
+        imatrix = {"used": False}
+        quantizer = f"llama.cpp llama_model_quantize {ftype} (no importance matrix)"
+    return {"tensor_types": gguf_tensor_types(out_file), "quantizer": quantizer,
+            "imatrix": imatrix, "weight_error_of": "the f16 file llama.cpp quantized"}
 
 
 def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
-                reference_gguf: Path | None = None, verify: bool = True) -> dict[str, Any]:
+                reference_gguf: Path | None = None, verify: bool = True,
+                calibration: Any = None, threads: int = 2) -> dict[str, Any]:
     """Write `model_path` (Llama, Mistral, Qwen2, Qwen3 or Gemma 3; float or GPTQ) as a GGUF
-    llama.cpp can load; return metrics.
+    llama.cpp can load; return metrics. `calibration` (`tasks.quantize.imatrix.Calibration`,
+    q4_k_m only) gives llama.cpp's quantizer an importance matrix computed on that text.
 
     The file appears under its name only when complete (written as .partial, then renamed).
     `verify` loads it back (transformers for the llama layout, llama.cpp for the others) and
@@ -552,12 +568,15 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(out_file.name + ".partial")
     name = f"pkdq {model_path.parent.name}/{model_path.name}"
-    exact, exact_note = _exact_plan(model_path, qtype)
+    if calibration is not None and qtype not in LLAMA_QUANTIZED:
+        raise GgufExportError(f"an importance matrix is for llama.cpp's k-quants "
+                              f"({', '.join(LLAMA_QUANTIZED)}), not {qtype}")
+    exact, exact_note = _exact_plan(model_path, qtype, calibration)
     write_type = "f16" if qtype in LLAMA_QUANTIZED else qtype
     try:
         written = _write_file(tmp, model, shape, write_type, name, fields, bos, exact)
         if qtype in LLAMA_QUANTIZED:
-            written |= _llama_quantize(tmp, out_file, qtype)
+            written |= _llama_quantize(tmp, out_file, qtype, shape, calibration, threads)
         else:
             os.replace(tmp, out_file)
     finally:

@@ -181,23 +181,34 @@ def _gguf_preflight(src: Path, qtype: str) -> Path | None:
     reference); the export itself runs on the finished checkpoint. Returns the reference."""
     if qtype == "none":
         return None
-    from tasks.quantize.gguf_export import GgufExportError, preflight
+    from tasks.quantize.errors import ExportError
+    from tasks.quantize.gguf_export import LLAMA_QUANTIZED, GgufExportError, preflight
+    from tasks.quantize.imatrix import check_tools
 
     try:
+        if qtype in LLAMA_QUANTIZED:
+            check_tools()  # its importance matrix needs llama-imatrix and llama-quantize
         return preflight(src, qtype)
-    except GgufExportError as exc:
+    except (GgufExportError, ExportError) as exc:
         raise QuantizeError(f"gguf: {qtype}: {exc}") from exc
 
 
-def _export_gguf(final: Path, out_file: Path, qtype: str, reference: Path) -> dict[str, Any]:
-    """GGUF export of the finished checkpoint, its failures as one-line QuantizeErrors."""
-    from tasks.quantize.gguf_export import GgufExportError, export_gguf
+def _export_gguf(final: Path, out_file: Path, cfg: QuantizeConfig, ctx: StageContext,
+                 reference: Path) -> dict[str, Any]:
+    """GGUF export of the finished checkpoint, its failures as one-line QuantizeErrors.
+    llama.cpp's k-quants get an importance matrix on the stage's own calibration text."""
+    from tasks.quantize.errors import ExportError
+    from tasks.quantize.gguf_export import LLAMA_QUANTIZED, GgufExportError, export_gguf
     from tasks.quantize.gguf_verify import GgufVerifyError
+    from tasks.quantize.imatrix import sample_calibration
 
+    calibration = (sample_calibration(cfg.calibration, ctx.seed, "quantize.calibration",
+                                      ctx.data) if cfg.gguf in LLAMA_QUANTIZED else None)
     try:
-        return export_gguf(final, out_file, qtype, reference)
-    except (GgufExportError, GgufVerifyError) as exc:
-        raise QuantizeError(f"gguf {qtype} export of {final} failed: {exc}") from exc
+        return export_gguf(final, out_file, cfg.gguf, reference, calibration=calibration,
+                           threads=ctx.threads)
+    except (GgufExportError, GgufVerifyError, ExportError) as exc:
+        raise QuantizeError(f"gguf {cfg.gguf} export of {final} failed: {exc}") from exc
 
 
 def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> StageResult:
@@ -243,6 +254,6 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     if calibration is not None:
         metrics["data"] = calibration.stats
     if gguf != "none":
-        metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, gguf,
+        metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, cfg, ctx,
                                        gguf_reference)
     return StageResult(model=ref, metrics=metrics)
