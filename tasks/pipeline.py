@@ -302,6 +302,22 @@ def write_stage_card(run_dir: Path, folder: str, recipe: Recipe) -> Path | None:
         return None
 
 
+def _reuse_or_reset(folder: Path, key: str, done: str, what: str,
+                    required: str | None = None) -> dict[str, Any] | None:
+    """The finished record of a unit sealed by `done` whose key matches, else None after
+    removing the seal (saying why when it was there), so the unit runs again from scratch."""
+    record, why = check_finished(folder, key, done, check_model=False)
+    if record is not None and required and not (folder / required).is_file():
+        record, why = None, f"{required} is missing"  # a record listing no files
+    if record is not None:
+        print(f"{what} finished earlier: reused", flush=True)
+        return record
+    if why:
+        print(f"{what} finished earlier but {why}: recomputing", flush=True)
+    (folder / done).unlink(missing_ok=True)
+    return None
+
+
 def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
                   baseline: bool = False) -> tuple[dict[str, Any], bool]:
     """Evaluate a model into `folder` once per (model fingerprint, eval config, seed); an
@@ -310,15 +326,9 @@ def evaluate_unit(folder: Path, name: str, recipe: Recipe, model: ModelRef,
 
     folder.mkdir(parents=True, exist_ok=True)
     key = stage_key("evaluate", model.fingerprint, recipe.evaluate.unit_config(), recipe.seed)
-    record, why = check_finished(folder, key, EVAL_DONE, check_model=False)
-    if record is not None and not (folder / EVAL_FILE).is_file():  # a record listing no files
-        record, why = None, f"{EVAL_FILE} is missing"
+    record = _reuse_or_reset(folder, key, EVAL_DONE, f"[{name}] evaluation", EVAL_FILE)
     if record is not None:
-        print(f"[{name}] evaluation finished earlier: reused", flush=True)
         return record, True
-    if why:
-        print(f"[{name}] evaluation finished earlier but {why}: recomputing", flush=True)
-    (folder / EVAL_DONE).unlink(missing_ok=True)
     print(f"[{name}] evaluating {model.path.name}", flush=True)
     out_dir = folder / "eval"
     begin_stage(out_dir)
@@ -362,13 +372,9 @@ def llama_cpp_unit(folder: Path, name: str, recipe: Recipe,
               "new_tokens": speed.new_tokens, "repeats": speed.repeats,
               "threads": recipe.threads}
     key = stage_key("llama_cpp_speed", model.fingerprint, config, recipe.seed)
-    record, why = check_finished(folder, key, LLAMA_CPP_DONE, check_model=False)
+    record = _reuse_or_reset(folder, key, LLAMA_CPP_DONE, f"[{name}] llama.cpp speed")
     if record is not None:
-        print(f"[{name}] llama.cpp speed finished earlier: reused", flush=True)
         return record, True
-    if why:
-        print(f"[{name}] llama.cpp speed finished earlier but {why}: recomputing", flush=True)
-    (folder / LLAMA_CPP_DONE).unlink(missing_ok=True)
     (folder / LLAMA_CPP_FILE).unlink(missing_ok=True)
     print(f"[{name}] llama.cpp speed: {', '.join(types)} GGUF of {model.path.name}", flush=True)
     prompt = speed.prompt_within(read_config(model.path).get("max_position_embeddings"))

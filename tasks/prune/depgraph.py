@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,6 +368,17 @@ def head_group(graph: tp.DependencyGraph, block: Block, head_dim: int,
 
 
 
+
+def _unit_scores(criterion: str, activation: Callable[[], torch.Tensor], size: int,
+                 generator: torch.Generator,
+                 magnitude: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """One layer's scores for one axis (heads or FFN neurons) under a unit criterion."""
+    if criterion == "activation":
+        return activation()
+    if criterion == "random":
+        return torch.rand(size, generator=generator, dtype=torch.float64)
+    return magnitude(criterion)
+
 @torch.no_grad()
 def activation_scores(anatomy: DepAnatomy, blocks: torch.Tensor, heads: bool,
                       stage: str, batch_size: int = 4) -> tuple[list, list]:
@@ -431,27 +442,15 @@ def prune_with_depgraph(anatomy: DepAnatomy, plan: PrunePlan, cfg: PruneConfig,
     gens = {axis: axis_generator(seed, axis) for axis in ("heads", "ffn")}
     for i, block in enumerate(anatomy.blocks):  # score everything before cutting anything
         if cfg.heads is not None:
-            criterion = cfg.heads.criterion
-            if criterion == "activation":
-                scores = acts[1][i]
-            elif criterion == "random":
-                scores = torch.rand(anatomy.heads, generator=gens["heads"],
-                                    dtype=torch.float64)
-            else:
-                per_channel = _magnitude(head_group(graph, block, hd,
-                                                    list(range(anatomy.heads))), criterion)
-                scores = per_channel.view(-1, hd).sum(dim=1)
+            scores = _unit_scores(
+                cfg.heads.criterion, lambda i=i: acts[1][i], anatomy.heads, gens["heads"],
+                lambda c, b=block: _magnitude(head_group(graph, b, hd, list(range(
+                    anatomy.heads))), c).view(-1, hd).sum(dim=1))
             head_cuts.append(_lowest(scores, after.heads))
         if cfg.ffn is not None:
-            criterion = cfg.ffn.criterion
-            if criterion == "activation":
-                scores = acts[0][i]
-            elif criterion == "random":
-                scores = torch.rand(anatomy.ffn, generator=gens["ffn"],
-                                    dtype=torch.float64)
-            else:
-                scores = _magnitude(ffn_group(graph, block, list(range(anatomy.ffn))),
-                                    criterion)
+            scores = _unit_scores(
+                cfg.ffn.criterion, lambda i=i: acts[0][i], anatomy.ffn, gens["ffn"],
+                lambda c, b=block: _magnitude(ffn_group(graph, b, list(range(anatomy.ffn))), c))
             ffn_cuts.append(_lowest(scores, after.ffn))
     config = model.config
     if head_cuts:
