@@ -207,9 +207,9 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
     """
     outside = _outside_families(model.config)
     if outside:
-        from tasks.prune import depgraph
+        from tasks.prune.depgraph_anatomy import check_config  # refusals before any data loads
 
-        dep_anatomy, plan = depgraph.check_config(model, cfg)
+        dep_anatomy, plan = check_config(model, cfg)
     else:
         anatomy = Anatomy.of(model)
         plan = plan_prune(Dims.from_config(model.config), cfg)
@@ -219,8 +219,10 @@ def prune_model(model, tokenizer, cfg: PruneConfig, ctx: StageContext) -> dict[s
     blocks = calibration.ids if calibration is not None else None
     params_before = count_params(model)
     if outside:
-        removed = depgraph.prune_with_depgraph(dep_anatomy, plan, cfg, blocks, ctx.seed,
-                                               ctx.stage_name or "prune")
+        from tasks.prune.depgraph import prune_with_depgraph
+
+        removed = prune_with_depgraph(dep_anatomy, plan, cfg, blocks, ctx.seed,
+                                      ctx.stage_name or "prune")
     else:
         measured = Measurements(anatomy, blocks, cfg.taylor_samples, cfg.skip_samples,
                                 ctx.stage_name or "prune")
