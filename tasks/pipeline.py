@@ -9,6 +9,8 @@ from there (`frozen_recipe`), never from the user's YAML, which may change while
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from tasks.core.common import (
     StageContext,
     StageResult,
     data_dir,
+    one_line,
     read_json,
     write_json_atomic,
 )
@@ -229,7 +232,7 @@ def stage_contamination(spec: DataSpec | None, recipe: Recipe, name: str
     try:
         report = training_overlap(spec, recipe.evaluate, data_dir(), cfg.ngram)
     except (ValueError, OSError, KeyError, TypeError) as exc:  # an unreadable benchmark file
-        return {"unchecked": " ".join(str(exc).split())[:200]}
+        return {"unchecked": one_line(exc, limit=200, with_type=False)}
     line = refusal(report, cfg.threshold, name)
     if line and not cfg.allow_overlap:
         raise ContaminationError(line)
@@ -297,8 +300,7 @@ def write_stage_card(run_dir: Path, folder: str, recipe: Recipe) -> Path | None:
     try:
         return write_card(run_dir, folder, source_metadata(recipe.model))
     except Exception as exc:  # noqa: BLE001 - documentation must never fail a finished stage
-        print(f"[{folder}] model card not written: {type(exc).__name__}: "
-              f"{' '.join(str(exc).split())[:200]}", flush=True)
+        print(f"[{folder}] model card not written: {one_line(exc, limit=200)}", flush=True)
         return None
 
 
@@ -358,9 +360,6 @@ def llama_cpp_unit(folder: Path, name: str, recipe: Recipe,
     failing (the runtime, not the model) is recorded but not sealed, so a rerun tries again.
     Neither fails the run.
     """
-    import os
-    import shutil
-
     from tasks.core.model_store import read_config
     from tasks.quantize import gguf_speed_rows
 

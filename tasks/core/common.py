@@ -164,7 +164,8 @@ def read_utf8(path: Path, error: type[Exception], label: str, fix: str) -> str:
                     f"{exc.start}); {fix}") from None
 
 
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """One-line, bounded rendering of an exception (some libraries list hundreds of tensors)."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+def one_line(exc: BaseException, limit: int = 300, with_type: bool = True) -> str:
+    """One-line, bounded rendering of an exception (some libraries list hundreds of tensors);
+    `with_type=False` for pkdq's own errors, whose message already says what went wrong."""
+    text = " ".join((f"{type(exc).__name__}: {exc}" if with_type else str(exc)).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -223,10 +223,10 @@ def compute_imatrix(gguf_path: Path, text_file: Path, out: Path, chunk_tokens: i
                                 "-ngl", "0"], timeout_s)
     if not Path(out).is_file():
         raise LlamaCppError(f"llama-imatrix wrote no {out}")
-    fields = gguf.GGUFReader(str(out)).fields
-    count = int(fields["imatrix.chunk_count"].contents())
-    size = int(fields["imatrix.chunk_size"].contents())
-    entries = sum(1 for key in gguf.GGUFReader(str(out)).tensors if key.name.endswith(".in_sum2"))
+    written = gguf.GGUFReader(str(out))
+    count = int(written.fields["imatrix.chunk_count"].contents())
+    size = int(written.fields["imatrix.chunk_size"].contents())
+    entries = sum(1 for tensor in written.tensors if tensor.name.endswith(".in_sum2"))
     return {"chunks": count, "chunk_tokens": size, "tokens": count * size,
             "tensors_with_statistics": entries, "wall_s": time.perf_counter() - start,
             "tool": f"llama-imatrix ({PIN}'s llama.cpp)"}

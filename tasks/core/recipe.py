@@ -128,12 +128,17 @@ class DataSpec(Strict):
         return {key: value for key, value in data.items() if key in used}
 
 
-def _omit_unset_data(data: dict[str, Any]) -> dict[str, Any]:
-    """Leave `data` out while it is None: stage keys hash the dump, and a stage on the bundled
-    text must keep the key it had before user data sources existed."""
-    if data.get("data") is None:
-        data.pop("data", None)
-    return data
+def omit_at(dump: dict[str, Any], /, **as_before: Any) -> dict[str, Any]:
+    """Drop each field whose dumped value is the one that means "as before this field existed".
+
+    Stage and evaluation keys hash these dumps: a recipe that never uses a newer field (user
+    data, a GGUF export, task YAMLs, llama.cpp timing, a search target) must keep the keys it
+    had, so its finished units are reused rather than computed again.
+    """
+    for key, value in as_before.items():
+        if key in dump and dump[key] == value:
+            del dump[key]
+    return dump
 
 
 class TextSample(Strict):
@@ -151,7 +156,7 @@ class TextSample(Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _omit_unset_data(handler(self))
+        return omit_at(handler(self), data=None)  # the bundled text, as before user data
 
     def spec(self) -> DataSpec:
         """The data this sample draws from (the bundled `source` unless `data` is set)."""
@@ -321,9 +326,7 @@ class PruneConfig(Strict):
         recipe with a fixed shape must keep the key it had before the search existed."""
         data = handler(self)
         if data.get("target") is None:
-            data.pop("target", None)
-            if data.get("search") == SearchConfig().model_dump():
-                data.pop("search", None)
+            omit_at(data, target=None, search=SearchConfig().model_dump())
         return data
 
     def axes(self) -> list[str]:
@@ -418,7 +421,7 @@ class DistillConfig(Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return _omit_unset_data(handler(self))
+        return omit_at(handler(self), data=None)  # the bundled text, as before user data
 
     def spec(self) -> DataSpec:
         """The training data (the bundled `source` unless `data` is set)."""
@@ -451,10 +454,7 @@ class QuantizeConfig(Strict):
         """Leave `gguf` out while it is "none": stage keys hash this dump, and a recipe that
         does not ask for a GGUF must keep the key it had before the field existed (finished
         quantize stages are reused, not quantized again)."""
-        data = handler(self)
-        if data.get("gguf") == "none":
-            del data["gguf"]
-        return data
+        return omit_at(handler(self), gguf="none")
 
 
 class WikitextEval(Strict):
@@ -501,10 +501,7 @@ class SpeedEval(Strict):
     def _omit_unset_llama_cpp(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Leave `llama_cpp` out while unset: comparison folders hash this dump, and recipes
         that never ask for it keep the names and keys they had before the field existed."""
-        data = handler(self)
-        if data.get("llama_cpp") is None:
-            data.pop("llama_cpp", None)
-        return data
+        return omit_at(handler(self), llama_cpp=None)
 
     def llama_cpp_on(self) -> bool:
         return self.llama_cpp is not None and self.llama_cpp.enabled
@@ -580,10 +577,7 @@ class EvalConfig(Strict):
     def _omit_unset_include(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Leave `include_path` out while unset: evaluation keys hash this dump, and recipes
         that never name one keep the keys they had before the field existed."""
-        data = handler(self)
-        if data.get("include_path") is None:
-            data.pop("include_path", None)
-        return data
+        return omit_at(handler(self), include_path=None)
 
     def unit_config(self) -> dict[str, Any]:
         """What keys the evaluation unit: the whole config but `speed.llama_cpp`, which is a

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.core.common import one_line
 from tasks.core.llama_cpp import LlamaCppError, llama_cpp_speed
 from tasks.core.model_store import is_quantized
 from tasks.quantize.gguf_export import GgufExportError, export_gguf, preflight
@@ -70,20 +71,16 @@ def gguf_speed_rows(model_path: Path, qtypes: list[str], work: Path, prompt_toke
     try:
         preflight(Path(model_path), qtypes[0])
     except GgufExportError as exc:
-        return {"rows": [], "refused": _one_line(exc)}
+        return {"rows": [], "refused": one_line(exc, limit=1000, with_type=False)}
     rows = []
     for qtype in qtypes:
         try:
             rows.append(gguf_speed_row(model_path, qtype, Path(work) / f"model-{qtype}.gguf",
                                        prompt_tokens, decode_tokens, threads, repeats))
         except GgufExportError as exc:
-            rows.append({"type": qtype, "refused": _one_line(exc)})
+            rows.append({"type": qtype, "refused": one_line(exc, limit=1000, with_type=False)})
         except LlamaCppError as exc:  # the runtime, not the model: worth another try later
-            rows.append({"type": qtype, "error": _one_line(exc)})
+            rows.append({"type": qtype, "error": one_line(exc, limit=1000, with_type=False)})
         except subprocess.TimeoutExpired as exc:  # a machine too busy to finish in time
             rows.append({"type": qtype, "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"})
     return {"rows": rows, "refused": None}
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from tasks.core.common import one_line
+
 # Fixed plain prose (not evaluation data): enough tokens for a top-1 agreement figure.
 VERIFY_TEXT = (
     "The library opened early on Saturday, and the first visitors went straight to the map "
@@ -90,7 +92,7 @@ def verify_gguf(gguf_file: Path, source_model: Any, tokenizer: Any,
         loaded = load_gguf_model(gguf_file)
     except Exception as exc:  # noqa: BLE001 - any loader failure is the finding itself
         raise GgufVerifyError(f"transformers could not load {gguf_file}: "
-                              f"{' '.join(str(exc).split())[:300]}") from exc
+                              f"{one_line(exc, with_type=False)}") from exc
     got = loaded(ids).logits.float()
     weights = compare_weights(source_model, loaded)
     del loaded
@@ -98,7 +100,7 @@ def verify_gguf(gguf_file: Path, source_model: Any, tokenizer: Any,
         gguf_ids = load_gguf_tokenizer(gguf_file)(text)["input_ids"]
         same_ids: bool | str = gguf_ids == ids[0].tolist()
     except Exception as exc:  # noqa: BLE001 - recorded: the weights check stands on its own
-        same_ids = f"not checked: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        same_ids = f"not checked: {one_line(exc, limit=200)}"
     return {"tokens": int(ids.shape[1]), **compare_logits(ref, got), **weights,
             "tokenizer_same_ids": same_ids}
 
