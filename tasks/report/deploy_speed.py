@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.report.format import DASH, Cell, json_path, num
-from tasks.report.retention import BF16_BYTES
+from tasks.report.retention import BF16_BYTES, safe_ratio
 
 GOAL = {"decode_vs_baseline_f16": 2.0, "decode_vs_baseline_same_type": 1.3,
         "bytes_vs_baseline_bf16": 0.30}
@@ -32,10 +32,6 @@ WEIGHTS = {"exact": "GPTQ grid, exact", "re-gridded": "GPTQ grid re-gridded",
 
 def _timed(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["type"]: row for row in rows if "decode_tok_s" in row}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def deploy_summary(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -55,11 +51,11 @@ def deploy_summary(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
     by_type = []
     for qtype, row in _timed(final["llama_cpp"].get("rows") or []).items():
         ratios = {
-            "decode_vs_baseline_f16": _ratio(row["decode_tok_s"],
+            "decode_vs_baseline_f16": safe_ratio(row["decode_tok_s"],
                                              (base_rows.get("f16") or {}).get("decode_tok_s")),
-            "decode_vs_baseline_same_type": _ratio(
+            "decode_vs_baseline_same_type": safe_ratio(
                 row["decode_tok_s"], (base_rows.get(qtype) or {}).get("decode_tok_s")),
-            "bytes_vs_baseline_bf16": _ratio(row["file_bytes"], bf16),
+            "bytes_vs_baseline_bf16": safe_ratio(row["file_bytes"], bf16),
         }
         known = all(v is not None for v in ratios.values())
         met = known and all(

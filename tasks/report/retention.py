@@ -114,7 +114,8 @@ def _average(rows: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     return {"mean": sum(v for v, _ in vals) / k, "stderr": stderr, "k": k}
 
 
-def _ratio(num: Any, den: Any) -> float | None:
+def safe_ratio(num: Any, den: Any) -> float | None:
+    """num / den, or None when either is missing or den is 0 (a ratio the data cannot give)."""
     if num is None or den in (None, 0):
         return None
     return float(num) / float(den)
@@ -128,8 +129,8 @@ def perplexity_ratio(baseline: dict[str, Any], stage: dict[str, Any]) -> dict[st
     return {
         "baseline": bw.get("token_perplexity"),
         "stage": sw.get("token_perplexity"),
-        "ratio": _ratio(sw.get("token_perplexity"), bw.get("token_perplexity")),
-        "word_ratio": _ratio(sw.get("word_perplexity"), bw.get("word_perplexity")),
+        "ratio": safe_ratio(sw.get("token_perplexity"), bw.get("token_perplexity")),
+        "word_ratio": safe_ratio(sw.get("word_perplexity"), bw.get("word_perplexity")),
         "same_slice": (bw.get("tokens"), bw.get("max_length"))
         == (sw.get("tokens"), sw.get("max_length")),
     }
@@ -146,13 +147,13 @@ def size_ratio(baseline: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any
     bf16 = params * BF16_BYTES if params else None
     return {
         "bytes_baseline_bf16": bf16,
-        "bytes_ratio_bf16": _ratio(stage.get("bytes_on_disk"), bf16),
+        "bytes_ratio_bf16": safe_ratio(stage.get("bytes_on_disk"), bf16),
         "params_baseline": baseline.get("params"),
         "params_stage": stage.get("params"),
-        "params_ratio": _ratio(stage.get("params"), baseline.get("params")),
+        "params_ratio": safe_ratio(stage.get("params"), baseline.get("params")),
         "bytes_baseline": baseline.get("bytes_on_disk"),
         "bytes_stage": stage.get("bytes_on_disk"),
-        "bytes_ratio": _ratio(stage.get("bytes_on_disk"), baseline.get("bytes_on_disk")),
+        "bytes_ratio": safe_ratio(stage.get("bytes_on_disk"), baseline.get("bytes_on_disk")),
     }
 
 
