@@ -34,7 +34,7 @@ from tasks.core.common import ModelRef, read_json  # noqa: E402
 from tasks.core.model_store import resolve_model  # noqa: E402
 from tasks.core.recipe import load_recipe, parse_recipe  # noqa: E402
 from tasks.pipeline import evaluate_unit, run_unit  # noqa: E402
-from tasks.report import paired_stats, per_doc  # noqa: E402
+from tasks.report import paired_text  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 ARMS = {"general": "smollm2-ffn25-kd-w4", "domain-text": "smollm2-ffn25-kd-w4-domain-text",
@@ -62,16 +62,6 @@ def _samples(folder: Path, unit: str) -> dict:
     return read_json(folder / unit / "eval" / "eval_samples.json")
 
 
-def _paired(folder: Path, unit: str, against: str, task: str, metric: str) -> str:
-    """'+3.5 ± 2.1' points: the arm's mean minus the other's, over the docs both scored."""
-    mine = per_doc(_samples(folder, unit), task, metric)
-    theirs = per_doc(_samples(folder, against), task, metric)
-    stats = paired_stats(theirs, mine) if mine and theirs else None
-    if stats is None:
-        return "–"
-    return f"{100 * stats['diff']:+.1f} ± {100 * stats['diff_stderr']:.1f}"
-
-
 def render(out: dict, folder: Path) -> str:
     """The worked examples' table: WikiText-2 test ppl, the job's task, general benchmarks."""
     tasks = list(out["baseline"]["tasks"])
@@ -90,7 +80,9 @@ def render(out: dict, folder: Path) -> str:
             metric = t["metric"]
             cell = f"{100 * t[metric]:.1f} ± {100 * t[metric + '_stderr']:.1f}"
             if name not in ("baseline", "general"):
-                cell += f" (vs general {_paired(folder, unit, 'general-kd', task, metric)})"
+                diff = paired_text(_samples(folder, "general-kd"), _samples(folder, unit), task,
+                                   metric)
+                cell += f" (vs general {diff})"
             cells.append(cell)
         rows.append(cells)
     lines = ["| " + " | ".join(r) + " |" for r in rows]

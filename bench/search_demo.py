@@ -10,7 +10,9 @@ the same for every arm), with retention against the baseline. Units are cached i
 folder, so an interrupted run resumes.
 
     flock /tmp/pkdq-heavy.lock .venv/bin/python bench/search_demo.py --target 0.75 --threads 2
-Writes bench/results/search_<target>.md and .json.
+Writes bench/results/search_<target>.json and .md (the candidate table, then every arm's
+WikiText-2 ppl and benchmark scores with chance-normalised retention and paired differences
+against the winner on the same docs); `--render-only` rewrites the .md from the JSON.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from pkdq.env import configure_environment  # noqa: E402 - before prefect is imp
 
 configure_environment()
 
+from tasks.core.common import read_json  # noqa: E402
 from tasks.core.model_store import read_config, resolve_model  # noqa: E402
 from tasks.core.recipe import PruneConfig, parse_recipe  # noqa: E402
 from tasks.pipeline import evaluate_unit, run_unit  # noqa: E402
 from tasks.prune import enumerate_candidates  # noqa: E402
+from tasks.report import paired_text, stage_retention  # noqa: E402
+from tasks.search.report import render_markdown  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -49,7 +54,8 @@ def recipe_raw(target: float, args: argparse.Namespace) -> dict:
         ],
         "evaluate": {"tasks": ["arc_easy", "piqa"], "samples": args.samples,
                      "wikitext": {"tokens": 8192, "max_length": 512, "pages": 0},
-                     "speed": {"enabled": False}},
+                     "speed": {"enabled": False}, "generations": {"enabled": False},
+                     "served": False},
     }
 
 
@@ -83,6 +89,58 @@ def run_arm(folder: Path, name: str, prune: PruneConfig, tokens: int, recipe, ba
             "wall_s": time.perf_counter() - started}
 
 
+def _samples(folder: Path, unit: str) -> dict | None:
+    path = folder / unit / "eval" / "eval_samples.json"
+    return read_json(path) if path.is_file() else None
+
+
+def render(out: dict, folder: Path) -> str:
+    """The search's candidate table, then the arms at equal total KD tokens."""
+    lines = [render_markdown(out["search"]), f"Search wall time, whole flow (this script): "
+             f"{out['search_wall_s']:.0f} s on this CPU.", ""]
+    if not out.get("arms"):
+        return "\n".join(lines)
+    base = out["baseline"]
+    tasks = list(base["tasks"])
+    lines += [f"### Arms at equal KD tokens ({out['total_kd_tokens']:,} each, search tokens "
+              "counted in; seed 1234)", "",
+              "Scores: acc_norm % ± one standard error on the same seeded docs; in brackets the "
+              "paired per-doc difference against the winner. Retention: chance-normalised "
+              "(s - c) / (b - c), mean over the benchmarks.", "",
+              "| arm | shape | params (M) | KD tokens | held-out KL | WikiText-2 ppl | "
+              + " | ".join(tasks) + " | retention |",
+              "|---|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|",
+              f"| baseline | – | {base['params'] / 1e6:.1f} | – | – | "
+              f"{base['wikitext']['token_perplexity']:.2f} | "
+              + " | ".join(f"{100 * base['tasks'][t][base['tasks'][t]['metric']]:.1f}"
+                           for t in tasks) + " | 1 |"]
+    base_samples = _samples(folder, "baseline")
+    for arm in out["arms"]:
+        unit = f"{arm['arm']}-kd"
+        ev = arm["eval"]
+        ret = stage_retention(base, ev, base_samples, _samples(folder, unit))
+        avg = ret["average_norm_retention"]
+        cells = []
+        for task in tasks:
+            t = ev["tasks"][task]
+            cell = f"{100 * t[t['metric']]:.1f} ± {100 * t[t['metric'] + '_stderr']:.1f}"
+            if arm["arm"] != "winner":
+                diff = paired_text(_samples(folder, "winner-kd"), _samples(folder, unit), task,
+                                   t["metric"])
+                cell += f" ({diff})"
+            cells.append(cell)
+        shape = ", ".join(f"{k} {v}" for k, v in sorted(arm["prune"].items())
+                          if k in ("depth", "ffn", "heads", "hidden") and v)
+        lines.append(
+            f"| {arm['arm']} | {shape} | {(arm['params'] or 0) / 1e6:.1f} | "
+            f"{arm['kd_tokens']:,} | {arm['heldout_kl']:.4f} | "
+            f"{ev['wikitext']['token_perplexity']:.2f} | " + " | ".join(cells) + " | "
+            + (f"{avg['mean']:.3f} ± {avg['stderr']:.3f}" if avg and avg["stderr"] is not None
+               else "–") + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", type=float, default=0.75)
@@ -94,7 +152,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--folder", default="runs/bench-search")
     ap.add_argument("--search-only", action="store_true")
+    ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
+    if args.render_only:
+        out = read_json(OUT / f"search_{args.target:g}.json")
+        md = OUT / f"search_{args.target:g}.md"
+        md.write_text(render(out, Path(args.folder) / f"t{args.target:g}"))
+        print(f"wrote {md}")
+        return
 
     from flows.search import run_search
 
@@ -133,7 +198,8 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     path = OUT / f"search_{args.target:g}.json"
     path.write_text(json.dumps(out, indent=1, default=str))
-    print(f"wrote {path}")
+    path.with_suffix(".md").write_text(render(out, folder))
+    print(f"wrote {path} and .md")
 
 
 if __name__ == "__main__":

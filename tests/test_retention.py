@@ -8,6 +8,7 @@ import pytest
 
 from tasks.report.retention import (
     paired_stats,
+    paired_text,
     ratio_stderr,
     retention_from_dirs,
     stage_retention,
@@ -63,6 +64,15 @@ def test_paired_difference_and_covariance():
     assert row["diff_stderr"] == pytest.approx(0.2)
     # the paired stderr is tighter than the unpaired one (sqrt(2*0.06) = 0.346)
     assert row["diff_stderr"] < math.sqrt(2) * se
+
+
+def test_paired_text_is_the_paired_difference_in_points():
+    base = {"piqa": {"acc": {"0": 1.0, "1": 1.0, "2": 0.0, "3": 0.0, "4": 1.0}}}
+    stage = {"piqa": {"acc": {"0": 1.0, "1": 0.0, "2": 0.0, "3": 0.0, "4": 1.0}}}
+    assert paired_text(base, stage, "piqa", "acc") == "-20.0 ± 20.0"
+    assert paired_text(stage, base, "piqa", "acc") == "+20.0 ± 20.0"
+    assert paired_text(base, None, "piqa", "acc") == "–"
+    assert paired_text(base, stage, "arc_easy", "acc") == "–"
 
 
 def test_flat_per_doc_mapping_is_accepted():

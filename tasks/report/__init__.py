@@ -16,6 +16,7 @@ _EXPORTS = {
     "fmt": "format",
     "stage_retention": "retention",  # stage score / baseline score, with standard errors
     "per_doc": "retention",  # one task's {doc_id: score} from a per-doc samples file
+    "paired_text": "retention",  # that difference as '+3.5 ± 2.1' points for a table cell
     "paired_stats": "retention",  # paired difference of two models on the docs both scored
     "loss_curve": "plots",
 }

@@ -66,6 +66,17 @@ def paired_stats(base: PerDoc, stage: PerDoc) -> dict[str, Any] | None:
             "same_docs": set(base) == set(stage)}
 
 
+def paired_text(against: dict[str, Any] | None, mine: dict[str, Any] | None, task: str,
+                metric: str) -> str:
+    """'+3.5 ± 2.1': `mine` minus `against` in points over the docs both scored, from two per-doc
+    samples files; '–' when either lacks the task (tables print it as a cell)."""
+    theirs, ours = per_doc(against, task, metric), per_doc(mine, task, metric)
+    stats = paired_stats(theirs, ours) if theirs and ours else None
+    if stats is None:
+        return "–"
+    return f"{100 * stats['diff']:+.1f} ± {100 * stats['diff_stderr']:.1f}"
+
+
 def ratio_stderr(s: float, ss: float, b: float, sb: float, cov: float = 0.0) -> float | None:
     """Delta-method stderr of s/b: sqrt(ss^2 + R^2 sb^2 - 2 R cov) / |b|."""
     if b == 0:
