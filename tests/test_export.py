@@ -113,7 +113,41 @@ def test_gptq_w8_g32_sym_is_q8_0_exactly(rtn_w8, tmp_path):
     record = export_model(rtn_w8, tmp_path / "e", "gguf-q8_0", verify=False)
     assert record["written"]["exact_grid"] is True
     assert record["written"]["weight_error"]["max_abs"] == 0.0
-    assert record["written"]["tensor_types"]["Q8_0"] == 14
+    # the 14 GPTQ matrices code for code, and the (tied) embedding in its default Q8_0
+    assert record["written"]["tensor_types"]["Q8_0"] == 15
+    assert record["written"]["embedding_type"] == "q8_0"
+
+
+@pytest.mark.parametrize(("embedding", "ggml"), [(None, "Q8_0"), ("q4_0", "Q4_0"), ("f16", "F16")])
+def test_the_embedding_type_is_chosen_and_the_grid_stays_exact(embedding, ggml, gptq_w4,
+                                                                tmp_path):
+    """`--embedding`: the tied embedding is written in the type asked (Q8_0 by default), every
+    GPTQ matrix is still Q4_0 code for code, and the embedding's own rounding is reported apart
+    (zero only for f16, which holds the checkpoint's fp16 values)."""
+    import gguf
+
+    record = export_model(gptq_w4, tmp_path / "e", "gguf-q4_0", verify=False,
+                          embedding=embedding)
+    written = record["written"]
+    assert written["exact_grid"] is True and written["weight_error"]["max_abs"] == 0.0
+    assert written["embedding_type"] == (embedding or "q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "e" / "model.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType[ggml]
+    assert "output.weight" not in tensors  # tied: llama.cpp reads the embedding for both
+    assert (written["embedding_error"]["max_abs"] == 0.0) == (embedding == "f16")
+    assert written["tensor_types"]["Q4_0"] == 14 + (embedding == "q4_0")
+
+
+@pytest.mark.parametrize(("fmt", "embedding", "says"), [
+    ("hf", "q8_0", "embedding type is for the gguf formats, not hf"),
+    ("gguf-q4_0", "q6_k", "embedding type 'q6_k' is not supported"),
+    ("gguf-q4_k_m", "q8_0", "llama.cpp's quantizer's choice"),
+])
+def test_a_wrong_embedding_type_is_refused_before_any_weight(fmt, embedding, says, gptq_w4,
+                                                             tmp_path):
+    with pytest.raises(ExportError, match=says):
+        export_model(gptq_w4, tmp_path / "e", fmt, verify=False, embedding=embedding)
+    assert not (tmp_path / "e").exists()
 
 
 def test_other_grids_are_requantized_and_say_so(gptq_w4, tmp_path):
@@ -174,6 +208,8 @@ def test_bad_requests_are_one_line_exit_2(sharp_ref, gptq_w4, tmp_path):
 
     src = str(gptq_w4)
     assert "unknown export format" in refused(src, "--to", str(tmp_path / "a"), "--format", "onnx")
+    assert "use one of f16, q8_0, q4_0" in refused(src, "--to", str(tmp_path / "a"), "--format",
+                                                   "gguf-q4_0", "--embedding", "q2_k")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")

@@ -200,3 +200,19 @@ def test_llama_cpp_speed_is_its_own_unit_and_off_unless_asked():
         with pytest.raises(RecipeError) as info:
             parse_recipe(_minimal(evaluate={"speed": {"llama_cpp": {"types": types}}}), "my.yaml")
         assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_gguf_embedding_needs_a_gguf_it_can_set_and_stays_out_of_unset_dumps():
+    """`quantize.gguf_embedding` is refused in one line without a gguf it applies to, and an
+    unset one never enters the quantize stage's dump (finished stages keep their keys)."""
+    from tasks.core.recipe import QuantizeConfig
+
+    assert "gguf_embedding" not in QuantizeConfig(gguf="q4_0").model_dump(mode="json")
+    assert QuantizeConfig(gguf="q4_0", gguf_embedding="q4_0").model_dump()["gguf_embedding"] \
+        == "q4_0"
+    stages = [{"prune": {"ffn": {"ratio": 0.2}}}, {"distill": {}}]
+    for quantize in ({"gguf_embedding": "q4_0"}, {"gguf": "q4_k_m", "gguf_embedding": "q8_0"}):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(_minimal(stages=[*stages, {"quantize": quantize}]), "my.yaml")
+        assert "gguf_embedding applies to gguf f16, q8_0 or q4_0" in str(info.value)
+        assert "\n" not in str(info.value)

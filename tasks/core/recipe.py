@@ -448,13 +448,26 @@ class QuantizeConfig(Strict):
         "32 exactly and re-quantize any other; q4_k_m is llama.cpp's own quantizer on the f16 "
         "file, with an importance matrix on this section's calibration text; f16 keeps the "
         "grid up to fp16 rounding")
+    gguf_embedding: Literal["f16", "q8_0", "q4_0"] | None = Field(
+        None, description="the GGUF's embedding/output type (default q8_0 for q4_0/q8_0, f16 "
+        "for f16); the tied embedding of a small model is a fifth of its weights, so q4_0 here "
+        "is what brings a 4-bit file under a tight size budget (its cost is measured in "
+        "bench/results/embedding_types.md)")
+
+    @model_validator(mode="after")
+    def _embedding_needs_gguf(self) -> QuantizeConfig:
+        if self.gguf_embedding is not None and self.gguf in ("none", "q4_k_m"):
+            raise ValueError("gguf_embedding applies to gguf f16, q8_0 or q4_0 (q4_k_m's "
+                             "embedding type is llama.cpp's quantizer's choice); set gguf or "
+                             "drop gguf_embedding")
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_gguf_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave `gguf` out while it is "none": stage keys hash this dump, and a recipe that
-        does not ask for a GGUF must keep the key it had before the field existed (finished
-        quantize stages are reused, not quantized again)."""
-        return omit_at(handler(self), gguf="none")
+        """Leave `gguf` out while it is "none" (and `gguf_embedding` while unset): stage keys
+        hash this dump, and a recipe that does not ask for a GGUF must keep the key it had
+        before the field existed (finished quantize stages are reused, not quantized again)."""
+        return omit_at(handler(self), gguf="none", gguf_embedding=None)
 
 
 class WikitextEval(Strict):

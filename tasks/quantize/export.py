@@ -60,10 +60,13 @@ def final_model(run_or_model: Path) -> Path:
                       "(run.json)")
 
 
-def check_export(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = False) -> Path:
+def check_export(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = False,
+                 embedding: str | None = None) -> Path:
     """Every refusal that needs no weights; returns the model folder to export."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if embedding is not None and not fmt.startswith("gguf-"):
+        raise ExportError(f"an embedding type is for the gguf formats, not {fmt}")
     src = final_model(run_or_model)
     if not is_sealed(src):
         raise ExportError(f"{src} is not a pkdq output (no {FINGERPRINT_FILE}); export takes "
@@ -87,9 +90,10 @@ def check_export(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
 
         check_ct_source(quant, src)
     if fmt.startswith("gguf-"):
-        from tasks.quantize.gguf_export import GgufExportError, check_architecture
+        from tasks.quantize.gguf_export import GgufExportError, check_architecture, embedding_type
 
         try:
+            embedding_type(fmt.removeprefix("gguf-"), embedding)
             check_architecture(config, src)
         except GgufExportError as exc:
             raise ExportError(f"format {fmt}: {exc}") from exc
@@ -171,7 +175,8 @@ def _write_gptq(src: Path, tmp: Path) -> dict[str, Any]:
 
 
 def _write_gguf(src: Path, tmp: Path, qtype: str, reference: Path | None,
-                calibration: Any = None, threads: int = 2) -> dict[str, Any]:
+                calibration: Any = None, threads: int = 2,
+                embedding: str | None = None) -> dict[str, Any]:
     from tasks.quantize.gguf_export import export_gguf
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -180,7 +185,7 @@ def _write_gguf(src: Path, tmp: Path, qtype: str, reference: Path | None,
         if (src / name).is_file():  # what a model card and HF tools read beside the GGUF
             shutil.copy2(src / name, tmp / name)
     return export_gguf(src, tmp / GGUF_FILE, qtype, reference, verify=False,
-                       calibration=calibration, threads=threads)
+                       calibration=calibration, threads=threads, embedding=embedding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,14 +247,16 @@ def verify_export(src: Path, dest: Path, fmt: str, tokens: int = VERIFY_TOKENS,
 def export_model(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = False,
                  verify: bool = True, reference_gguf: Path | None = None,
                  verify_tokens: int = VERIFY_TOKENS, threads: int = 2, imatrix: bool = True,
-                 calibration: str | None = None) -> dict[str, Any]:
+                 calibration: str | None = None, embedding: str | None = None
+                 ) -> dict[str, Any]:
     """Write `run_or_model` (a pkdq model folder or a run's final model) to folder `dest` as
     `fmt`, verify it in its serving runtime, and return (and store as dest/export.json) what
     was done. The folder appears under its name only when complete. `imatrix` and
-    `calibration` steer gguf-q4_k_m's importance matrix (`plan_imatrix`)."""
+    `calibration` steer gguf-q4_k_m's importance matrix (`plan_imatrix`); `embedding` is a
+    GGUF's embedding/output type (`gguf_export.embedding_type`)."""
     from tasks.core.common import write_json_atomic
 
-    src = check_export(run_or_model, dest, fmt, overwrite)
+    src = check_export(run_or_model, dest, fmt, overwrite, embedding)
     cal, no_imatrix = plan_imatrix(run_or_model, fmt, imatrix, calibration)
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
@@ -266,7 +273,7 @@ def export_model(run_or_model: Path, dest: Path, fmt: str, overwrite: bool = Fal
             written = write_compressed_tensors(src, tmp)
         else:
             written = _write_gguf(src, tmp, fmt.removeprefix("gguf-"), reference_gguf, cal,
-                                  threads)
+                                  threads, embedding)
             if no_imatrix:
                 written["imatrix"] = {"used": False, "why": no_imatrix}
         if dest.exists():

@@ -75,8 +75,11 @@ GRID_NOTE = ("GGUF Q8_0/Q4_0 are llama.cpp's own block grids (32 weights per blo
              "act-order is written code for code (exact); any other is re-quantized from its "
              "dequantized values; f16 keeps those values up to fp16 rounding")
 # llama-quantize stores the embedding/output of a Q4_0 model as Q6_K, which gguf-py cannot
-# write; Q8_0 keeps them at least that fine.
-Q4_EMBEDDING_TYPE = "Q8_0"
+# write; Q8_0 keeps them at least that fine. In a small model the (tied) embedding is a fifth of
+# the weights (SmolLM2-135M: 28M of 134.5M), so its type decides whether 4-bit files reach a
+# size target at all: `embedding` picks it (f16, q8_0, q4_0), the qtype's default otherwise.
+EMBEDDING_TYPES = ("f16", "q8_0", "q4_0")
+DEFAULT_EMBEDDING = {"f16": "f16", "q8_0": "q8_0", "q4_0": "q8_0"}
 _EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 
 
@@ -118,6 +121,20 @@ def check_qtype(qtype: str) -> None:
     if qtype not in QTYPES:
         raise GgufExportError(f"GGUF qtype {qtype!r} is not supported; use one of "
                               f"{', '.join(QTYPES)}")
+
+
+def embedding_type(qtype: str, requested: str | None = None) -> str | None:
+    """The type the embedding/output matrices are written in (None: llama.cpp's quantizer
+    decides, for its k-quants); refuses a type gguf-py cannot write or a k-quant override."""
+    if requested is None:
+        return DEFAULT_EMBEDDING.get(qtype)
+    if requested not in EMBEDDING_TYPES:
+        raise GgufExportError(f"GGUF embedding type {requested!r} is not supported; use one of "
+                              f"{', '.join(EMBEDDING_TYPES)}")
+    if qtype in LLAMA_QUANTIZED:
+        raise GgufExportError(f"{qtype}'s embedding type is llama.cpp's quantizer's choice; "
+                              "drop the embedding type or export q4_0 / q8_0")
+    return requested
 
 
 def check_architecture(config: dict[str, Any], path: Path) -> GgufArch:
@@ -213,21 +230,21 @@ def expected_tensor_names(shape: LlamaShape) -> set[str]:
     return names if shape.tied else names | {"output.weight"}
 
 
-def _target_type(name: str, data: np.ndarray, qtype: str) -> str:
+def _target_type(name: str, data: np.ndarray, qtype: str, embedding: str | None) -> str:
     if data.ndim == 1:
         return "F32"  # norms stay F32, as in llama.cpp's converter
-    if qtype == "f16":
-        return "F16"
-    if qtype == "q4_0" and name in _EMBEDDING_NAMES:
-        return Q4_EMBEDDING_TYPE
+    if embedding is not None and name in _EMBEDDING_NAMES:
+        return embedding.upper()
     return qtype.upper()
 
 
-def encode_tensor(name: str, data: np.ndarray, qtype: str) -> Encoded:
-    """Quantize one tensor with gguf-py; rows not a multiple of 32 fall back to F16."""
+def encode_tensor(name: str, data: np.ndarray, qtype: str,
+                  embedding: str | None = None) -> Encoded:
+    """Quantize one tensor with gguf-py (the embedding/output in `embedding` when given); rows
+    not a multiple of 32 fall back to F16."""
     import gguf
 
-    target = _target_type(name, data, qtype)
+    target = _target_type(name, data, qtype, embedding)
     fallback = None
     if target not in ("F32", "F16") and data.shape[-1] % BLOCK:
         fallback = f"{data.shape[-1]} columns is not a multiple of {BLOCK}: F16 (as llama.cpp)"
@@ -430,11 +447,13 @@ def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
 
 def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
                 fields: list[tuple[str, Any, Any, Any]], bos: dict[str, Any],
-                exact: dict[str, ExactWeight] | None = None) -> dict[str, Any]:
+                exact: dict[str, ExactWeight] | None = None,
+                embedding: str | None = None) -> dict[str, Any]:
     """Write the GGUF into `tmp`; returns what was written (types, fallbacks, error).
 
     With `exact` (HF key -> codes and scales), those matrices are written block for block and
-    every other matrix as F16 (the checkpoint stores them in fp16, so nothing is rounded).
+    every other matrix as F16 (the checkpoint stores them in fp16, so nothing is rounded) but
+    the embedding/output, which are written in `embedding`.
     """
     import gguf
 
@@ -442,15 +461,16 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
     arch = _write_metadata(writer, shape, qtype, name, fields, bos)
     types: Counter[str] = Counter()
     fallbacks: dict[str, str] = {}
-    errors = _ErrorStats()
+    errors, embedding_errors = _ErrorStats(), _ErrorStats()  # the embedding's type is its own
     written: set[str] = set()
     for key, tensor_name, data in gguf_tensors(model, shape):
         if exact is not None and key in exact:
             weight = permute_rows(exact[key], qk_permutation(tensor_name, shape))
             enc = Encoded(tensor_name, encode_exact(weight, qtype), qtype.upper())
         else:
-            enc = encode_tensor(tensor_name, data, "f16" if exact is not None else qtype)
-        errors.add(data, enc)
+            enc = encode_tensor(tensor_name, data, "f16" if exact is not None else qtype,
+                                embedding)
+        (embedding_errors if tensor_name in _EMBEDDING_NAMES else errors).add(data, enc)
         raw = None if enc.ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[enc.ggml_type]
         writer.add_tensor(tensor_name, enc.data, raw_dtype=raw)
         types[enc.ggml_type] += 1
@@ -466,7 +486,7 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
     writer.close()
     return {"gguf_architecture": shape.spec.name, "architecture": arch,
             "tensor_count": len(written), "tensor_types": dict(types), "fallbacks": fallbacks,
-            "weight_error": errors.summary()}
+            "weight_error": errors.summary(), "embedding_error": embedding_errors.summary()}
 
 
 def preflight(model_path: Path, qtype: str, reference_gguf: Path | None = None) -> Path | None:
@@ -505,8 +525,9 @@ def _exact_plan(model_path: Path, qtype: str, calibration: Any = None
         return None, (f"re-quantized onto {qtype.upper()} blocks ({problem}); GPTQ bits "
                       f"{EXACT_GRIDS[qtype][0]}, sym, group_size 32, desc_act false exports "
                       "exactly")
-    return exact, (f"GPTQ grid written code for code as {qtype.upper()} (bit-exact); other "
-                   "matrices F16 as stored in the checkpoint")
+    return exact, (f"GPTQ grid written code for code as {qtype.upper()} (bit-exact); the "
+                   "embedding/output in the embedding type, other matrices F16 as stored in the "
+                   "checkpoint")
 
 
 def _llama_quantize(f16_file: Path, out_file: Path, qtype: str, shape: LlamaShape,
@@ -535,10 +556,12 @@ def _llama_quantize(f16_file: Path, out_file: Path, qtype: str, shape: LlamaShap
 
 def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
                 reference_gguf: Path | None = None, verify: bool = True,
-                calibration: Any = None, threads: int = 2) -> dict[str, Any]:
+                calibration: Any = None, threads: int = 2,
+                embedding: str | None = None) -> dict[str, Any]:
     """Write `model_path` (Llama, Mistral, Qwen2, Qwen3 or Gemma 3; float or GPTQ) as a GGUF
     llama.cpp can load; return metrics. `calibration` (`tasks.quantize.imatrix.Calibration`,
     q4_k_m only) gives llama.cpp's quantizer an importance matrix computed on that text.
+    `embedding` is the embedding/output matrices' type (`embedding_type`).
 
     The file appears under its name only when complete (written as .partial, then renamed).
     `verify` loads it back (transformers for the llama layout, llama.cpp for the others) and
@@ -546,6 +569,7 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     """
     model_path, out_file = Path(model_path), Path(out_file)
     reference = preflight(model_path, qtype, reference_gguf)
+    embed_type = embedding_type(qtype, embedding)
     spec = check_architecture(json.loads((model_path / "config.json").read_text()), model_path)
     model, tokenizer, source = load_source(model_path)
     shape = llama_shape(model, spec)
@@ -574,7 +598,8 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
     exact, exact_note = _exact_plan(model_path, qtype, calibration)
     write_type = "f16" if qtype in LLAMA_QUANTIZED else qtype
     try:
-        written = _write_file(tmp, model, shape, write_type, name, fields, bos, exact)
+        written = _write_file(tmp, model, shape, write_type, name, fields, bos, exact,
+                              embed_type)
         if qtype in LLAMA_QUANTIZED:
             written |= _llama_quantize(tmp, out_file, qtype, shape, calibration, threads)
         else:
@@ -587,6 +612,7 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
         "reference_gguf": str(reference) if reference else None,
         "tokenizer_source": tokenizer_source, "tokenizer_bos": bos, **written,
         "exact_grid": exact is not None, "exact_grid_note": exact_note,
+        "embedding_type": embed_type or "llama.cpp's choice",
         "grid_note": GRID_NOTE,
         "llama_cpp_verified": False, "llama_cpp_note": LLAMA_CPP_NOTE,
         "versions": {d: metadata.version(d) for d in ("gguf", "transformers")},

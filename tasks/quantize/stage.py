@@ -206,7 +206,7 @@ def _export_gguf(final: Path, out_file: Path, cfg: QuantizeConfig, ctx: StageCon
                                       ctx.data) if cfg.gguf in LLAMA_QUANTIZED else None)
     try:
         return export_gguf(final, out_file, cfg.gguf, reference, calibration=calibration,
-                           threads=ctx.threads)
+                           threads=ctx.threads, embedding=cfg.gguf_embedding)
     except (GgufExportError, GgufVerifyError, ExportError) as exc:
         raise QuantizeError(f"gguf {cfg.gguf} export of {final} failed: {exc}") from exc
 
