@@ -164,3 +164,22 @@ def test_run_with_a_target_prunes_to_the_searched_shape(tmp_path, tiny_llama_ref
     frozen = info["recipe"]["stages"][0]["prune"]
     assert frozen == winner["prune"]
     assert "Shape search" in open(report).read()
+
+
+@pytest.mark.parametrize(("quantized", "head"), [(True, "bytes after quantize (MB)"),
+                                                 (False, "bytes, fp32 folder (MB)")])
+def test_the_table_says_which_bytes_it_counts(quantized, head):
+    """A recipe without a quantize stage ships the fp32 folder: its column must not claim
+    quantized bytes."""
+    from tasks.search.report import render_markdown
+
+    row = {"label": "ffn 1024", "params": 100_000_000, "bytes": 400_000_000, "proxy_kl": 1.5,
+           "proxy_rank": 1, "short_kl": None, "short_rank": None}
+    data = {"plan": {"target": {"params": 0.75, "tolerance": 0.03, "max_depth_cut": 0.2,
+                                "max_width_cut": 0.4, "axes": ["ffn"]},
+                     "enumerated": 1, "scored": 1, "top_k": 1, "short_kd_tokens": 0,
+                     "quantized": quantized},
+            "rows": [row], "winner": 0, "reason": "the only one", "spearman": None,
+            "wall_s": 1.0}
+    text = render_markdown(data)
+    assert f"| {head} |" in text and "| ffn 1024 **(winner)** | 100.0 | 400.0 |" in text

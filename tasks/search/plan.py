@@ -79,7 +79,7 @@ class SearchPlan:
         assert t is not None
         return {"target": t.model_dump(mode="json"), "top_k": self.target.search.top_k,
                 "enumerated": self.enumerated, "scored": len(self.candidates),
-                "short_kd_tokens": self.short_tokens}
+                "short_kd_tokens": self.short_tokens, "quantized": self.quant is not None}
 
 
 def search_plan(recipe: Recipe, model_config: dict[str, Any]) -> SearchPlan:

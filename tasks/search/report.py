@@ -61,6 +61,9 @@ def render_markdown(data: dict[str, Any]) -> str:
     t = data["plan"]["target"]
     goal = (f"params {t['params']:g}" if t.get("params") is not None
             else f"bytes {t['bytes'] / 1e6:.1f} MB")
+    # a recipe without a quantize stage ships the dense fp32 folder: say which bytes these are
+    bytes_head = ("bytes after quantize (MB)" if data["plan"].get("quantized", True)
+                  else "bytes, fp32 folder (MB)")
     lines = [f"## Shape search ({goal}, tolerance {t['tolerance']:g})", "",
              f"{data['plan']['enumerated']} shapes met the target within the bounds "
              f"(max_depth_cut {t['max_depth_cut']:g}, max_width_cut {t['max_width_cut']:g}, "
@@ -69,7 +72,7 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"{data['plan']['top_k']} by a short KD of {data['plan']['short_kd_tokens']:,} "
              "tokens each. Scores are on training-side held-out text, never an evaluation "
              "split.", "",
-             "| # | shape | params (M) | bytes after quantize (MB) | proxy KL | proxy rank "
+             f"| # | shape | params (M) | {bytes_head} | proxy KL | proxy rank "
              "| short-KD KL | short-KD rank |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for i, row in enumerate(data["rows"], start=1):
         mark = " **(winner)**" if i - 1 == data["winner"] else ""
