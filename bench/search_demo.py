@@ -94,10 +94,29 @@ def _samples(folder: Path, unit: str) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
+def every_shape(folder: Path) -> list[str]:
+    """All shapes that met the target (the search scores an even spread of them), as a
+    compact list: which were scored, and their sizes."""
+    import yaml
+
+    recipe = parse_recipe(yaml.safe_load((folder / "recipe.yaml").read_text()), "search")
+    stages = dict(recipe.stage_list())
+    config = read_config(resolve_model(recipe.model).path)
+    found = enumerate_candidates(config, stages["prune"], stages.get("quantize"))
+    scored = {r["label"] for r in read_json(folder / "search" / "results.json")["rows"]}
+    lines = [f"<details><summary>All {len(found)} shapes that met the target (closest to it "
+             "first; scored ones in bold)</summary>", "",
+             "| shape | params (M) |", "|---|---:|"]
+    for cand in found:
+        name = f"**{cand.label}**" if cand.label in scored else cand.label
+        lines.append(f"| {name} | {cand.params / 1e6:.1f} |")
+    return [*lines, "", "</details>", ""]
+
+
 def render(out: dict, folder: Path) -> str:
     """The search's candidate table, then the arms at equal total KD tokens."""
     lines = [render_markdown(out["search"]), f"Search wall time, whole flow (this script): "
-             f"{out['search_wall_s']:.0f} s on this CPU.", ""]
+             f"{out['search_wall_s']:.0f} s on this CPU.", "", *every_shape(folder)]
     if not out.get("arms"):
         return "\n".join(lines)
     base = out["baseline"]
