@@ -21,6 +21,7 @@ from typing import Any
 
 from tasks.core.common import (
     CHECKPOINT_DIR,
+    LLAMA_CPP_FILE,
     ModelRef,
     StageContext,
     StageResult,
@@ -48,7 +49,6 @@ from tasks.run_folder import (
 BASELINE = "baseline"
 RUN_FILE = "run.json"
 EVAL_DONE = EVAL_FILE + ".done"  # an evaluation's record, beside its stage's stage.json
-LLAMA_CPP_FILE = "llama_cpp.json"  # a stage's speed in llama.cpp (`llama_cpp_unit`)
 LLAMA_CPP_DONE = LLAMA_CPP_FILE + ".done"
 LLAMA_CPP_WORK = "llama_cpp"  # the GGUF being timed; removed once timed
 

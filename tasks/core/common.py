@@ -73,6 +73,9 @@ class ModelRef:
 # thing a restarted stage keeps of an interrupted attempt (`tasks.run_folder.begin_stage`): it
 # carries a fingerprint of the run it belongs to and is used only when that matches.
 CHECKPOINT_DIR = "checkpoint"
+# Beside a stage's stage.json: its speed in llama.cpp, written by `tasks.pipeline.llama_cpp_unit`
+# and read by the report (which sits below the pipeline, hence the name lives here).
+LLAMA_CPP_FILE = "llama_cpp.json"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import read_json, write_json_atomic
+from tasks.core.common import LLAMA_CPP_FILE, read_json, write_json_atomic
 from tasks.report.data_section import data_markdown
 from tasks.report.deploy_speed import deploy_summary, speed_markdown
 from tasks.report.format import RETENTION_NOTE, SIZE_NOTE, scores_note, served_label
@@ -20,7 +20,6 @@ from tasks.report.side_by_side import GENERATIONS_NOTE, max_new_tokens, side_by_
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
 SERVED_SAMPLES_FILE = Path("eval") / "served_samples.json"
 GENERATIONS_FILE = Path("eval") / "generations.json"
-LLAMA_CPP_FILE = "llama_cpp.json"  # tasks.pipeline.llama_cpp_unit (report sits below pipeline)
 
 
 def _maybe_json(path: Path) -> Any:
