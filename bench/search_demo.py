@@ -113,6 +113,21 @@ def every_shape(folder: Path) -> list[str]:
     return [*lines, "", "</details>", ""]
 
 
+def _shape(prune: dict) -> str:
+    """A prune config in the candidate table's words (layers -5, heads KV groups 2, ffn 1152)."""
+    parts = []
+    if (prune.get("depth") or {}).get("remove"):
+        parts.append(f"layers -{prune['depth']['remove']}")
+    heads = prune.get("heads") or {}
+    if heads.get("size"):
+        parts.append(f"heads {'KV groups' if heads.get('mode') == 'kv_groups' else 'q/group'} "
+                     f"{heads['size']}")
+    for axis in ("ffn", "hidden"):
+        if (prune.get(axis) or {}).get("size"):
+            parts.append(f"{axis} {prune[axis]['size']}")
+    return ", ".join(parts) or "uncut"
+
+
 def render(out: dict, folder: Path) -> str:
     """The search's candidate table, then the arms at equal total KD tokens."""
     lines = [render_markdown(out["search"]), f"Search wall time, whole flow (this script): "
@@ -148,8 +163,7 @@ def render(out: dict, folder: Path) -> str:
                                    t["metric"])
                 cell += f" ({diff})"
             cells.append(cell)
-        shape = ", ".join(f"{k} {v}" for k, v in sorted(arm["prune"].items())
-                          if k in ("depth", "ffn", "heads", "hidden") and v)
+        shape = _shape(arm["prune"])
         lines.append(
             f"| {arm['arm']} | {shape} | {(arm['params'] or 0) / 1e6:.1f} | "
             f"{arm['kd_tokens']:,} | {arm['heldout_kl']:.4f} | "
