@@ -138,6 +138,19 @@ def test_the_embedding_type_is_chosen_and_the_grid_stays_exact(embedding, ggml, 
     assert written["tensor_types"]["Q4_0"] == 14 + (embedding == "q4_0")
 
 
+def test_the_quantize_stage_writes_the_recipes_embedding_type(sharp_ref, tmp_path):
+    """`quantize: {gguf: q4_0, gguf_embedding: q4_0}` reaches the stage's model.gguf."""
+    import gguf
+
+    cfg = QuantizeConfig(method="rtn", bits=4, group_size=32, sym=True, calibration=CALIB,
+                         gguf="q4_0", gguf_embedding="q4_0")
+    result = quantize_stage(sharp_ref, cfg, StageContext(out_dir=tmp_path, seed=0, threads=1))
+    assert result.metrics["gguf"]["embedding_type"] == "q4_0"
+    assert result.metrics["gguf"]["exact_grid"] is True
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "model.gguf")).tensors}
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+
+
 @pytest.mark.parametrize(("fmt", "embedding", "says"), [
     ("hf", "q8_0", "embedding type is for the gguf formats, not hf"),
     ("gguf-q4_0", "q6_k", "embedding type 'q6_k' is not supported"),
