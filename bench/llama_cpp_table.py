@@ -5,7 +5,8 @@ and peak RSS, same prompt length and threads for every row.
 Rows: the baseline as f16, q4_0 (gguf-py's quantizer) and q4_k_m (llama.cpp's own quantizer,
 no importance matrix); a GPTQ W4 sym group-32 quantization of the baseline exported exactly to
 Q4_0 (`pkdq export --format gguf-q4_0`), and the same through Q4_K_M; and, with --run, every
-stage model of that run as q4_0 (a GPTQ stage with group 64 is re-gridded, and says so).
+stage model of that run as q4_0 (a GPTQ stage with group 64 is re-gridded, and says so); with
+--model NAME=FOLDER, any pkdq model folder as q4_0 (say, a search winner).
 Each row is cached as JSON under the work folder, so the table can be rebuilt in pieces.
 Run it under the heavy-job lock:
 
@@ -160,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--run", type=Path, help="a pkdq run folder: each stage model as q4_0")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
+                        help="any pkdq model folder as a q4_0 row named NAME (repeatable)")
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-llama-cpp")
     parser.add_argument("--only", nargs="*", help="row names to (re)compute")
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         plan = plan[:1] + plan[-2:-1] + plan[1:-2] + plan[-1:]  # the exact export early
     if args.run:
         plan += _stage_rows(args.run)
+    for spec in args.model:
+        name, _, folder = spec.partition("=")
+        plan.append((name, Path(folder), "gguf-q4_0"))
     command = "flock /tmp/pkdq-heavy.lock python -m bench.llama_cpp_table " + \
         " ".join(sys.argv[1:] if argv is None else argv)
     rows = []
