@@ -76,7 +76,9 @@ def noisy_copy(ref, out_dir, seed: int, scale: float):
 
 # The longest files, longest first (measured: `--durations` in CI's log). With two workers taking
 # whole files (`--dist loadfile`), starting these first keeps one worker from finishing alone
-# with a five-minute file left; every other file keeps its collected order after them.
+# with a five-minute file left; every other file keeps its collected order after them. xdist
+# keeps this order only with `--no-loadscope-reorder` (pyproject's addopts): by default it
+# queues files by their number of tests, whatever the collection order.
 LONGEST_FIRST = ("test_families.py", "test_kill_anywhere.py", "test_compare.py",
                  "test_gguf_export.py", "test_pool.py", "test_export.py", "test_imatrix.py",
                  "test_flow.py", "test_search.py", "test_sweep.py", "test_evaluate.py",
