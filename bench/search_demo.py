@@ -130,6 +130,11 @@ def _shape(prune: dict) -> str:
 
 def render(out: dict, folder: Path) -> str:
     """The search's candidate table, then the arms at equal total KD tokens."""
+    import yaml
+
+    stages = yaml.safe_load((folder / "recipe.yaml").read_text())["stages"]
+    # results written before the plan recorded it: whether the bytes are quantized ones
+    out["search"]["plan"].setdefault("quantized", any("quantize" in s for s in stages))
     lines = [render_markdown(out["search"]), f"Search wall time, whole flow (this script): "
              f"{out['search_wall_s']:.0f} s on this CPU.", "", *every_shape(folder)]
     if not out.get("arms"):
