@@ -94,12 +94,9 @@ def _samples(folder: Path, unit: str) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
-def every_shape(folder: Path) -> list[str]:
+def every_shape(folder: Path, recipe) -> list[str]:
     """All shapes that met the target (the search scores an even spread of them), as a
     compact list: which were scored, and their sizes."""
-    import yaml
-
-    recipe = parse_recipe(yaml.safe_load((folder / "recipe.yaml").read_text()), "search")
     stages = dict(recipe.stage_list())
     config = read_config(resolve_model(recipe.model).path)
     found = enumerate_candidates(config, stages["prune"], stages.get("quantize"))
@@ -132,11 +129,11 @@ def render(out: dict, folder: Path) -> str:
     """The search's candidate table, then the arms at equal total KD tokens."""
     import yaml
 
-    stages = yaml.safe_load((folder / "recipe.yaml").read_text())["stages"]
+    recipe = parse_recipe(yaml.safe_load((folder / "recipe.yaml").read_text()), "search")
     # results written before the plan recorded it: whether the bytes are quantized ones
-    out["search"]["plan"].setdefault("quantized", any("quantize" in s for s in stages))
+    out["search"]["plan"].setdefault("quantized", "quantize" in dict(recipe.stage_list()))
     lines = [render_markdown(out["search"]), f"Search wall time, whole flow (this script): "
-             f"{out['search_wall_s']:.0f} s on this CPU.", "", *every_shape(folder)]
+             f"{out['search_wall_s']:.0f} s on this CPU.", "", *every_shape(folder, recipe)]
     if not out.get("arms"):
         return "\n".join(lines)
     base = out["baseline"]

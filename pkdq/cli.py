@@ -568,7 +568,9 @@ def export_cmd(
     line = f"pkdq: {fmt} -> {record['dest']} ({record['bytes'] / 1e6:.1f} MB)"
     note = record["written"].get("exact_grid_note")
     if note:
-        line += f"; {note}; embedding/output {record['written']['embedding_type']}"
+        line += f"; {note}"
+    if record["written"].get("embedding_type"):
+        line += f"; embedding/output {record['written']['embedding_type']}"
     matrix = record["written"].get("imatrix")
     if matrix and matrix["used"]:
         line += (f"; imatrix on {matrix['tokens']} tokens ({matrix['chunks']} x "

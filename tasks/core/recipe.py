@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -433,6 +433,12 @@ class DistillConfig(Strict):
             self.data.loss_on == "assistant"
 
 
+# A GGUF's embedding/output types (`tasks.quantize.gguf_export.embedding_type` checks them for
+# `pkdq export --embedding` too): the one list both the recipe and the CLI accept.
+GgufEmbedding = Literal["f16", "q8_0", "q4_0"]
+GGUF_EMBEDDING_TYPES: tuple[str, ...] = get_args(GgufEmbedding)
+
+
 class QuantizeConfig(Strict):
     # awq: activation-aware scales through GPTQModel's AWQ (GEMM layout, always zero-point)
     method: Literal["gptq", "awq", "rtn"] = "gptq"
@@ -448,7 +454,7 @@ class QuantizeConfig(Strict):
         "32 exactly and re-quantize any other; q4_k_m is llama.cpp's own quantizer on the f16 "
         "file, with an importance matrix on this section's calibration text; f16 keeps the "
         "grid up to fp16 rounding")
-    gguf_embedding: Literal["f16", "q8_0", "q4_0"] | None = Field(
+    gguf_embedding: GgufEmbedding | None = Field(
         None, description="the GGUF's embedding/output type (default q8_0 for q4_0/q8_0, f16 "
         "for f16); the tied embedding of a small model is a fifth of its weights, so q4_0 here "
         "is what brings a 4-bit file under a tight size budget (its cost is measured in "

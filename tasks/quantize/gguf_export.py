@@ -50,6 +50,7 @@ import numpy as np
 
 from tasks.core.common import set_offline_env
 from tasks.core.dims import Dims
+from tasks.core.recipe import GGUF_EMBEDDING_TYPES
 from tasks.quantize.gguf_arch import (
     ArchRefused,
     GgufArch,
@@ -78,7 +79,6 @@ GRID_NOTE = ("GGUF Q8_0/Q4_0 are llama.cpp's own block grids (32 weights per blo
 # write; Q8_0 keeps them at least that fine. In a small model the (tied) embedding is a fifth of
 # the weights (SmolLM2-135M: 28M of 134.5M), so its type decides whether 4-bit files reach a
 # size target at all: `embedding` picks it (f16, q8_0, q4_0), the qtype's default otherwise.
-EMBEDDING_TYPES = ("f16", "q8_0", "q4_0")
 DEFAULT_EMBEDDING = {"f16": "f16", "q8_0": "q8_0", "q4_0": "q8_0"}
 _EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 
@@ -128,9 +128,9 @@ def embedding_type(qtype: str, requested: str | None = None) -> str | None:
     decides, for its k-quants); refuses a type gguf-py cannot write or a k-quant override."""
     if requested is None:
         return DEFAULT_EMBEDDING.get(qtype)
-    if requested not in EMBEDDING_TYPES:
+    if requested not in GGUF_EMBEDDING_TYPES:
         raise GgufExportError(f"GGUF embedding type {requested!r} is not supported; use one of "
-                              f"{', '.join(EMBEDDING_TYPES)}")
+                              f"{', '.join(GGUF_EMBEDDING_TYPES)}")
     if qtype in LLAMA_QUANTIZED:
         raise GgufExportError(f"{qtype}'s embedding type is llama.cpp's quantizer's choice; "
                               "drop the embedding type or export q4_0 / q8_0")
