@@ -138,6 +138,21 @@ def test_the_embedding_type_is_chosen_and_the_grid_stays_exact(embedding, ggml, 
     assert written["tensor_types"]["Q4_0"] == 14 + (embedding == "q4_0")
 
 
+def test_gguf_weights_in_torch_are_the_checkpoints_weights(gptq_w4, tmp_path):
+    """The evaluation's GGUF reader gives back exactly the GPTQ model (an exact Q4_0 grid, an
+    F16 embedding): logits equal to the checkpoint's, so a GGUF row's scores are the file's."""
+    from tasks.evaluate.gguf_weights import load_gguf_weights
+
+    export_model(gptq_w4, tmp_path / "e", "gguf-q4_0", verify=False, threads=1,
+                 embedding="f16")
+    model, tokenizer = load_model(gptq_w4)
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    shipped = load_gguf_weights(tmp_path / "e" / "model.gguf", gptq_w4)
+    with torch.no_grad():
+        want, got = model(ids).logits, shipped(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
 def test_the_quantize_stage_writes_the_recipes_embedding_type(sharp_ref, tmp_path):
     """`quantize: {gguf: q4_0, gguf_embedding: q4_0}` reaches the stage's model.gguf."""
     import gguf

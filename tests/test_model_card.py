@@ -49,6 +49,7 @@ def tiny_run(tiny_llama_ref, tmp_path_factory):
            "stages": [{"prune": {"ffn": {"ratio": 0.5},
                                  "calibration": {"samples": 2, "seq_len": 32}}},
                       {"quantize": {"method": "rtn", "bits": 4, "group_size": 32,
+                                    "gguf": "q4_0", "gguf_embedding": "q4_0",
                                     "calibration": {"source": "c4", "samples": 2,
                                                     "seq_len": 32}}}],
            "evaluate": EVAL}
@@ -165,6 +166,36 @@ def test_report_has_generations_served_scores_bf16_size_and_labels(tiny_run):
     assert size["bytes_ratio_bf16"] == pytest.approx(
         quant["eval"]["bytes_on_disk"] / (base["params"] * 2))
     assert "size vs bf16 baseline" in md and "size vs bf16 baseline" in html
+
+
+def test_the_stages_gguf_is_scored_as_the_file_that_ships(tiny_run):
+    """The quantize stage's model.gguf (Q4_0, Q4_0 embedding) gets its own rows: the file's
+    bytes, its weights' scores on the same docs, its perplexity in torch and in llama.cpp."""
+    data = read_json(tiny_run["paths"]["json"])
+    md = tiny_run["paths"]["markdown"].read_text()
+    html = tiny_run["paths"]["html"].read_text()
+    quant = data["stages"][2]
+    shipped = quant["eval"]["gguf"]
+    gguf_file = tiny_run["run_dir"] / "02-quantize" / "model.gguf"
+    assert shipped["label"] == "as GGUF (q4_0, embedding q4_0)"
+    assert shipped["bytes_on_disk"] == gguf_file.stat().st_size
+    assert shipped["bytes_on_disk"] < quant["eval"]["bytes_on_disk"]  # 4-bit embedding
+    for task in ("arc_easy", "piqa"):
+        assert shipped["tasks"][task]["doc_ids"] == quant["eval"]["tasks"][task]["doc_ids"]
+    torch_ppl = shipped["wikitext"]["token_perplexity"]
+    llama_ppl = shipped["llama_cpp_wikitext"]["token_perplexity"]
+    assert llama_ppl == pytest.approx(torch_ppl, rel=0.05)  # the same weights, two runtimes
+    # the rounded embedding is in these scores, not in the GPTQ folder's
+    assert shipped["wikitext"]["nll"] != quant["eval"]["wikitext"]["nll"]
+    ret = quant["retention_gguf"]
+    assert ret["benchmarks"]["arc_easy"]["n"] == 6
+    base_params = data["stages"][0]["eval"]["params"]
+    assert ret["size"]["bytes_ratio_bf16"] == pytest.approx(
+        shipped["bytes_on_disk"] / (base_params * 2))
+    assert data["stages"][1]["eval"]["gguf"] is None  # no GGUF beside the pruned folder
+    label = "02-quantize as GGUF (q4_0, embedding q4_0)"
+    assert f"| {label} | " in md and label in html
+    assert f"({llama_ppl:.2f})" in md  # llama.cpp's perplexity beside the torch one
 
 
 def test_accuracy_plot_carries_error_bars(tiny_run):

@@ -76,6 +76,9 @@ CHECKPOINT_DIR = "checkpoint"
 # Beside a stage's stage.json: its speed in llama.cpp, written by `tasks.pipeline.llama_cpp_unit`
 # and read by the report (which sits below the pipeline, hence the name lives here).
 LLAMA_CPP_FILE = "llama_cpp.json"
+# A quantize stage's GGUF, beside its model folder (and in `pkdq export --format gguf-*`'s
+# folder): the quantize stage writes it, the evaluation scores it, the report reads its scores.
+GGUF_FILE = "model.gguf"
 
 
 @dataclass

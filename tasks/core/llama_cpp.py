@@ -255,5 +255,15 @@ def gguf_tensor_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors))
 
 
+def gguf_embedding_type(path: Path) -> str | None:
+    """The GGML type of a GGUF's token embedding (its tied output head too), e.g. "Q4_0"."""
+    import gguf
+
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        if tensor.name == "token_embd.weight":
+            return tensor.tensor_type.name
+    return None
+
+
 if __name__ == "__main__":  # the measuring process of `llama_cpp_speed`
     print(json.dumps(_speed_here(*json.loads(sys.argv[1]))))

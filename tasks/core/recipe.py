@@ -591,12 +591,17 @@ class EvalConfig(Strict):
     served: bool = Field(
         True, description="quantized models: score the same docs again as a user's runtime "
         "loads them (GPTQModel's default dtype, bf16), next to the fp32-activation scores")
+    gguf: bool = Field(
+        True, description="a quantize stage that wrote model.gguf: score the same docs and "
+        "WikiText-2 with the GGUF's own weights (its embedding type included), and its "
+        "WikiText-2 in llama.cpp; the report's row for the file a user ships")
 
     @model_serializer(mode="wrap")
     def _omit_unset_include(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave `include_path` out while unset: evaluation keys hash this dump, and recipes
-        that never name one keep the keys they had before the field existed."""
-        return omit_at(handler(self), include_path=None)
+        """Leave `include_path` out while unset (and `gguf` while on, its default): evaluation
+        keys hash this dump, and recipes that never set them keep the keys they had before the
+        fields existed."""
+        return omit_at(handler(self), include_path=None, gguf=True)
 
     def unit_config(self) -> dict[str, Any]:
         """What keys the evaluation unit: the whole config but `speed.llama_cpp`, which is a

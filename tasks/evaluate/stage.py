@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import data_dir, set_offline_env, write_json_atomic
+from tasks.core.common import GGUF_FILE, data_dir, set_offline_env, write_json_atomic
 from tasks.core.model_folder import model_bytes
 from tasks.core.perplexity import text_prefix_ids, windows
 from tasks.core.recipe import EvalConfig, SpeedEval
@@ -37,6 +37,7 @@ from tasks.evaluate.lm_eval_tasks import TASKS_DIR
 EVAL_JSON = "eval.json"
 SAMPLES_JSON = "eval_samples.json"
 SERVED_SAMPLES_JSON = "served_samples.json"  # per-doc scores of the as-served evaluation
+GGUF_SAMPLES_JSON = "gguf_samples.json"  # per-doc scores of the stage's GGUF (its own weights)
 
 # The score retention is computed on: length-normalised accuracy where lm-eval reports it for
 # multi-token answer options of unequal length, plain accuracy otherwise.
@@ -484,6 +485,52 @@ def served_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
     return section, per_doc_all
 
 
+def gguf_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
+                 sizes: dict[str, int], manager: Any, seed: int, data: Path, threads: int,
+                 start: float) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The GGUF a quantize stage wrote beside its folder, scored as the file a user ships.
+
+    Its bytes are the file's; its benchmark scores and WikiText-2 perplexity come from its own
+    weights in torch (fp32, `gguf_weights`), the same ruler as every other row, so a Q4_0
+    embedding's cost shows; its WikiText-2 perplexity in llama.cpp, on the same token ids, adds
+    what llama.cpp's own arithmetic changes. None without a GGUF or with `evaluate.gguf` off.
+    """
+    gguf = Path(model_path).parent / GGUF_FILE
+    if not cfg.gguf or not gguf.is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    from tasks.core.llama_cpp import gguf_embedding_type, gguf_tensor_types, llama_cpp_perplexity
+    from tasks.evaluate.gguf_weights import load_gguf_weights
+
+    t0 = time.perf_counter()
+    model = load_gguf_weights(gguf, Path(model_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    _log(f"GGUF: {gguf.name} loaded ({gguf.stat().st_size / 1e6:,.1f} MB)", start)
+    lm = make_lm(model, tokenizer, cfg.backend, cfg.batch_size)
+    tasks, per_doc_all = _score_tasks(lm, cfg, ids, sizes, manager, seed, start)
+    wt = cfg.wikitext
+    text_path = data / "wikitext" / "wiki.test.raw"
+    wikitext = wikitext_perplexity(model, tokenizer, text_path, wt.tokens, wt.max_length)
+    del lm, model
+    token_ids = text_prefix_ids(tokenizer, text_path.read_text(encoding="utf-8"), wt.tokens)
+    llama = llama_cpp_perplexity(gguf, ids=token_ids, max_length=wikitext["max_length"],
+                                 threads=threads)
+    _log(f"GGUF: token ppl {wikitext['token_perplexity']:.3f} (its weights in torch), "
+         f"{llama['token_perplexity']:.3f} in llama.cpp", start)
+    types, embedding = gguf_tensor_types(gguf), gguf_embedding_type(gguf)
+    main_type = max((t for t in types if t != "F32"), key=types.get, default=embedding)
+    label = f"as GGUF ({(main_type or '?').lower()}, embedding {(embedding or '?').lower()})"
+    section = {"label": label, "file": gguf.name, "embedding_type": embedding,
+               "bytes_on_disk": gguf.stat().st_size, "tensor_types": types, "tasks": tasks,
+               "wikitext": wikitext,
+               "llama_cpp_wikitext": {k: llama[k] for k in ("token_perplexity", "runtime",
+                                                           "threads", "wall_s") if k in llama},
+               "loader": "transformers' GGUF reader (dequantized to fp32), the run folder's "
+                         "config", "wall_s": time.perf_counter() - t0}
+    return section, per_doc_all
+
+
 def generations_section(model: Any, tokenizer: Any, cfg: EvalConfig, out_dir: Path,
                         start: float) -> dict[str, Any] | None:
     """Greedy answers to the fixed prompts, written to generations.json (None when off)."""
@@ -544,6 +591,9 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     served = served_section(model_path, cfg, ids, sizes, manager, seed, start)
     if served is not None:
         write_json_atomic(out_dir / SERVED_SAMPLES_JSON, served[1])
+    shipped = gguf_section(model_path, cfg, ids, sizes, manager, seed, data, threads, start)
+    if shipped is not None:
+        write_json_atomic(out_dir / GGUF_SAMPLES_JSON, shipped[1])
 
     metrics = {
         "model_path": str(model_path),
@@ -554,6 +604,8 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
         # (quantized layers included); "served" holds the as-served scores of a quantized model
         "activations_dtype": eval_dtype,
         "served": served[0] if served is not None else None,
+        # the stage's GGUF (quantize with `gguf:`), scored with its own weights: what ships
+        "gguf": shipped[0] if shipped is not None else None,
         "generations": generations,
         "bytes_on_disk": model_bytes(model_path),
         "speed": speed,

@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.core.common import GGUF_FILE
 from tasks.core.model_folder import FINGERPRINT_FILE, is_sealed
 from tasks.quantize.errors import ExportError
 
 FORMATS = ("hf", "hf-bf16", "gptq", "compressed-tensors", "gguf-f16", "gguf-q8_0", "gguf-q4_0",
            "gguf-q4_k_m")
 EXPORT_FORMATS = FORMATS
-GGUF_FILE = "model.gguf"
 RECORD = ".pkdq-export.json"  # a dot file: not part of the sealed folder's content
 VERIFY_TOKENS = 2048  # WikiText-2 test tokens scored on both sides (4 windows of 512)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tasks.core.common import ModelRef, StageContext, StageResult, set_offline_env
+from tasks.core.common import GGUF_FILE, ModelRef, StageContext, StageResult, set_offline_env
 from tasks.core.conventions import prefix_ids
 from tasks.core.data_blocks import Blocks, training_blocks
 from tasks.core.gptq_checkpoint import (
@@ -45,7 +45,6 @@ from tasks.quantize.verify import reference_logits, verify_loaders
 VERIFY_TOKENS = 256  # one short training-text block for the post-save sanity forward
 
 
-GGUF_FILE = "model.gguf"  # with `gguf:` set, written beside the stage's model folder
 # GPTQModel's per-module log, which it saves into the model folder. It holds each module's wall
 # time, so inside the folder it would give identical weights a new fingerprint every run (and a
 # resumed run a final model that differs from an uninterrupted one's): it goes beside the folder.

@@ -17,7 +17,7 @@ import yaml
 
 from tasks.core.common import write_text_atomic
 from tasks.core.model_folder import CARD_FILE
-from tasks.report.format import pm, scores_note, served_label
+from tasks.report.format import extra_retentions, pm, scores_note
 from tasks.report.run_report import collect
 
 STAGE_TAGS = {"prune": "pruned", "distill": "distilled", "quantize": "quantized"}
@@ -121,10 +121,8 @@ def _results_lines(entry: dict[str, Any], baseline: dict[str, Any]) -> list[str]
              "| benchmark | metric | n | base model | this model | retention | paired Δ |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     rows = [(name, r, "") for name, r in ret["benchmarks"].items()]
-    served = entry.get("retention_served")
-    if served:
-        rows += [(name, r, f" {served_label(entry)}")
-                 for name, r in served["benchmarks"].items()]
+    for _, label, other in extra_retentions(entry):
+        rows += [(name, r, f" {label}") for name, r in other["benchmarks"].items()]
     for name, r, label in rows:
         lines.append(f"| {name}{label} | {r['metric']} | {r.get('n', '–')} | "
                      f"{pm(r['baseline'], r['baseline_stderr'], pct=True)} | "

@@ -43,6 +43,11 @@ def scores_note(stages: list[dict[str, Any]]) -> str:
         note += (f" Rows marked \"{served_label(served[0])}\" score the same docs with the "
                  "quantized model loaded the way a user's runtime loads it (GPTQModel's "
                  "default), which is what the model delivers when deployed.")
+    shipped = [e for e in stages if (e.get("eval") or {}).get("gguf")]
+    if shipped:
+        note += (f" Rows marked \"{gguf_label(shipped[0])}\" score the stage's GGUF, the file "
+                 "a llama.cpp user ships: its own weights (embedding type included) in fp32, "
+                 "its bytes, and its WikiText-2 perplexity in llama.cpp in brackets.")
     return note
 
 
@@ -70,6 +75,21 @@ def short_stage(folder: str) -> str:
     """"02-distill" -> "distill": stage folders are numbered, plot labels need not be."""
     head, _, rest = folder.partition("-")
     return rest if head.isdigit() and rest else folder
+
+
+def gguf_label(entry: dict[str, Any]) -> str:
+    """"as GGUF (q4_0, embedding q4_0)": the rows of a stage's GGUF in every table."""
+    return ((entry.get("eval") or {}).get("gguf") or {}).get("label", "as GGUF")
+
+
+def extra_retentions(entry: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, label, retention) of a stage's other scorings of the same docs: as served, and
+    as its GGUF; the renderers list them under the stage's own rows."""
+    out = []
+    for key, label in (("retention_served", served_label), ("retention_gguf", gguf_label)):
+        if entry.get(key):
+            out.append((key, label(entry), entry[key]))
+    return out
 
 
 def served_label(entry: dict[str, Any]) -> str:

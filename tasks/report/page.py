@@ -25,10 +25,10 @@ from tasks.report.format import (
     RETENTION_NOTE,
     SIZE_NOTE,
     Cell,
+    extra_retentions,
     json_path,
     num,
     scores_note,
-    served_label,
     short_stage,
 )
 from tasks.report.html import render_html
@@ -89,7 +89,32 @@ def stage_rows(data: dict[str, Any], prefix: str = "",
             num(f"{base}.retention.size.bytes_ratio_bf16", bf16_ratio, _ratio(bf16_ratio or 0)),
             num(f"{base}.metrics.stage_wall_s", wall, f"{wall or 0:,.0f}"),
         ]))
+        if ev.get("gguf"):
+            rows.append(_row(label, _gguf_stage_cells(entry, base, ev)))
     return rows
+
+
+def _gguf_stage_cells(entry: dict[str, Any], base: str, ev: dict[str, Any]) -> list[Cell]:
+    """The stage's GGUF as a row of the stage table: the file's bytes, its weights' perplexity
+    (llama.cpp's in brackets), its ratios against the baseline."""
+    shipped, ret = ev["gguf"], entry.get("retention_gguf") or {}
+    ppl = (shipped.get("wikitext") or {}).get("token_perplexity")
+    llama = (shipped.get("llama_cpp_wikitext") or {}).get("token_perplexity")
+    ppl_ratio = (ret.get("perplexity") or {}).get("ratio")
+    size_ratio = (ret.get("size") or {}).get("bytes_ratio")
+    bf16_ratio = (ret.get("size") or {}).get("bytes_ratio_bf16")
+    text = f"{ppl or 0:.2f}" + (f" ({llama:.2f})" if llama else "")
+    return [
+        f"{entry['stage']} {shipped['label']}",
+        num(f"{base}.eval.params", ev.get("params"), f"{ev.get('params') or 0:,}"),
+        num(f"{base}.eval.gguf.bytes_on_disk", shipped.get("bytes_on_disk"),
+            f"{(shipped.get('bytes_on_disk') or 0) / 1e6:,.1f}"),
+        num(f"{base}.eval.gguf.wikitext.token_perplexity", ppl, text),
+        num(f"{base}.retention_gguf.perplexity.ratio", ppl_ratio, _ratio(ppl_ratio or 0)),
+        num(f"{base}.retention_gguf.size.bytes_ratio", size_ratio, _ratio(size_ratio or 0)),
+        num(f"{base}.retention_gguf.size.bytes_ratio_bf16", bf16_ratio,
+            _ratio(bf16_ratio or 0)),
+        DASH]
 
 
 RETENTION_COLUMNS = ["stage", "benchmark", "metric", "n", "score", "± se", "retention s/b",
@@ -147,16 +172,16 @@ def retention_rows(data: dict[str, Any], prefix: str = "",
                 *(_pair(f"{path}.average_norm_retention", norm, "mean", "stderr", _ratio)
                   if norm else [DASH, DASH]),
                 "", ""]))
-        served = entry.get("retention_served")
-        for name, r in ((served or {}).get("benchmarks") or {}).items():
-            path = json_path(prefix, "stages", i, "retention_served", "benchmarks", name)
-            rows.append(_row(label, [
-                f"{entry['stage']} {served_label(entry)}", name, r["metric"],
-                num(f"{path}.n", r.get("n"), str(r.get("n"))),
-                *_pair(path, r, "score", "stderr", _pct),
-                *_pair(path, r, "ratio", "ratio_stderr", _ratio),
-                *_pair(path, r, "norm_ratio", "norm_ratio_stderr", _ratio),
-                *_pair(path, r, "diff", "diff_stderr", _pct)]))
+        for key, extra, other in extra_retentions(entry):
+            for name, r in (other.get("benchmarks") or {}).items():
+                path = json_path(prefix, "stages", i, key, "benchmarks", name)
+                rows.append(_row(label, [
+                    f"{entry['stage']} {extra}", name, r["metric"],
+                    num(f"{path}.n", r.get("n"), str(r.get("n"))),
+                    *_pair(path, r, "score", "stderr", _pct),
+                    *_pair(path, r, "ratio", "ratio_stderr", _ratio),
+                    *_pair(path, r, "norm_ratio", "norm_ratio_stderr", _ratio),
+                    *_pair(path, r, "diff", "diff_stderr", _pct)]))
     return rows
 
 

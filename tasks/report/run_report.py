@@ -11,7 +11,7 @@ from typing import Any
 from tasks.core.common import LLAMA_CPP_FILE, read_json, write_json_atomic
 from tasks.report.data_section import data_markdown
 from tasks.report.deploy_speed import deploy_summary, speed_markdown
-from tasks.report.format import RETENTION_NOTE, SIZE_NOTE, scores_note, served_label
+from tasks.report.format import RETENTION_NOTE, SIZE_NOTE, extra_retentions, scores_note
 from tasks.report.format import fmt as _fmt  # old private names: other modules import them here
 from tasks.report.format import pm as _pm
 from tasks.report.retention import stage_retention
@@ -19,6 +19,7 @@ from tasks.report.side_by_side import GENERATIONS_NOTE, max_new_tokens, side_by_
 
 SAMPLES_FILE = Path("eval") / "eval_samples.json"
 SERVED_SAMPLES_FILE = Path("eval") / "served_samples.json"
+GGUF_SAMPLES_FILE = Path("eval") / "gguf_samples.json"
 GENERATIONS_FILE = Path("eval") / "generations.json"
 
 
@@ -52,6 +53,11 @@ def collect(run_dir: Path) -> dict[str, Any]:
                 entry["retention_served"] = stage_retention(
                     baseline_eval, {"tasks": served["tasks"]}, baseline_samples,
                     _maybe_json(stage_dir / SERVED_SAMPLES_FILE))
+            shipped = evaluation.get("gguf")
+            if shipped:  # the stage's GGUF, its own weights: the file a llama.cpp user ships
+                entry["retention_gguf"] = stage_retention(
+                    baseline_eval, {**shipped, "params": evaluation.get("params")},
+                    baseline_samples, _maybe_json(stage_dir / GGUF_SAMPLES_FILE))
         stages.append(entry)
     return {"run": run, "stages": stages, "deploy_speed": deploy_summary(stages),
             "warnings": warnings(stages)}
@@ -80,26 +86,38 @@ def warnings(stages: list[dict[str, Any]]) -> list[str]:
     return sorted(set(out), key=out.index)
 
 
+def _stage_row(stage: str, ev: dict[str, Any], ret: dict[str, Any], wall: float | None,
+               llama_ppl: float | None = None) -> str:
+    ppl = (ev.get("wikitext") or {}).get("token_perplexity")
+    ppl_cell = f"{ppl:.2f}" if ppl else "–"
+    if llama_ppl:
+        ppl_cell += f" ({llama_ppl:.2f})"
+    return "| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        stage,
+        f"{ev['params']:,}" if ev.get("params") else "–",
+        f"{ev['bytes_on_disk'] / 1e6:,.1f} MB" if "bytes_on_disk" in ev else "–",
+        ppl_cell,
+        _fmt((ret.get("perplexity") or {}).get("ratio")),
+        _fmt((ret.get("size") or {}).get("bytes_ratio")),
+        _fmt((ret.get("size") or {}).get("bytes_ratio_bf16")),
+        f"{wall:,.0f} s" if wall else "–",
+    )
+
+
 def _stage_rows(data: dict[str, Any]) -> list[str]:
     rows = ["| stage | params | bytes on disk | WikiText-2 ppl | ppl ratio "
             "| size vs fp32 baseline | size vs bf16 baseline | wall time |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for entry in data["stages"]:
         ev = entry.get("eval") or {}
-        ret = entry.get("retention") or {}
-        wiki = ev.get("wikitext") or {}
-        ppl = wiki.get("token_perplexity")
-        wall = (entry["metrics"] or {}).get("stage_wall_s")
-        rows.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
-            entry["stage"],
-            f"{ev['params']:,}" if "params" in ev else "–",
-            f"{ev['bytes_on_disk'] / 1e6:,.1f} MB" if "bytes_on_disk" in ev else "–",
-            f"{ppl:.2f}" if ppl else "–",
-            _fmt((ret.get("perplexity") or {}).get("ratio")),
-            _fmt((ret.get("size") or {}).get("bytes_ratio")),
-            _fmt((ret.get("size") or {}).get("bytes_ratio_bf16")),
-            f"{wall:,.0f} s" if wall else "–",
-        ))
+        rows.append(_stage_row(entry["stage"], ev, entry.get("retention") or {},
+                               (entry["metrics"] or {}).get("stage_wall_s")))
+        shipped = ev.get("gguf")
+        if shipped:
+            llama = (shipped.get("llama_cpp_wikitext") or {}).get("token_perplexity")
+            rows.append(_stage_row(f"{entry['stage']} {shipped['label']}",
+                                   {**shipped, "params": ev.get("params")},
+                                   entry.get("retention_gguf") or {}, None, llama))
     return rows
 
 
@@ -123,22 +141,28 @@ def _retention_rows(data: dict[str, Any]) -> list[str]:
                 f"{_pm(r['ratio'], r['ratio_stderr'])} | "
                 f"{_pm(r['norm_ratio'], r['norm_ratio_stderr'])} | "
                 f"{_pm(r['diff'], r['diff_stderr'], pct=True)} |")
-        avg, norm = ret.get("average_retention"), ret.get("average_norm_retention")
-        if avg:
-            rows.append(f"| {entry['stage']} | **mean of {avg['k']} informative** | | | | "
-                        f"{_pm(avg['mean'], avg['stderr'])} | "
-                        f"{_pm(norm['mean'], norm['stderr']) if norm else '–'} | |")
-        served = entry.get("retention_served")
-        if served:
-            label = f"{entry['stage']} {served_label(entry)}"
-            for name, r in served["benchmarks"].items():
+        rows += _mean_row(entry["stage"], ret)
+        for _, extra, other in extra_retentions(entry):
+            label = f"{entry['stage']} {extra}"
+            for name, r in other["benchmarks"].items():
                 rows.append(
                     f"| {label} | {name} | {r['metric']} | {r.get('n', '–')} | "
                     f"{_pm(r['score'], r['stderr'], pct=True)} | "
                     f"{_pm(r['ratio'], r['ratio_stderr'])} | "
                     f"{_pm(r['norm_ratio'], r['norm_ratio_stderr'])} | "
                     f"{_pm(r['diff'], r['diff_stderr'], pct=True)} |")
+            rows += _mean_row(label, other)
     return rows
+
+
+def _mean_row(label: str, ret: dict[str, Any]) -> list[str]:
+    """The informative benchmarks' mean retention (plain and chance-normalised), if any."""
+    avg, norm = ret.get("average_retention"), ret.get("average_norm_retention")
+    if not avg:
+        return []
+    return [f"| {label} | **mean of {avg['k']} informative** | | | | "
+            f"{_pm(avg['mean'], avg['stderr'])} | "
+            f"{_pm(norm['mean'], norm['stderr']) if norm else '–'} | |"]
 
 
 def _generation_lines(data: dict[str, Any]) -> list[str]:
