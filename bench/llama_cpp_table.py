@@ -45,8 +45,8 @@ def _gptq_baseline(base: Path, work: Path, threads: int) -> Path:
                           StageContext(out_dir=out, seed=0, threads=threads)).model.path
 
 
-def _row(name: str, src: Path, fmt: str, work: Path, threads: int, fresh: bool
-         ) -> dict[str, Any]:
+def _row(name: str, src: Path, fmt: str, work: Path, threads: int, fresh: bool,
+         embedding: str | None = None) -> dict[str, Any]:
     from tasks.core.llama_cpp import llama_cpp_perplexity
     from tasks.quantize import gguf_speed_row
 
@@ -57,13 +57,14 @@ def _row(name: str, src: Path, fmt: str, work: Path, threads: int, fresh: bool
     gguf = work / "exports" / name / "model.gguf"
     # the same export and timing as a run's llama.cpp speed unit; the file is kept for the ppl
     speed = gguf_speed_row(src, fmt.removeprefix("gguf-"), gguf, PROMPT, DECODE, threads,
-                           repeats=3, keep=True)
+                           repeats=3, keep=True, embedding=embedding)
     ppl = _pkdq_ppl(src, threads)
     start = time.perf_counter()
     got = llama_cpp_perplexity(gguf, ids=ppl.pop("ids"), max_length=WINDOW, threads=threads)
     gguf.unlink()
     row = {
         "name": name, "source": str(src), "format": fmt, "file_mb": speed["file_bytes"] / 1e6,
+        "embedding_type": speed.get("embedding_type"),
         "tensor_types": speed["tensor_types"], "exact_grid": speed["grid"] == "exact",
         "exact_grid_note": speed["grid_note"],
         "pkdq_perplexity": ppl["token_perplexity"], "pkdq_loader": ppl["loader"],
@@ -137,14 +138,15 @@ def write_table(rows: list[dict[str, Any]], out: Path, command: str, threads: in
         "loader on the source folder (fp32 compute; GPTQ through GPTQModel's TORCH kernel); "
         "peak RSS is the measuring process (Python + llama.cpp + model).",
         "",
-        "| model | GGUF | MB | exact grid | pkdq ppl | llama.cpp ppl | prefill tok/s "
+        "| model | GGUF | embedding | MB | exact grid | pkdq ppl | llama.cpp ppl | prefill tok/s "
         "| decode tok/s | peak RSS MB |",
-        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         s = r["speed"]
         exact = "yes" if r["exact_grid"] else "no"
-        lines.append(f"| {r['name']} | {r['format'].removeprefix('gguf-')} | {r['file_mb']:.1f} "
+        lines.append(f"| {r['name']} | {r['format'].removeprefix('gguf-')} "
+                     f"| {r.get('embedding_type') or '–'} | {r['file_mb']:.1f} "
                      f"| {exact} | {r['pkdq_perplexity']:.2f} | {r['llama_cpp_perplexity']:.2f} "
                      f"| {s['prefill_tok_s']:.0f} | {s['decode_tok_s']:.1f} "
                      f"| {s['peak_rss_mb']:.0f} |")
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", type=Path, help="a pkdq run folder: each stage model as q4_0")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=FOLDER",
                         help="any pkdq model folder as a q4_0 row named NAME (repeatable)")
+    parser.add_argument("--embedding", action="append", default=[], metavar="NAME=TYPE",
+                        help="the embedding/output type of --model row NAME (f16, q8_0, q4_0; "
+                        "default q8_0), e.g. a recipe's gguf_embedding")
     parser.add_argument("--work", type=Path, default=cache_dir() / "bench-llama-cpp")
     parser.add_argument("--only", nargs="*", help="row names to (re)compute")
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = plan[:1] + plan[-2:-1] + plan[1:-2] + plan[-1:]  # the exact export early
     if args.run:
         plan += _stage_rows(args.run)
+    embeddings = dict(spec.partition("=")[::2] for spec in args.embedding)
     for spec in args.model:
         name, _, folder = spec.partition("=")
         plan.append((name, Path(folder), "gguf-q4_0"))
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                 not (args.work / "rows" / f"{name}.json").is_file():
             continue
         rows.append(_row(name, src, fmt, args.work, args.threads,
-                         args.fresh or bool(args.only and name in args.only)))
+                         args.fresh or bool(args.only and name in args.only),
+                         embeddings.get(name)))
         write_table(rows, args.out, command, args.threads, args.run)  # a partial table survives
     print(args.out.read_text())
     shutil.rmtree(args.work / "exports", ignore_errors=True)

@@ -33,16 +33,18 @@ def grid_label(written: dict[str, Any], quantized: bool, qtype: str) -> str:
 
 def gguf_speed_row(model_path: Path, qtype: str, gguf_file: Path, prompt_tokens: int,
                    decode_tokens: int, threads: int, repeats: int,
-                   keep: bool = False) -> dict[str, Any]:
+                   keep: bool = False, embedding: str | None = None) -> dict[str, Any]:
     """Export `model_path` to `gguf_file` as `qtype`, time it in llama.cpp, and delete the file
     unless `keep` (a 135M model's f16 GGUF is 270 MB; a run measures several per stage).
+    `embedding` is the embedding/output type (`export_gguf`'s default when None).
 
     Raises GgufExportError when the exporter refuses, LlamaCppError when llama.cpp fails.
     """
     gguf_file = Path(gguf_file)
     start = time.perf_counter()
     try:
-        written = export_gguf(Path(model_path), gguf_file, qtype, verify=False)
+        written = export_gguf(Path(model_path), gguf_file, qtype, verify=False,
+                              embedding=embedding)
         exported = time.perf_counter()
         speed = llama_cpp_speed(gguf_file, prompt_tokens, decode_tokens, threads=threads,
                                 repeats=repeats)
@@ -54,6 +56,7 @@ def gguf_speed_row(model_path: Path, qtype: str, gguf_file: Path, prompt_tokens:
         "grid": grid_label(written, is_quantized(Path(model_path)), qtype),
         "grid_note": written.get("exact_grid_note"),
         "tensor_types": written.get("tensor_types"),
+        "embedding_type": written.get("embedding_type"),
         **speed,
         "export_s": exported - start, "measure_s": time.perf_counter() - exported,
     }
