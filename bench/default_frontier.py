@@ -10,7 +10,8 @@ its own weights' scores on the same docs, its perplexity in llama.cpp. That row 
 llama.cpp user ships; the GPTQ folder's row is what a GPTQModel / vLLM user ships.
 
     flock /tmp/pkdq-heavy.lock .venv/bin/python bench/default_frontier.py \
-        --old bench/recipes/smollm2-ffn25-kd-w4-frontier.yaml --new smollm2-ffn12-kd-w4-gguf
+        --old bench/recipes/smollm2-ffn25-kd-w4-frontier.yaml --new smollm2-ffn12-kd-w4-gguf \
+        --extra 'quantization only=bench/recipes/smollm2-w4-gguf.yaml'
 
 Writes bench/results/default_frontier.{json,md}; scores are cached under --work (a rerun only
 renders). The goal lines check issue 17's targets: WikiText-2 ppl <= 1.6x the baseline, bytes
@@ -180,8 +181,7 @@ def render(out: dict[str, Any]) -> str:
     lines += ["", "**Wall time per stage** (each run's own record: the stage's work, then its "
               "evaluation at the run's own sample size):", "",
               "| recipe | stage | stage s | its evaluation s |", "| --- | --- | ---: | ---: |"]
-    for side in ("old", "new"):
-        run = out[side]
+    for run in [out["old"], out["new"], *out.get("extras", {}).values()]:
         for stage in run["stages"]:
             work, ev = stage["stage_wall_s"], stage["eval_wall_s"]
             lines.append(f"| {run['name']} | {stage['stage']} | "
@@ -195,6 +195,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--old", default="bench/recipes/smollm2-ffn25-kd-w4-frontier.yaml")
     parser.add_argument("--new", default="smollm2-ffn12-kd-w4-gguf")
+    parser.add_argument("--extra", action="append", default=[], metavar="LABEL=RECIPE",
+                        help="another recipe scored the same way, as a reference row (e.g. "
+                        "quantization alone); run after the two defaults")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-frontier")
     parser.add_argument("--samples", type=int, default=500)
@@ -208,7 +211,9 @@ def main() -> None:
     configure_environment()
     runs = {"new": run_recipe(args.new, args.runs_dir)}  # the new default's run first: the
     runs["old"] = run_recipe(args.old, args.runs_dir)    # README's table comes from it
-    if runs["old"]["baseline"] != runs["new"]["baseline"]:
+    extras = {label: run_recipe(recipe, args.runs_dir)
+              for label, _, recipe in (spec.partition("=") for spec in args.extra)}
+    if len({r["baseline"] for r in [*runs.values(), *extras.values()]}) > 1:
         raise SystemExit("the two recipes start from different models; nothing to compare")
     started = time.perf_counter()
     folders = {"baseline": score("baseline", runs["old"]["baseline"], args.work, args, None)}
@@ -216,12 +221,14 @@ def main() -> None:
                 ["tasks"].items()}
     folders["old default"] = score("old", runs["old"]["final"], args.work, args, base_ids)
     folders["new default"] = score("new", runs["new"]["final"], args.work, args, base_ids)
+    for label, run in extras.items():
+        folders[label] = score(label.replace(" ", "-"), run["final"], args.work, args, base_ids)
     rows = collect(folders)
     for row in rows:
         row["goal"] = _goal(row)
     command = "flock /tmp/pkdq-heavy.lock .venv/bin/python bench/default_frontier.py " \
-              f"--old {args.old} --new {args.new}"
-    out = {"old": runs["old"], "new": runs["new"], "tasks": list(args.tasks),
+              f"--old {args.old} --new {args.new}" + "".join(f" --extra '{e}'" for e in args.extra)
+    out = {"old": runs["old"], "new": runs["new"], "extras": extras, "tasks": list(args.tasks),
            "samples": args.samples, "seed": args.seed, "threads": args.threads,
            "rows": rows, "scoring_s": time.perf_counter() - started, "command": command,
            "date": time.strftime("%Y-%m-%d")}
