@@ -21,6 +21,7 @@ from typing import Any
 
 from tasks.core.common import (
     CHECKPOINT_DIR,
+    GGUF_FILE,
     LLAMA_CPP_FILE,
     ModelRef,
     StageContext,
@@ -370,6 +371,11 @@ def llama_cpp_unit(folder: Path, name: str, recipe: Recipe,
     config = {"types": types, "prompt_tokens": speed.prompt_tokens,
               "new_tokens": speed.new_tokens, "repeats": speed.repeats,
               "threads": recipe.threads}
+    shipped = folder / GGUF_FILE  # a quantize stage's own GGUF: timed as it ships
+    if shipped.is_file():  # (keyed only when present: other stages keep their keys)
+        from tasks.core.model_folder import file_digest
+
+        config["shipped_gguf"] = list(file_digest(shipped))
     key = stage_key("llama_cpp_speed", model.fingerprint, config, recipe.seed)
     record = _reuse_or_reset(folder, key, LLAMA_CPP_DONE, f"[{name}] llama.cpp speed")
     if record is not None:
@@ -383,7 +389,8 @@ def llama_cpp_unit(folder: Path, name: str, recipe: Recipe,
     try:
         with _unfinished_on_disk_full(work):
             measured = gguf_speed_rows(model.path, types, work, prompt, speed.new_tokens,
-                                       recipe.threads, speed.repeats)
+                                       recipe.threads, speed.repeats,
+                                       shipped if shipped.is_file() else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"model_path": str(model.path), **config, "prompt_tokens": prompt, **measured,

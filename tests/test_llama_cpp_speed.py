@@ -4,6 +4,7 @@ goal verdict; a one-line reason for an architecture GGUF cannot hold; nothing re
 
 The tiny Llama runs baseline -> prune -> RTN W4 sym g32 (the Q4_0 grid, so its q4_0 export is
 exact and its f16 export is the grid in f16), with a short prompt so llama.cpp takes seconds.
+The quantize stage also writes the GGUF it ships (Q4_0, Q4_0 embedding), timed as it is.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def _raw(model_path, llama: bool) -> dict:
             "stages": [{"prune": {"ffn": {"ratio": 0.5},
                                   "calibration": {"samples": 2, "seq_len": 32}}},
                        {"quantize": {"method": "rtn", "bits": 4, "group_size": 32, "sym": True,
+                                     "gguf": "q4_0", "gguf_embedding": "q4_0",
                                      "calibration": {"source": "c4", "samples": 2,
                                                      "seq_len": 32}}}],
             "evaluate": {"tasks": ["arc_easy"], "samples": 2, "batch_size": 4,
@@ -88,7 +90,8 @@ def test_every_stage_is_timed_in_llama_cpp_at_every_type(speed_run):
         got = read_json(folder / LLAMA_CPP_FILE)
         assert got["refused"] is None and got["threads"] == 1
         assert (got["prompt_tokens"], got["new_tokens"]) == (32, 8)
-        assert [r["type"] for r in got["rows"]] == ["f16", "q4_0"]
+        shipped = ["q4_0, embedding q4_0 (model.gguf)"] if stage.kind == "quantize" else []
+        assert [r["type"] for r in got["rows"]] == ["f16", "q4_0", *shipped]
         for row in got["rows"]:
             assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0, row
             assert row["file_bytes"] > 0
@@ -105,7 +108,12 @@ def test_every_stage_is_timed_in_llama_cpp_at_every_type(speed_run):
         assert (folder / LLAMA_CPP_DONE).is_file()
     assert grids["baseline"] == grids["prune"] == {"f16": "from-float", "q4_0": "from-float"}
     # RTN W4 sym g32 is the Q4_0 grid: written code for code; f16 holds the grid values
-    assert grids["quantize"] == {"f16": "grid-f16", "q4_0": "exact"}
+    assert grids["quantize"] == {"f16": "grid-f16", "q4_0": "exact",
+                                 "q4_0, embedding q4_0 (model.gguf)": "shipped"}
+    rows = read_json(speed_run["run_dir"] / "02-quantize" / LLAMA_CPP_FILE)["rows"]
+    shipped_file = speed_run["run_dir"] / "02-quantize" / "model.gguf"
+    assert rows[2]["file_bytes"] == shipped_file.stat().st_size < rows[1]["file_bytes"]
+    assert rows[2]["base_type"] == "q4_0" and rows[2]["tensor_types"]["Q4_0"] > 0
 
 
 def test_report_shows_speed_where_deployed_and_the_goal(speed_run):
@@ -128,6 +136,10 @@ def test_report_shows_speed_where_deployed_and_the_goal(speed_run):
     final = {r["type"]: r for r in data["stages"][2]["llama_cpp"]["rows"]}
     assert rows["q4_0"]["decode_vs_baseline_f16"] == pytest.approx(
         final["q4_0"]["decode_tok_s"] / base["f16"]["decode_tok_s"])
+    shipped = rows["q4_0, embedding q4_0 (model.gguf)"]  # judged against the baseline's q4_0
+    assert shipped["decode_vs_baseline_same_type"] == pytest.approx(
+        final["q4_0, embedding q4_0 (model.gguf)"]["decode_tok_s"] / base["q4_0"]["decode_tok_s"])
+    assert "the stage's own GGUF, as shipped" in section
     assert rows["q4_0"]["decode_vs_baseline_same_type"] == pytest.approx(
         final["q4_0"]["decode_tok_s"] / base["q4_0"]["decode_tok_s"])
     assert rows["q4_0"]["bytes_vs_baseline_bf16"] == pytest.approx(

@@ -62,14 +62,35 @@ def gguf_speed_row(model_path: Path, qtype: str, gguf_file: Path, prompt_tokens:
     }
 
 
+def shipped_speed_row(gguf_file: Path, prompt_tokens: int, decode_tokens: int, threads: int,
+                      repeats: int) -> dict[str, Any]:
+    """The stage's own model.gguf timed as it is (no export): the file a user ships, whose
+    embedding type (say Q4_0) the re-exported rows do not have. Its `type` names the file;
+    `base_type` is the baseline row it is judged against (its main tensor type)."""
+    from tasks.core.llama_cpp import gguf_embedding_type, gguf_tensor_types
+
+    types = gguf_tensor_types(gguf_file)
+    main = max((t for t in types if t != "F32"), key=types.get, default="F16").lower()
+    embedding = (gguf_embedding_type(gguf_file) or "?").lower()
+    start = time.perf_counter()
+    speed = llama_cpp_speed(gguf_file, prompt_tokens, decode_tokens, threads=threads,
+                            repeats=repeats)
+    return {"type": f"{main}, embedding {embedding} (model.gguf)", "base_type": main,
+            "file_bytes": gguf_file.stat().st_size, "grid": "shipped", "grid_note": None,
+            "tensor_types": types, "embedding_type": embedding, **speed,
+            "export_s": 0.0, "measure_s": time.perf_counter() - start}
+
+
 def gguf_speed_rows(model_path: Path, qtypes: list[str], work: Path, prompt_tokens: int,
-                    decode_tokens: int, threads: int, repeats: int) -> dict[str, Any]:
+                    decode_tokens: int, threads: int, repeats: int,
+                    shipped: Path | None = None) -> dict[str, Any]:
     """`gguf_speed_row` for each of `qtypes`, one GGUF on disk at a time, in `work`.
 
     {"rows": [...], "refused": None}; or, when the exporter cannot write this model at all (an
     architecture without a GGUF mapping, a tokenizer it cannot carry), no rows and the reason in
     one line, found before any weight is read. A type refused on its own gets a row with its
     reason; one llama.cpp failed to load or run gets a row with the error (`error`).
+    `shipped`, the stage's own GGUF, gets a row of its own (`shipped_speed_row`).
     """
     try:
         preflight(Path(model_path), qtypes[0])
@@ -86,4 +107,14 @@ def gguf_speed_rows(model_path: Path, qtypes: list[str], work: Path, prompt_toke
             rows.append({"type": qtype, "error": one_line(exc, limit=1000, with_type=False)})
         except subprocess.TimeoutExpired as exc:  # a machine too busy to finish in time
             rows.append({"type": qtype, "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"})
+    if shipped is not None:
+        try:
+            rows.append(shipped_speed_row(shipped, prompt_tokens, decode_tokens, threads,
+                                          repeats))
+        except LlamaCppError as exc:
+            rows.append({"type": "model.gguf", "error": one_line(exc, limit=1000,
+                                                                 with_type=False)})
+        except subprocess.TimeoutExpired as exc:
+            rows.append({"type": "model.gguf",
+                         "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"})
     return {"rows": rows, "refused": None}

@@ -27,7 +27,8 @@ GOAL_COLUMNS = ["final stage, type", "decode vs baseline f16 (goal ≥ 2)",
                 "decode vs baseline, same type (goal ≥ 1.3)",
                 "bytes vs baseline bf16 (goal ≤ 0.30)", "goal met"]
 WEIGHTS = {"exact": "GPTQ grid, exact", "re-gridded": "GPTQ grid re-gridded",
-           "grid-f16": "GPTQ grid in f16", "from-float": "from float"}
+           "grid-f16": "GPTQ grid in f16", "from-float": "from float",
+           "shipped": "the stage's own GGUF, as shipped"}
 
 
 def _timed(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -53,8 +54,9 @@ def deploy_summary(stages: list[dict[str, Any]]) -> dict[str, Any] | None:
         ratios = {
             "decode_vs_baseline_f16": safe_ratio(row["decode_tok_s"],
                                              (base_rows.get("f16") or {}).get("decode_tok_s")),
-            "decode_vs_baseline_same_type": safe_ratio(
-                row["decode_tok_s"], (base_rows.get(qtype) or {}).get("decode_tok_s")),
+            "decode_vs_baseline_same_type": safe_ratio(  # the shipped file: its main type
+                row["decode_tok_s"],
+                (base_rows.get(row.get("base_type", qtype)) or {}).get("decode_tok_s")),
             "bytes_vs_baseline_bf16": safe_ratio(row["file_bytes"], bf16),
         }
         known = all(v is not None for v in ratios.values())
