@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -255,14 +256,16 @@ def gguf_tensor_types(path: Path) -> dict[str, int]:
     return dict(Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors))
 
 
-def gguf_embedding_type(path: Path) -> str | None:
-    """The GGML type of a GGUF's token embedding (its tied output head too), e.g. "Q4_0"."""
+def gguf_main_types(path: Path) -> tuple[dict[str, int], str, str]:
+    """({GGML type: tensor count}, the commonest non-F32 type, the token embedding's type) of a
+    GGUF, lower-case types: how a shipped file is labelled ("q4_0, embedding q4_0") and judged."""
     import gguf
 
-    for tensor in gguf.GGUFReader(str(path)).tensors:
-        if tensor.name == "token_embd.weight":
-            return tensor.tensor_type.name
-    return None
+    tensors = gguf.GGUFReader(str(path)).tensors
+    counts = dict(Counter(t.tensor_type.name for t in tensors))
+    embedding = next((t.tensor_type.name for t in tensors if t.name == "token_embd.weight"), "?")
+    main = max((t for t in counts if t != "F32"), key=counts.get, default=embedding)
+    return counts, main.lower(), embedding.lower()
 
 
 if __name__ == "__main__":  # the measuring process of `llama_cpp_speed`

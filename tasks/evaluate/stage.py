@@ -500,7 +500,7 @@ def gguf_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
         return None
     from transformers import AutoTokenizer
 
-    from tasks.core.llama_cpp import gguf_embedding_type, gguf_tensor_types, llama_cpp_perplexity
+    from tasks.core.llama_cpp import gguf_main_types, llama_cpp_perplexity
     from tasks.evaluate.gguf_weights import load_gguf_weights
 
     t0 = time.perf_counter()
@@ -518,10 +518,9 @@ def gguf_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
                                  threads=threads)
     _log(f"GGUF: token ppl {wikitext['token_perplexity']:.3f} (its weights in torch), "
          f"{llama['token_perplexity']:.3f} in llama.cpp", start)
-    types, embedding = gguf_tensor_types(gguf), gguf_embedding_type(gguf)
-    main_type = max((t for t in types if t != "F32"), key=types.get, default=embedding)
-    label = f"as GGUF ({(main_type or '?').lower()}, embedding {(embedding or '?').lower()})"
-    section = {"label": label, "file": gguf.name, "embedding_type": embedding,
+    types, main_type, embedding = gguf_main_types(gguf)
+    section = {"label": f"as GGUF ({main_type}, embedding {embedding})", "file": gguf.name,
+               "embedding_type": embedding,
                "bytes_on_disk": gguf.stat().st_size, "tensor_types": types, "tasks": tasks,
                "wikitext": wikitext,
                "llama_cpp_wikitext": {k: llama[k] for k in ("token_perplexity", "runtime",

@@ -67,11 +67,9 @@ def shipped_speed_row(gguf_file: Path, prompt_tokens: int, decode_tokens: int, t
     """The stage's own model.gguf timed as it is (no export): the file a user ships, whose
     embedding type (say Q4_0) the re-exported rows do not have. Its `type` names the file;
     `base_type` is the baseline row it is judged against (its main tensor type)."""
-    from tasks.core.llama_cpp import gguf_embedding_type, gguf_tensor_types
+    from tasks.core.llama_cpp import gguf_main_types
 
-    types = gguf_tensor_types(gguf_file)
-    main = max((t for t in types if t != "F32"), key=types.get, default="F16").lower()
-    embedding = (gguf_embedding_type(gguf_file) or "?").lower()
+    types, main, embedding = gguf_main_types(gguf_file)
     start = time.perf_counter()
     speed = llama_cpp_speed(gguf_file, prompt_tokens, decode_tokens, threads=threads,
                             repeats=repeats)
