@@ -63,15 +63,40 @@ def run_recipe(recipe: str, runs_dir: Path) -> dict[str, Any]:
             "this_call_s": time.perf_counter() - started}
 
 
+def model_key(model_path: str) -> dict[str, Any]:
+    """What a cached score stands for: the folder's content fingerprint and, where the quantize
+    stage wrote one beside it, the GGUF's bytes (a recipe change that rewrites only the GGUF,
+    such as its embedding type, must not reuse the old file's scores)."""
+    from tasks.core.common import GGUF_FILE
+    from tasks.core.model_folder import file_digest, fingerprint_folder
+
+    folder = Path(model_path)
+    key: dict[str, Any] = {"model": str(folder),
+                           "fingerprint": fingerprint_folder(folder, skip_card=True)}
+    gguf = folder.parent / GGUF_FILE
+    if gguf.is_file():
+        key["gguf"] = list(file_digest(gguf))
+    return key
+
+
 def score(label: str, model_path: str, work: Path, args: argparse.Namespace,
           doc_ids: dict[str, list[int]] | None) -> Path:
-    """evaluate_model on the frontier's docs, cached per label; returns its folder."""
+    """evaluate_model on the frontier's docs, cached per label and model content; returns its
+    folder. Scores of another model under the same label are removed, never reused."""
+    import shutil
+
     from tasks.core.recipe import EvalConfig
     from tasks.evaluate import evaluate_model
 
     out = work / label
+    key = {**model_key(model_path), "samples": args.samples, "tasks": list(args.tasks),
+           "seed": args.seed}
     if (out / "eval.json").is_file():
-        return out
+        if (out / "scored.json").is_file() and read_json(out / "scored.json") == key:
+            return out
+        print(f"[frontier] {label}: cached scores are of another model; scoring again",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(out)
     cfg = EvalConfig(tasks=list(args.tasks), samples=args.samples, served=False,
                      generations={"enabled": False}, speed={"enabled": False})
     print(f"[frontier] scoring {label}: {model_path}", file=sys.stderr, flush=True)
@@ -80,6 +105,7 @@ def score(label: str, model_path: str, work: Path, args: argparse.Namespace,
                    doc_ids=doc_ids)
     if out.exists():
         raise SystemExit(f"{out} appeared while scoring; remove it and rerun")
+    write_json_atomic(tmp / "scored.json", key)
     tmp.rename(out)
     return out
 

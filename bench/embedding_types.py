@@ -3,10 +3,11 @@
 SmolLM2-135M ties its output head to its input embedding: 28.3M of 134.5M parameters, a fifth
 of the model, which every pruning axis leaves whole. At 16 bits it alone is 0.21x the baseline's
 bf16 bytes, so no 4-bit model with a 16-bit embedding can reach the issue's 0.30x; the question is
-what a Q8_0 or Q4_0 embedding costs in perplexity. Each row exports one source model as Q4_0 (a
-GPTQ W4 sym g32 grid code for code, any other source re-quantized by gguf-py) with the embedding
-in f16, q8_0 or q4_0, and scores WikiText-2 test (first 8,192 tokens, windows of 512, the same
-token ids for every row) in llama.cpp. Bytes are the file's, against the baseline in bf16.
+what a Q8_0, Q5_1, Q5_0 or Q4_0 embedding costs in perplexity. Each row exports one source model
+as Q4_0 (a GPTQ W4 sym g32 grid code for code, any other source re-quantized by gguf-py) with the
+embedding in f16, q8_0, q5_1, q5_0 or q4_0, and scores WikiText-2 test (first 8,192 tokens,
+windows of 512, the same token ids for every row) in llama.cpp. Bytes are the file's, against
+the baseline in bf16.
 
     flock /tmp/pkdq-heavy.lock .venv/bin/python bench/embedding_types.py \
         --model gptq-w4g32=~/.cache/pkdq/bench-llama-cpp/gptq-w4-g32-sym/model \
@@ -29,7 +30,7 @@ from tasks.core.common import cache_dir, data_dir, set_offline_env  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS, WINDOW = 8192, 512
-EMBEDDINGS = ("f16", "q8_0", "q4_0")
+EMBEDDINGS = ("f16", "q8_0", "q5_1", "q5_0", "q4_0")
 
 
 def _row(name: str, src: Path, embedding: str, ids: list[int], work: Path,

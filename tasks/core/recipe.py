@@ -435,7 +435,7 @@ class DistillConfig(Strict):
 
 # A GGUF's embedding/output types (`tasks.quantize.gguf_export.embedding_type` checks them for
 # `pkdq export --embedding` too): the one list both the recipe and the CLI accept.
-GgufEmbedding = Literal["f16", "q8_0", "q4_0"]
+GgufEmbedding = Literal["f16", "q8_0", "q5_1", "q5_0", "q4_0"]
 GGUF_EMBEDDING_TYPES: tuple[str, ...] = get_args(GgufEmbedding)
 
 
@@ -456,9 +456,9 @@ class QuantizeConfig(Strict):
         "grid up to fp16 rounding")
     gguf_embedding: GgufEmbedding | None = Field(
         None, description="the GGUF's embedding/output type (default q8_0 for q4_0/q8_0, f16 "
-        "for f16); the tied embedding of a small model is a fifth of its weights, so q4_0 here "
-        "is what brings a 4-bit file under a tight size budget (its cost is measured in "
-        "bench/results/embedding_types.md)")
+        "for f16); the tied embedding of a small model is a fifth of its weights, so q5_1, "
+        "q5_0 or q4_0 here is what brings a 4-bit file under a tight size budget (what each "
+        "costs is measured in bench/results/embedding_types.md)")
 
     @model_validator(mode="after")
     def _embedding_needs_gguf(self) -> QuantizeConfig:
