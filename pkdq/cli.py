@@ -529,10 +529,10 @@ def export_cmd(
                                     "a UTF-8 text file; token budget and seed from the run's "
                                     "recipe, else 16 x 512 tokens, seed 1234"),
     embedding: str = typer.Option(None, "--embedding", help="gguf-f16/q8_0/q4_0: the type of "
-                                  "the embedding and output matrices (f16, q8_0, q4_0; default "
-                                  "q8_0 for the quantized types). In a small model the tied "
-                                  "embedding is a fifth of the weights: q4_0 there is what "
-                                  "takes a 4-bit file under a tight size budget"),
+                                  "the embedding and output matrices (f16, q8_0, q5_1, q5_0, "
+                                  "q4_0; default q8_0 for the quantized types). In a small model "
+                                  "the tied embedding is a fifth of the weights: q5_1 or q4_0 "
+                                  "there is what takes a 4-bit file under a tight size budget"),
 ) -> None:
     """Export a model for the runtime that serves it, verified in that runtime.
 

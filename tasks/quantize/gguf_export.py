@@ -78,7 +78,8 @@ GRID_NOTE = ("GGUF Q8_0/Q4_0 are llama.cpp's own block grids (32 weights per blo
 # llama-quantize stores the embedding/output of a Q4_0 model as Q6_K, which gguf-py cannot
 # write; Q8_0 keeps them at least that fine. In a small model the (tied) embedding is a fifth of
 # the weights (SmolLM2-135M: 28M of 134.5M), so its type decides whether 4-bit files reach a
-# size target at all: `embedding` picks it (f16, q8_0, q4_0), the qtype's default otherwise.
+# size target at all: `embedding` picks it (f16, q8_0, q5_1, q5_0, q4_0), the qtype's default
+# otherwise.
 DEFAULT_EMBEDDING = {"f16": "f16", "q8_0": "q8_0", "q4_0": "q8_0"}
 _EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 
