@@ -241,8 +241,8 @@ def test_bad_requests_are_one_line_exit_2(sharp_ref, gptq_w4, tmp_path):
 
     src = str(gptq_w4)
     assert "unknown export format" in refused(src, "--to", str(tmp_path / "a"), "--format", "onnx")
-    assert "use one of f16, q8_0, q4_0" in refused(src, "--to", str(tmp_path / "a"), "--format",
-                                                   "gguf-q4_0", "--embedding", "q2_k")
+    assert "use one of f16, q8_0, q5_1, q5_0, q4_0" in refused(
+        src, "--to", str(tmp_path / "a"), "--format", "gguf-q4_0", "--embedding", "q2_k")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "x").write_text("x")
