@@ -11,7 +11,7 @@ llama.cpp user ships; the GPTQ folder's row is what a GPTQModel / vLLM user ship
 
     flock /tmp/pkdq-heavy.lock .venv/bin/python bench/default_frontier.py \
         --old bench/recipes/smollm2-ffn25-kd-w4-frontier.yaml --new smollm2-ffn12-kd-w4-gguf \
-        --extra 'quantization only=bench/recipes/smollm2-w4-gguf.yaml'
+        --extra 'quantization only=smollm2-w4-gguf'
 
 Writes bench/results/default_frontier.{json,md}; scores are cached under --work (a rerun only
 renders). The goal lines check issue 17's targets: WikiText-2 ppl <= 1.6x the baseline, bytes
