@@ -31,7 +31,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.core.common import read_json, write_json_atomic  # noqa: E402
+from tasks.core.common import (  # noqa: E402
+    GGUF_SAMPLES_JSON,
+    SAMPLES_JSON,
+    read_json,
+    write_json_atomic,
+)
 from tasks.report import paired_text, stage_retention  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -126,15 +131,15 @@ def collect(folders: dict[str, Path]) -> list[dict[str, Any]]:
         return json.loads(path.read_text()) if path.is_file() else None
 
     base_eval = load(folders["baseline"], "eval.json")
-    base = (base_eval, load(folders["baseline"], "eval_samples.json"))
+    base = (base_eval, load(folders["baseline"], SAMPLES_JSON))
     rows = []
     for label, folder in folders.items():
         ev = load(folder, "eval.json")
-        rows.append(_row(label, ev, load(folder, "eval_samples.json"), base))
+        rows.append(_row(label, ev, load(folder, SAMPLES_JSON), base))
         if ev.get("gguf"):
             shipped = {**ev["gguf"], "params": ev.get("params")}
             rows.append(_row(f"{label} {ev['gguf']['label']}", shipped,
-                             load(folder, "gguf_samples.json"), base,
+                             load(folder, GGUF_SAMPLES_JSON), base,
                              ev["gguf"]["llama_cpp_wikitext"]["token_perplexity"]))
     return rows
 

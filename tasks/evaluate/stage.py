@@ -28,16 +28,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import GGUF_FILE, data_dir, set_offline_env, write_json_atomic
+from tasks.core.common import (
+    GGUF_FILE,
+    GGUF_SAMPLES_JSON,
+    SAMPLES_JSON,
+    SERVED_SAMPLES_JSON,
+    data_dir,
+    set_offline_env,
+    write_json_atomic,
+)
 from tasks.core.model_folder import model_bytes
 from tasks.core.perplexity import text_prefix_ids, windows
 from tasks.core.recipe import EvalConfig, SpeedEval
 from tasks.evaluate.lm_eval_tasks import TASKS_DIR
 
 EVAL_JSON = "eval.json"
-SAMPLES_JSON = "eval_samples.json"
-SERVED_SAMPLES_JSON = "served_samples.json"  # per-doc scores of the as-served evaluation
-GGUF_SAMPLES_JSON = "gguf_samples.json"  # per-doc scores of the stage's GGUF (its own weights)
 
 # The score retention is computed on: length-normalised accuracy where lm-eval reports it for
 # multi-token answer options of unequal length, plain accuracy otherwise.

@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tasks.core.common import SAMPLES_JSON
+
 UNINFORMATIVE_SIGMAS = 2.0
 
 PerDoc = dict[str, float]
@@ -205,4 +207,4 @@ def retention_from_dirs(baseline_dir: Path, stage_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text()) if path.is_file() else None
 
     return stage_retention(load(baseline_dir, "eval.json"), load(stage_dir, "eval.json"),
-                     load(baseline_dir, "eval_samples.json"), load(stage_dir, "eval_samples.json"))
+                     load(baseline_dir, SAMPLES_JSON), load(stage_dir, SAMPLES_JSON))

@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import LLAMA_CPP_FILE, read_json, write_json_atomic
+from tasks.core.common import (
+    GGUF_SAMPLES_JSON,
+    LLAMA_CPP_FILE,
+    SAMPLES_JSON,
+    SERVED_SAMPLES_JSON,
+    read_json,
+    write_json_atomic,
+)
 from tasks.report.data_section import data_markdown
 from tasks.report.deploy_speed import deploy_summary, speed_markdown
 from tasks.report.format import RETENTION_NOTE, SIZE_NOTE, extra_retentions, scores_note
@@ -17,9 +24,9 @@ from tasks.report.format import pm as _pm
 from tasks.report.retention import stage_retention
 from tasks.report.side_by_side import GENERATIONS_NOTE, max_new_tokens, side_by_side
 
-SAMPLES_FILE = Path("eval") / "eval_samples.json"
-SERVED_SAMPLES_FILE = Path("eval") / "served_samples.json"
-GGUF_SAMPLES_FILE = Path("eval") / "gguf_samples.json"
+SAMPLES_FILE = Path("eval") / SAMPLES_JSON
+SERVED_SAMPLES_FILE = Path("eval") / SERVED_SAMPLES_JSON
+GGUF_SAMPLES_FILE = Path("eval") / GGUF_SAMPLES_JSON
 GENERATIONS_FILE = Path("eval") / "generations.json"
 
 
