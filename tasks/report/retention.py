@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import SAMPLES_JSON
+from tasks.core.common import EVAL_JSON, SAMPLES_JSON
 
 UNINFORMATIVE_SIGMAS = 2.0
 
@@ -206,5 +206,5 @@ def retention_from_dirs(baseline_dir: Path, stage_dir: Path) -> dict[str, Any]:
         path = Path(folder) / name
         return json.loads(path.read_text()) if path.is_file() else None
 
-    return stage_retention(load(baseline_dir, "eval.json"), load(stage_dir, "eval.json"),
+    return stage_retention(load(baseline_dir, EVAL_JSON), load(stage_dir, EVAL_JSON),
                      load(baseline_dir, SAMPLES_JSON), load(stage_dir, SAMPLES_JSON))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.common import (
+    EVAL_JSON,
     GGUF_SAMPLES_JSON,
     LLAMA_CPP_FILE,
     SAMPLES_JSON,
@@ -41,7 +42,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     baseline_eval = baseline_samples = None
     for folder in run["stages"]:
         stage_dir = run_dir / folder
-        evaluation = _maybe_json(stage_dir / "eval.json")
+        evaluation = _maybe_json(stage_dir / EVAL_JSON)
         samples = _maybe_json(stage_dir / SAMPLES_FILE)
         record = _maybe_json(stage_dir / "stage.json")
         metrics = _maybe_json(stage_dir / "metrics.json") or {}
