@@ -412,6 +412,11 @@ def quantize_cmd(
                                           "q8_0, q4_0 or q4_k_m (Llama, Mistral, Qwen2, Qwen3, "
                                           "Gemma 3); --group 32 "
                                           "makes q4_0 (bits 4) / q8_0 (bits 8) bit-exact"),
+    q8_layers: int = typer.Option(None, help="with --gguf q4_0: write this many decoder layers, "
+                                             "those 4 bits hurt most, in Q8_0"),
+    q8_budget_mb: float = typer.Option(None, help="with --gguf q4_0: as many Q8_0 layers, most "
+                                                  "sensitive first, as keep the file within "
+                                                  "this many MB"),
 ) -> None:
     """Quantize one model outside a recipe; writes OUT/model and OUT/metrics.json."""
     from pydantic import ValidationError
@@ -422,7 +427,9 @@ def quantize_cmd(
     try:
         cfg = QuantizeConfig(method=method, bits=bits, group_size=group, desc_act=desc_act,
                              damp_percent=damp, gguf=gguf,
-                             calibration={"source": "c4", "samples": samples, "seq_len": seq_len})
+                             calibration={"source": "c4", "samples": samples, "seq_len": seq_len},
+                             gguf_q8_layers=None if q8_layers is None and q8_budget_mb is None
+                             else {"count": q8_layers, "budget_mb": q8_budget_mb})
     except ValidationError as exc:
         _fail(_validation_line(exc))
     _check_model(model)  # offline and torch-free: a bad spec never waits for torch/GPTQModel
@@ -462,6 +469,11 @@ def _echo_gguf(metrics: dict) -> None:
     if metrics.get("exact_grid_note"):
         line += f"; {metrics['exact_grid_note']}"
     typer.echo(line)
+    plan = metrics.get("q8_layers")
+    if plan:
+        gains = ", ".join(f"layer {row['layer']} {row['gain']:+.4f}" for row in plan["scores"][:4])
+        typer.echo(f"pkdq: q8_0 layers {plan['layers'] or 'none'} (held-out KL all 4-bit "
+                   f"{plan['base_kl']:.4f}; won back by one layer in Q8_0: {gains})")
 
 
 @app.command("export-gguf")

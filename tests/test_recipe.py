@@ -202,6 +202,28 @@ def test_llama_cpp_speed_is_its_own_unit_and_off_unless_asked():
         assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_gguf_q8_layers_needs_q4_0_and_one_target_and_stays_out_of_unset_dumps():
+    """`quantize.gguf_q8_layers` mixes Q8_0 layers into a q4_0 file only, takes a budget or a
+    count (not both, not neither), each refusal one line; unset, it never enters the stage's
+    dump (finished quantize stages keep their keys)."""
+    from tasks.core.recipe import QuantizeConfig
+
+    assert "gguf_q8_layers" not in QuantizeConfig(gguf="q4_0").model_dump(mode="json")
+    cfg = QuantizeConfig(gguf="q4_0", gguf_q8_layers={"budget_mb": 80.7})
+    assert cfg.model_dump(mode="json")["gguf_q8_layers"]["budget_mb"] == 80.7
+    stages = [{"prune": {"ffn": {"ratio": 0.2}}}, {"distill": {}}]
+    for quantize, fragment in (
+            ({"gguf": "q8_0", "gguf_q8_layers": {"count": 2}}, "set gguf: q4_0"),
+            ({"gguf_q8_layers": {"count": 2}}, "set gguf: q4_0"),
+            ({"gguf": "q4_0", "gguf_q8_layers": {"count": 2, "budget_mb": 80}},
+             "exactly one of budget_mb"),
+            ({"gguf": "q4_0", "gguf_q8_layers": {}}, "exactly one of budget_mb"),
+            ({"gguf": "q4_0", "gguf_q8_layers": {"budget_mb": -1}}, "greater than 0")):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(_minimal(stages=[*stages, {"quantize": quantize}]), "my.yaml")
+        assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
 def test_gguf_embedding_needs_a_gguf_it_can_set_and_stays_out_of_unset_dumps():
     """`quantize.gguf_embedding` is refused in one line without a gguf it applies to, and an
     unset one never enters the quantize stage's dump (finished stages keep their keys)."""

@@ -268,5 +268,31 @@ def gguf_main_types(path: Path) -> tuple[dict[str, int], str, str]:
     return counts, main.lower(), embedding.lower()
 
 
+def gguf_type_label(path: Path) -> tuple[dict[str, int], str, str, str]:
+    """`gguf_main_types` plus a label for the file: "q4_0, embedding q5_1", or with decoder
+    layers held in another type (a mixed 4/8-bit file) "q4_0, layers 28, 29 q8_0, embedding
+    q5_1"."""
+    import gguf
+
+    types, main, embedding = gguf_main_types(path)
+    reader = gguf.GGUFReader(str(path))
+    block_types = {t.tensor_type.name.lower() for t in reader.tensors if t.name.startswith("blk.")}
+    field = reader.fields.get("general.file_type")
+    if field is not None:  # the type the writer declared wins over a count (a mix of 2 layers)
+        try:
+            declared = gguf.LlamaFileType(int(field.contents())).name.lower()
+        except ValueError:  # a file type newer than this gguf package
+            declared = main
+        main = d if (d := declared.removeprefix("mostly_")) in block_types else main
+    other: dict[str, set[int]] = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name.lower()
+        if tensor.name.startswith("blk.") and kind not in (main, "f32"):
+            other.setdefault(kind, set()).add(int(tensor.name.split(".")[1]))
+    mixed = "".join(f", layers {', '.join(map(str, sorted(layers)))} {kind}"
+                    for kind, layers in sorted(other.items()))
+    return types, main, embedding, f"{main}{mixed}, embedding {embedding}"
+
+
 if __name__ == "__main__":  # the measuring process of `llama_cpp_speed`
     print(json.dumps(_speed_here(*json.loads(sys.argv[1]))))

@@ -439,6 +439,29 @@ GgufEmbedding = Literal["f16", "q8_0", "q5_1", "q5_0", "q4_0"]
 GGUF_EMBEDDING_TYPES: tuple[str, ...] = get_args(GgufEmbedding)
 
 
+class GgufQ8Layers(Strict):
+    """Mixed 4/8-bit GGUF: the decoder layers whose linears lose most in 4 bits are written in
+    Q8_0 instead, most sensitive first, while the file stays within `budget_mb` (or exactly
+    `count` of them). Sensitivity is held-out KL to the stage's float input with that one layer
+    in Q8_0 and the rest as the file holds them, on training-side held-out text; the idea of
+    Model Optimizer's AutoQuantize at the granularity llama.cpp's files allow (a type per
+    tensor). Measured first in bench/results/mixed_precision.md."""
+
+    budget_mb: float | None = Field(None, gt=0, le=1e7, description="the file's size limit in "
+                                    "MB (1e6 bytes), e.g. 0.30x the baseline's bf16 bytes")
+    count: int | None = Field(None, ge=1, le=1000, description="this many layers in Q8_0, "
+                              "whatever the size")
+    blocks: int = Field(4, ge=1, le=64, description="held-out blocks that score each layer")
+    seq_len: int = Field(256, ge=16, le=4096)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> GgufQ8Layers:
+        if (self.budget_mb is None) == (self.count is None):
+            raise ValueError("give exactly one of budget_mb (a size limit) or count (a number "
+                             "of layers)")
+        return self
+
+
 class QuantizeConfig(Strict):
     # awq: activation-aware scales through GPTQModel's AWQ (GEMM layout, always zero-point)
     method: Literal["gptq", "awq", "rtn"] = "gptq"
@@ -460,20 +483,28 @@ class QuantizeConfig(Strict):
         "q5_0 or q4_0 here is what brings a 4-bit file under a tight size budget (what each "
         "costs is measured in bench/results/embedding_types.md)")
 
+    gguf_q8_layers: GgufQ8Layers | None = Field(
+        None, description="gguf q4_0 only: write the decoder layers most sensitive to 4 bits in "
+        "Q8_0 (from the stage's float input) within a size budget or a layer count")
+
     @model_validator(mode="after")
     def _embedding_needs_gguf(self) -> QuantizeConfig:
         if self.gguf_embedding is not None and self.gguf in ("none", "q4_k_m"):
             raise ValueError("gguf_embedding applies to gguf f16, q8_0 or q4_0 (q4_k_m's "
                              "embedding type is llama.cpp's quantizer's choice); set gguf or "
                              "drop gguf_embedding")
+        if self.gguf_q8_layers is not None and self.gguf != "q4_0":
+            raise ValueError(f"gguf_q8_layers mixes Q8_0 layers into a q4_0 file; gguf is "
+                             f"{self.gguf!r}: set gguf: q4_0 or drop gguf_q8_layers")
         return self
 
     @model_serializer(mode="wrap")
     def _omit_gguf_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave `gguf` out while it is "none" (and `gguf_embedding` while unset): stage keys
-        hash this dump, and a recipe that does not ask for a GGUF must keep the key it had
-        before the field existed (finished quantize stages are reused, not quantized again)."""
-        return omit_at(handler(self), gguf="none", gguf_embedding=None)
+        """Leave `gguf` out while it is "none" (`gguf_embedding`, `gguf_q8_layers` while
+        unset): stage keys hash this dump, and a recipe that does not ask for a GGUF must keep
+        the key it had before the field existed (finished quantize stages are reused, not
+        quantized again)."""
+        return omit_at(handler(self), gguf="none", gguf_embedding=None, gguf_q8_layers=None)
 
 
 class WikitextEval(Strict):

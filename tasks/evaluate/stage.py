@@ -504,7 +504,7 @@ def gguf_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
         return None
     from transformers import AutoTokenizer
 
-    from tasks.core.llama_cpp import gguf_main_types, llama_cpp_perplexity
+    from tasks.core.llama_cpp import gguf_type_label, llama_cpp_perplexity
     from tasks.evaluate.gguf_weights import load_gguf_weights
 
     t0 = time.perf_counter()
@@ -522,8 +522,8 @@ def gguf_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
                                  threads=threads)
     _log(f"GGUF: token ppl {wikitext['token_perplexity']:.3f} (its weights in torch), "
          f"{llama['token_perplexity']:.3f} in llama.cpp", start)
-    types, main_type, embedding = gguf_main_types(gguf)
-    section = {"label": f"as GGUF ({main_type}, embedding {embedding})", "file": gguf.name,
+    types, _, embedding, label = gguf_type_label(gguf)
+    section = {"label": f"as GGUF ({label})", "file": gguf.name,
                "embedding_type": embedding,
                "bytes_on_disk": gguf.stat().st_size, "tensor_types": types, "tasks": tasks,
                "wikitext": wikitext,

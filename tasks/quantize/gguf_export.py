@@ -40,7 +40,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -449,12 +449,14 @@ def _write_metadata(writer: Any, shape: LlamaShape, qtype: str, name: str,
 def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
                 fields: list[tuple[str, Any, Any, Any]], bos: dict[str, Any],
                 exact: dict[str, ExactWeight] | None = None,
-                embedding: str | None = None) -> dict[str, Any]:
+                embedding: str | None = None,
+                q8_keys: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Write the GGUF into `tmp`; returns what was written (types, fallbacks, error).
 
     With `exact` (HF key -> codes and scales), those matrices are written block for block and
     every other matrix as F16 (the checkpoint stores them in fp16, so nothing is rounded) but
-    the embedding/output, which are written in `embedding`.
+    the embedding/output, which are written in `embedding`. `q8_keys` (mixed 4/8-bit) are
+    written in Q8_0 whatever `qtype` says.
     """
     import gguf
 
@@ -468,6 +470,8 @@ def _write_file(tmp: Path, model: Any, shape: LlamaShape, qtype: str, name: str,
         if exact is not None and key in exact:
             weight = permute_rows(exact[key], qk_permutation(tensor_name, shape))
             enc = Encoded(tensor_name, encode_exact(weight, qtype), qtype.upper())
+        elif key in q8_keys:
+            enc = encode_tensor(tensor_name, data, "q8_0")
         else:
             enc = encode_tensor(tensor_name, data, "f16" if exact is not None else qtype,
                                 embedding)
@@ -531,6 +535,37 @@ def _exact_plan(model_path: Path, qtype: str, calibration: Any = None
                    "checkpoint")
 
 
+def _mix_in_q8(model: Any, qtype: str, layers: Sequence[int], source: Path | None
+               ) -> set[str]:
+    """Put the float weights of `layers`' linears (from `source`) into `model`, in place, and
+    return their keys: the writer stores them in Q8_0, and the verification then compares the
+    file with the very mix it holds."""
+    if not layers:
+        return set()
+    if qtype != "q4_0" or source is None:
+        raise GgufExportError("Q8_0 layers mix into a q4_0 export of a model quantized from a "
+                              "float folder; give q4_0 and the float source")
+    import torch
+
+    from tasks.core.model_store import load_model
+    from tasks.quantize.mixed_layers import mixed_keys
+
+    state = model.state_dict()
+    try:
+        keys = mixed_keys(state, layers)
+    except ValueError as exc:
+        raise GgufExportError(str(exc)) from exc
+    float_model, _ = load_model(Path(source))
+    float_state = float_model.state_dict()
+    with torch.no_grad():
+        for key in keys:
+            if tuple(float_state[key].shape) != tuple(state[key].shape):
+                raise GgufExportError(f"{source} is not the float model of this checkpoint: "
+                                      f"{key} is {tuple(float_state[key].shape)}")
+            state[key].copy_(float_state[key])
+    return keys
+
+
 def _llama_quantize(f16_file: Path, out_file: Path, qtype: str, shape: LlamaShape,
                     calibration: Any = None, threads: int = 2) -> dict[str, Any]:
     """Run llama.cpp's own quantizer on the f16 file (with an importance matrix computed on
@@ -558,11 +593,15 @@ def _llama_quantize(f16_file: Path, out_file: Path, qtype: str, shape: LlamaShap
 def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
                 reference_gguf: Path | None = None, verify: bool = True,
                 calibration: Any = None, threads: int = 2,
-                embedding: str | None = None) -> dict[str, Any]:
+                embedding: str | None = None, q8_layers: Sequence[int] = (),
+                q8_source: Path | None = None) -> dict[str, Any]:
     """Write `model_path` (Llama, Mistral, Qwen2, Qwen3 or Gemma 3; float or GPTQ) as a GGUF
     llama.cpp can load; return metrics. `calibration` (`tasks.quantize.imatrix.Calibration`,
     q4_k_m only) gives llama.cpp's quantizer an importance matrix computed on that text.
-    `embedding` is the embedding/output matrices' type (`embedding_type`).
+    `embedding` is the embedding/output matrices' type (`embedding_type`). `q8_layers` (q4_0
+    only) are decoder layers whose linears are written in Q8_0 from the float model at
+    `q8_source` (the model `model_path` was quantized from): a mixed 4/8-bit file
+    (`tasks.quantize.mixed_layers` chooses them); the file is verified against that mix.
 
     The file appears under its name only when complete (written as .partial, then renamed).
     `verify` loads it back (transformers for the llama layout, llama.cpp for the others) and
@@ -597,10 +636,15 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
         raise GgufExportError(f"an importance matrix is for llama.cpp's k-quants "
                               f"({', '.join(LLAMA_QUANTIZED)}), not {qtype}")
     exact, exact_note = _exact_plan(model_path, qtype, calibration)
+    q8_keys = _mix_in_q8(model, qtype, q8_layers, q8_source)
+    if q8_keys:
+        exact = {k: v for k, v in exact.items() if k not in q8_keys} if exact else exact
+        exact_note += (f"; decoder layers {', '.join(map(str, sorted(q8_layers)))} in Q8_0 "
+                       f"from the float weights of {q8_source}")
     write_type = "f16" if qtype in LLAMA_QUANTIZED else qtype
     try:
         written = _write_file(tmp, model, shape, write_type, name, fields, bos, exact,
-                              embed_type)
+                              embed_type, frozenset(q8_keys))
         if qtype in LLAMA_QUANTIZED:
             written |= _llama_quantize(tmp, out_file, qtype, shape, calibration, threads)
         else:
@@ -613,6 +657,7 @@ def export_gguf(model_path: Path, out_file: Path, qtype: str = "q8_0",
         "reference_gguf": str(reference) if reference else None,
         "tokenizer_source": tokenizer_source, "tokenizer_bos": bos, **written,
         "exact_grid": exact is not None, "exact_grid_note": exact_note,
+        "q8_0_layers": sorted(q8_layers),
         "embedding_type": embed_type or "llama.cpp's choice",
         "grid_note": GRID_NOTE,
         "llama_cpp_verified": False, "llama_cpp_note": LLAMA_CPP_NOTE,

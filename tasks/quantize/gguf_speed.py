@@ -67,13 +67,13 @@ def shipped_speed_row(gguf_file: Path, prompt_tokens: int, decode_tokens: int, t
     """The stage's own model.gguf timed as it is (no export): the file a user ships, whose
     embedding type (say Q4_0) the re-exported rows do not have. Its `type` names the file;
     `base_type` is the baseline row it is judged against (its main tensor type)."""
-    from tasks.core.llama_cpp import gguf_main_types
+    from tasks.core.llama_cpp import gguf_type_label
 
-    types, main, embedding = gguf_main_types(gguf_file)
+    types, main, embedding, label = gguf_type_label(gguf_file)
     start = time.perf_counter()
     speed = llama_cpp_speed(gguf_file, prompt_tokens, decode_tokens, threads=threads,
                             repeats=repeats)
-    return {"type": f"{main}, embedding {embedding} (model.gguf)", "base_type": main,
+    return {"type": f"{label} (model.gguf)", "base_type": main,
             "file_bytes": gguf_file.stat().st_size, "grid": "shipped", "grid_note": None,
             "tensor_types": types, "embedding_type": embedding, **speed,
             "export_s": 0.0, "measure_s": time.perf_counter() - start}

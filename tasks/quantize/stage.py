@@ -193,17 +193,21 @@ def _gguf_preflight(src: Path, qtype: str) -> Path | None:
 
 
 def _export_gguf(final: Path, out_file: Path, cfg: QuantizeConfig, ctx: StageContext,
-                 reference: Path) -> dict[str, Any]:
+                 reference: Path, src: Path) -> dict[str, Any]:
     """GGUF export of the finished checkpoint, its failures as one-line QuantizeErrors.
-    llama.cpp's k-quants get an importance matrix on the stage's own calibration text."""
+    llama.cpp's k-quants get an importance matrix on the stage's own calibration text; with
+    `gguf_q8_layers`, the layers 4 bits hurt most are written in Q8_0 from `src`."""
     from tasks.quantize.errors import ExportError
     from tasks.quantize.gguf_export import LLAMA_QUANTIZED, GgufExportError, export_gguf
     from tasks.quantize.gguf_verify import GgufVerifyError
     from tasks.quantize.imatrix import sample_calibration
+    from tasks.quantize.mixed_export import export_mixed
 
     calibration = (sample_calibration(cfg.calibration, ctx.seed, "quantize.calibration",
                                       ctx.data) if cfg.gguf in LLAMA_QUANTIZED else None)
     try:
+        if getattr(cfg, "gguf_q8_layers", None) is not None:
+            return export_mixed(final, src, out_file, cfg, ctx, reference)
         return export_gguf(final, out_file, cfg.gguf, reference, calibration=calibration,
                            threads=ctx.threads, embedding=cfg.gguf_embedding)
     except (GgufExportError, GgufVerifyError, ExportError) as exc:
@@ -254,5 +258,5 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
         metrics["data"] = calibration.stats
     if gguf != "none":
         metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, cfg, ctx,
-                                       gguf_reference)
+                                       gguf_reference, src)
     return StageResult(model=ref, metrics=metrics)
