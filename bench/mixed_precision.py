@@ -35,23 +35,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.core.common import data_dir, read_json, write_json_atomic  # noqa: E402
+from tasks.quantize.mixed_layers import ggml_round_trip  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 Q4_0_BYTES, Q8_0_BYTES = 18, 34  # per 32-weight block: an fp16 scale and the codes
 BUDGET = 0.30  # issue 17: at most 0.30x the baseline's bf16 bytes
-
-
-def ggml_round_trip(weight: Any, ggml_type: str) -> Any:
-    """The weight as llama.cpp holds it in `ggml_type` (gguf-py's reference rounding)."""
-    import gguf
-    import numpy as np
-    import torch
-
-    kind = gguf.GGMLQuantizationType[ggml_type.upper()]
-    data = np.ascontiguousarray(weight.detach().float().numpy())
-    back = gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)
-    return torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(data.shape))
 
 
 def layer_linears(model: Any, index: int) -> dict[str, Any]:
