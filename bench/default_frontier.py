@@ -157,11 +157,13 @@ def _goal(row: dict[str, Any]) -> dict[str, Any]:
 
 def render(out: dict[str, Any]) -> str:
     rows, tasks = out["rows"], out["tasks"]
-    old = next(r for r in rows if r["label"] == "old default")
+    old = next((r for r in rows if r["label"] == "old default"), None)
+    recipes = (f"`{out['old']['recipe']}` (old) and `{out['new']['recipe']}` (new)" if out["old"]
+               else f"`{out['new']['recipe']}` (new; no old default in this run)")
     lines = [
         "# Old default vs new default (issue 17)", "",
-        f"`{out['old']['recipe']}` (old) and `{out['new']['recipe']}` (new), each run by "
-        f"`pkdq run` on this machine, then the baseline and both final models scored on the "
+        f"{recipes}, each run by "
+        f"`pkdq run` on this machine, then the baseline and the final models scored on the "
         f"same {out['samples']} seeded docs per task (seed {out['seed']}); Δ = paired per-doc "
         "difference in points (± its standard error). Bytes are the files a user ships; x bf16 "
         "is against the baseline's parameters at 2 bytes each. Perplexity: WikiText-2 test, "
@@ -191,8 +193,8 @@ def render(out: dict[str, Any]) -> str:
                 continue
             cells += [f"{100 * bench['score']:.1f} ± {100 * bench['stderr']:.1f}",
                       f"{100 * bench['diff']:+.1f} ± {100 * bench['diff_stderr']:.1f}",
-                      "–" if row is old else paired_text(old["samples"], row["samples"], task,
-                                                         bench["metric"])]
+                      "–" if old is None or row is old else
+                      paired_text(old["samples"], row["samples"], task, bench["metric"])]
         norm = ret.get("average_norm_retention")
         cells.append("1" if row["label"] == "baseline" else
                      f"{norm['mean']:.2f} ± {norm['stderr']:.2f}" if norm else "–")
@@ -212,7 +214,7 @@ def render(out: dict[str, Any]) -> str:
     lines += ["", "**Wall time per stage** (each run's own record: the stage's work, then its "
               "evaluation at the run's own sample size):", "",
               "| recipe | stage | stage s | its evaluation s |", "| --- | --- | ---: | ---: |"]
-    for run in [out["old"], out["new"], *out.get("extras", {}).values()]:
+    for run in [r for r in (out["old"], out["new"]) if r] + [*out.get("extras", {}).values()]:
         for stage in run["stages"]:
             work, ev = stage["stage_wall_s"], stage["eval_wall_s"]
             lines.append(f"| {run['name']} | {stage['stage']} | "
@@ -224,7 +226,8 @@ def render(out: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--old", default="bench/recipes/smollm2-ffn25-kd-w4-frontier.yaml")
+    parser.add_argument("--old", default="bench/recipes/smollm2-ffn25-kd-w4-frontier.yaml",
+                        help="the old default's recipe; none: score the new default alone")
     parser.add_argument("--new", default="smollm2-ffn12-kd-w4-gguf")
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=RECIPE",
                         help="another recipe scored the same way, as a reference row (e.g. "
@@ -235,39 +238,45 @@ def main() -> None:
     parser.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="default_frontier",
+                        help="results file name under bench/results/ (.md and .json)")
     args = parser.parse_args()
 
     from pkdq.env import configure_environment
 
     configure_environment()
     runs = {"new": run_recipe(args.new, args.runs_dir)}  # the new default's run first: the
-    runs["old"] = run_recipe(args.old, args.runs_dir)    # README's table comes from it
+    runs["old"] = (run_recipe(args.old, args.runs_dir)   # README's table comes from it
+                   if args.old != "none" else None)
     extras = {label: run_recipe(recipe, args.runs_dir)
               for label, _, recipe in (spec.partition("=") for spec in args.extra)}
-    if len({r["baseline"] for r in [*runs.values(), *extras.values()]}) > 1:
+    if len({r["baseline"] for r in [*runs.values(), *extras.values()] if r}) > 1:
         raise SystemExit("the two recipes start from different models; nothing to compare")
     started = time.perf_counter()
-    folders = {"baseline": score("baseline", runs["old"]["baseline"], args.work, args, None)}
+    folders = {"baseline": score("baseline", runs["new"]["baseline"], args.work, args, None)}
     base_ids = {t: v["doc_ids"] for t, v in read_json(folders["baseline"] / "eval.json")
                 ["tasks"].items()}
-    folders["old default"] = score("old", runs["old"]["final"], args.work, args, base_ids)
+    if runs["old"]:
+        folders["old default"] = score("old", runs["old"]["final"], args.work, args, base_ids)
     folders["new default"] = score("new", runs["new"]["final"], args.work, args, base_ids)
     for label, run in extras.items():
         folders[label] = score(label.replace(" ", "-"), run["final"], args.work, args, base_ids)
     rows = collect(folders)
     for row in rows:
         row["goal"] = _goal(row)
-    command = "flock /tmp/pkdq-heavy.lock .venv/bin/python bench/default_frontier.py " \
-              f"--old {args.old} --new {args.new}" + "".join(f" --extra '{e}'" for e in args.extra)
+    command = ("flock /tmp/pkdq-heavy.lock .venv/bin/python bench/default_frontier.py "
+               f"--old {args.old} --new {args.new}"
+               + "".join(f" --extra '{e}'" for e in args.extra)
+               + (f" --out {args.out}" if args.out != "default_frontier" else ""))
     out = {"old": runs["old"], "new": runs["new"], "extras": extras, "tasks": list(args.tasks),
            "samples": args.samples, "seed": args.seed, "threads": args.threads,
            "rows": rows, "scoring_s": time.perf_counter() - started, "command": command,
            "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RESULTS / "default_frontier.json",
+    write_json_atomic(RESULTS / f"{args.out}.json",
                       {**out, "rows": [{k: v for k, v in r.items() if k != "samples"}
                                        for r in rows]})
-    (RESULTS / "default_frontier.md").write_text(render(out))
+    (RESULTS / f"{args.out}.md").write_text(render(out))
     print(render(out))
 
 
