@@ -152,10 +152,11 @@ def _data_errors(recipe: Recipe) -> list[RuleWarning]:
     evaluation sets the recipe scores (the contamination check)."""
     data = data_dir()
     uses = data_uses(recipe)
+    reads_heldout = _heldout_keys(recipe)
     for key, spec, need, rows in uses:
         if spec.kind == "builtin":  # the bundled text: presence only (its lines predate data:)
             checks = [(f"{key} {spec.source}", spec.source, False)]
-            if ".distill." in key:
+            if key in reads_heldout:
                 checks.append((key.rsplit(".", 1)[0] + " (held-out KL slice) wikipedia",
                                "wikipedia", True))
             for where, source, heldout in checks:
@@ -164,7 +165,7 @@ def _data_errors(recipe: Recipe) -> list[RuleWarning]:
                     return [RuleWarning("data-missing", f"{where}: {problem}", TRAIN_DATA,
                                         "error")]
             continue
-        problem = _use_problem(recipe, key, spec, need, rows, data)
+        problem = _use_problem(recipe, key, spec, need, rows, data, key in reads_heldout)
         if problem:  # "data.paths: x" under key "...data" reads "...data.paths: x"
             line = f"{key}{problem[4:]}" if problem.startswith("data.") else \
                 f"{key}: {problem.removeprefix('data: ')}"
@@ -177,9 +178,22 @@ def _data_errors(recipe: Recipe) -> list[RuleWarning]:
     return contamination_errors(recipe, uses, data)
 
 
+def _heldout_keys(recipe: Recipe) -> set[str]:
+    """The `data_uses` keys whose stage also reads the data's held-out slice: KD (held-out KL)
+    and a quantize stage choosing its Q8_0 layers (`gguf_q8_layers`) by held-out KL."""
+    keys = set()
+    for key, _, _, _ in data_uses(recipe):
+        index = int(key[key.index("[") + 1:key.index("]")])
+        kind, cfg = recipe.stage_list()[index]
+        if kind == "distill" or (kind == "quantize" and cfg.gguf_q8_layers is not None):
+            keys.add(key)
+    return keys
+
+
 def _use_problem(recipe: Recipe, key: str, spec: DataSpec, need: int, rows: int,
-                 data) -> str | None:
-    """Why one stage's data would fail (one line), or None."""
+                 data, heldout: bool = False) -> str | None:
+    """Why one stage's data would fail (one line), or None; `heldout`: the stage also reads
+    the data's held-out slice."""
     try:
         corpus = load_corpus(spec, data)
     except DataError as exc:
@@ -196,7 +210,7 @@ def _use_problem(recipe: Recipe, key: str, spec: DataSpec, need: int, rows: int,
     elif byte_count(corpus) / min_bytes_per_token() < need and not spec.repeat:
         return (f"{', '.join(corpus.files[:2])}: {byte_count(corpus)} bytes of text cannot "
                 f"hold the {need} tokens needed; {fix}")
-    if ".distill." in key and not corpus.heldout_docs and not corpus.heldout_chats:
+    if heldout and not corpus.heldout_docs and not corpus.heldout_chats:
         return (f"{', '.join(corpus.files[:2])}: the held-out slice is empty (too few "
                 "documents); raise data.heldout or give data.heldout_paths")
     return None

@@ -327,6 +327,28 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, no_template_model):
         assert expected in lines[0] and "Traceback" not in result.stderr, lines[0]
 
 
+def test_q8_layers_need_the_calibration_data_held_out_slice(tmp_path):
+    """`gguf_q8_layers` scores layers on the calibration data's held-out slice: a user's
+    calibration text without one is refused by `pkdq validate` in one line (exit 2), before
+    GPTQ runs; the same recipe without the option validates."""
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Note {i}: the harbour map was redrawn in {1800 + i}. " * 8
+                                  for i in range(200)))
+    quantize = {"method": "rtn", "group_size": 32, "gguf": "q4_0",
+                "calibration": {"samples": 4, "seq_len": 64,
+                                "data": {"kind": "text", "paths": [str(text)], "heldout": 0.0}}}
+    for name, extra, code in (("plain", {}, 0), ("mixed", {"gguf_q8_layers": {"count": 1}}, 2)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "stages": [{"quantize": quantize | extra}],
+                                        "evaluate": {"tasks": ["arc_easy"]}}))
+        result = _validate(path)
+        assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "stages[0].quantize.calibration.data" in lines[0], lines[0]
+    assert "held-out slice is empty" in lines[0], lines[0]
+
+
 def test_stage_on_user_text_records_data_contamination_and_keys(tiny_llama_ref, tmp_path):
     """A prune unit on a user's text: the data's fingerprint is in the key (a changed file runs
     again, a touched one is reused), the metrics carry the accounting and the overlap, and the
