@@ -15,7 +15,6 @@ from tasks.quantize.mixed_layers import (
     Q8Plan,
     extra_bytes,
     ggml_round_trip,
-    layer_weight_keys,
     layers_within,
     rank_layers,
 )
@@ -65,7 +64,7 @@ def export_mixed(final: Path, src: Path, out_file: Path, cfg: QuantizeConfig,
                               f"held-out slice: {exc}") from exc
     base_kl, scores = rank_layers(quantized, float_model, blocks.ids)
     state = quantized.state_dict()
-    extra = {layer: extra_bytes(state, layer) for layer in layer_weight_keys(state)}
+    extra = extra_bytes(state)
     del quantized, float_model, state
     ranked = [row["layer"] for row in scores]
     budget = None if spec.budget_mb is None else int(spec.budget_mb * 1e6)

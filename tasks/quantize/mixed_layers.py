@@ -49,10 +49,11 @@ def mixed_keys(state: dict[str, Any], layers: Iterable[int]) -> set[str]:
     return {key for i in wanted for key in per_layer[i]}
 
 
-def extra_bytes(state: dict[str, Any], layer: int) -> int:
-    """Bytes one layer adds in Q8_0 over Q4_0 (rows not a multiple of 32 are F16 in both)."""
-    return sum(state[key].numel() // BLOCK * EXTRA_BYTES_PER_BLOCK
-               for key in layer_weight_keys(state)[layer] if state[key].shape[-1] % BLOCK == 0)
+def extra_bytes(state: dict[str, Any]) -> dict[int, int]:
+    """{layer: bytes it adds in Q8_0 over Q4_0} (rows not a multiple of 32 are F16 in both)."""
+    return {layer: sum(state[key].numel() // BLOCK * EXTRA_BYTES_PER_BLOCK for key in keys
+                       if state[key].shape[-1] % BLOCK == 0)
+            for layer, keys in layer_weight_keys(state).items()}
 
 
 def ggml_round_trip(weight: Any, ggml_type: str = "q8_0") -> Any:
