@@ -403,6 +403,11 @@ def quantize_cmd(
     group: int = typer.Option(64, help="group size: 32, 64 or 128"),
     desc_act: bool = typer.Option(False, help="GPTQ activation order"),
     damp: float = typer.Option(0.01, help="GPTQ damping (fraction of the mean diagonal)"),
+    mse: float = typer.Option(0.0, help="gptq: per-group clipping search minimising "
+                                        "|w - q(w)|^p (2.4 in the GPTQ authors' code; 0: off)"),
+    equalize: bool = typer.Option(False, help="gptq/rtn: fold AWQ-style per-channel scales, "
+                                              "searched on the calibration text, into the float "
+                                              "model first"),
     samples: int = typer.Option(16, help="calibration blocks (C4 train text)"),
     seq_len: int = typer.Option(512, help="calibration block length"),
     out: Path = typer.Option(None, help="output stage folder (default: runs/quantize-<...>)"),
@@ -426,7 +431,7 @@ def quantize_cmd(
 
     try:
         cfg = QuantizeConfig(method=method, bits=bits, group_size=group, desc_act=desc_act,
-                             damp_percent=damp, gguf=gguf,
+                             damp_percent=damp, gguf=gguf, equalize=equalize, mse=mse,
                              calibration={"source": "c4", "samples": samples, "seq_len": seq_len},
                              gguf_q8_layers=None if q8_layers is None and q8_budget_mb is None
                              else {"count": q8_layers, "budget_mb": q8_budget_mb})

@@ -470,6 +470,14 @@ class QuantizeConfig(Strict):
     desc_act: bool = False
     sym: bool = True
     damp_percent: float = Field(0.01, gt=0, lt=1)
+    mse: float = Field(
+        0.0, ge=0, le=10, description="gptq: GPTQModel's per-group clipping search, the norm p "
+        "of |w - q(w)|^p it minimises over 80 shrunken ranges (2.4 in the GPTQ authors' code; "
+        "0: the full min-max range); the zero point stays put, so a sym grid stays sym")
+    equalize: bool = Field(
+        False, description="gptq/rtn: before quantizing, fold per-channel scales searched on "
+        "the calibration text into the float model (AWQ's scale search; the model computes the "
+        "same, only what is rounded changes: tasks/quantize/equalize.py)")
     calibration: TextSample = TextSample(source="c4", samples=16, seq_len=512)
     gguf: Literal["none", "f16", "q8_0", "q4_0", "q4_k_m"] = Field(
         "none", description="also write the stage's model as model.gguf beside it, for "
@@ -496,6 +504,12 @@ class QuantizeConfig(Strict):
         if self.gguf_q8_layers is not None and self.gguf != "q4_0":
             raise ValueError(f"gguf_q8_layers mixes Q8_0 layers into a q4_0 file; gguf is "
                              f"{self.gguf!r}: set gguf: q4_0 or drop gguf_q8_layers")
+        if self.mse and self.method != "gptq":
+            raise ValueError(f"mse is GPTQ's clipping search; method is {self.method!r}: set "
+                             "method: gptq or drop mse")
+        if self.equalize and self.method == "awq":
+            raise ValueError("equalize applies to gptq and rtn: awq searches its own scales; "
+                             "drop equalize or set method: gptq")
         return self
 
     @model_serializer(mode="wrap")
@@ -503,8 +517,9 @@ class QuantizeConfig(Strict):
         """Leave `gguf` out while it is "none" (`gguf_embedding`, `gguf_q8_layers` while
         unset): stage keys hash this dump, and a recipe that does not ask for a GGUF must keep
         the key it had before the field existed (finished quantize stages are reused, not
-        quantized again)."""
-        return omit_at(handler(self), gguf="none", gguf_embedding=None, gguf_q8_layers=None)
+        quantized again); `equalize` and `mse` likewise while off."""
+        return omit_at(handler(self), gguf="none", gguf_embedding=None, gguf_q8_layers=None,
+                       equalize=False, mse=0.0)
 
 
 class WikitextEval(Strict):

@@ -88,7 +88,7 @@ def _gptqmodel_config(cfg: QuantizeConfig):
         # AWQ checkpoints carry zero points (asymmetric) in every runtime that reads them
         return AWQConfig(**(common | {"sym": False}), fallback=None)
     return GPTQConfig(desc_act=cfg.desc_act, damp_percent=cfg.damp_percent, fallback=None,
-                      **common)
+                      mse=getattr(cfg, "mse", 0.0), **common)
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

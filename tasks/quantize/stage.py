@@ -20,6 +20,7 @@ Loaders (transformers 5.23 + gptqmodel 7.6, CPU):
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +44,7 @@ from tasks.quantize.linears import check_awq_shapes, check_group_size, load_conf
 from tasks.quantize.verify import reference_logits, verify_loaders
 
 VERIFY_TOKENS = 256  # one short training-text block for the post-save sanity forward
+EQUALIZED = "equalized"  # the scaled float model, inside the stage folder until the stage ends
 
 
 # GPTQModel's per-module log, which it saves into the model folder. It holds each module's wall
@@ -235,15 +237,26 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     device = compute_device()
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     config = load_config(src)
-    calibration = (_calibration_data(tokenizer, cfg, ctx, config) if cfg.method != "rtn"
-                   else None)
+    equalize = getattr(cfg, "equalize", False)
+    calibration = (_calibration_data(tokenizer, cfg, ctx, config)
+                   if cfg.method != "rtn" or equalize else None)
     calib = calibration.ids if calibration is not None else None
     verify_ids = _verify_block(tokenizer, cfg, ctx, config)
     ref_logits = reference_logits(src, verify_ids)
 
     final = Path(ctx.out_dir) / "model"
     tmp = final.with_name(final.name + ".partial")
-    entries, wall_s = quantize_into(src, tmp, cfg, calib, device)
+    work, equalized = src, None
+    if equalize:
+        from tasks.quantize.equalize import EqualizeError, equalized_copy
+
+        try:
+            work, equalized = equalized_copy(src, calib, cfg.bits, cfg.group_size, cfg.sym,
+                                             Path(ctx.out_dir) / EQUALIZED)
+        except EqualizeError as exc:
+            raise QuantizeError(str(exc)) from exc
+    entries, wall_s = quantize_into(work, tmp, cfg, calib if cfg.method != "rtn" else None,
+                                    device)
     quantized = quantized_module_names(tmp)
     if not quantized:
         raise QuantizeError(f"{cfg.method} wrote no quantized modules into {tmp}")
@@ -256,7 +269,13 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
     metrics = _stage_metrics(src, final, cfg, ctx, calib, run)
     if calibration is not None:
         metrics["data"] = calibration.stats
+    if equalized is not None:
+        metrics["equalize"] = equalized
     if gguf != "none":
+        # the Q8_0 layers of a mixed file come from the float model GPTQ saw: its norms are
+        # the ones the file holds
         metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, cfg, ctx,
-                                       gguf_reference, src)
+                                       gguf_reference, work)
+    if work != src:
+        shutil.rmtree(work, ignore_errors=True)
     return StageResult(model=ref, metrics=metrics)
