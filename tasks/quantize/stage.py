@@ -255,27 +255,29 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
                                              Path(ctx.out_dir) / EQUALIZED)
         except EqualizeError as exc:
             raise QuantizeError(str(exc)) from exc
-    entries, wall_s = quantize_into(work, tmp, cfg, calib if cfg.method != "rtn" else None,
-                                    device)
-    quantized = quantized_module_names(tmp)
-    if not quantized:
-        raise QuantizeError(f"{cfg.method} wrote no quantized modules into {tmp}")
-    verified = verify_loaders(tmp, verify_ids, ref_logits, device)
-    ref = _finalize(tmp, final, tokenizer)
-    print(f"[{STAGE}] done in {wall_s:,.0f}s: {len(quantized)} layers -> {final}",
-          file=sys.stderr, flush=True)
-    run = {"device": device, "wall_s": wall_s, "quantized": quantized, "entries": entries,
-           "verified": verified}
-    metrics = _stage_metrics(src, final, cfg, ctx, calib, run)
-    if calibration is not None:
-        metrics["data"] = calibration.stats
-    if equalized is not None:
-        metrics["equalize"] = equalized
-    if gguf != "none":
-        # the Q8_0 layers of a mixed file come from the float model GPTQ saw: its norms are
-        # the ones the file holds
-        metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, cfg, ctx,
-                                       gguf_reference, work)
-    if work != src:
-        shutil.rmtree(work, ignore_errors=True)
+    try:
+        entries, wall_s = quantize_into(work, tmp, cfg, calib if cfg.method != "rtn" else None,
+                                        device)
+        quantized = quantized_module_names(tmp)
+        if not quantized:
+            raise QuantizeError(f"{cfg.method} wrote no quantized modules into {tmp}")
+        verified = verify_loaders(tmp, verify_ids, ref_logits, device)
+        ref = _finalize(tmp, final, tokenizer)
+        print(f"[{STAGE}] done in {wall_s:,.0f}s: {len(quantized)} layers -> {final}",
+              file=sys.stderr, flush=True)
+        run = {"device": device, "wall_s": wall_s, "quantized": quantized, "entries": entries,
+               "verified": verified}
+        metrics = _stage_metrics(src, final, cfg, ctx, calib, run)
+        if calibration is not None:
+            metrics["data"] = calibration.stats
+        if equalized is not None:
+            metrics["equalize"] = equalized
+        if gguf != "none":
+            # the Q8_0 layers of a mixed file come from the float model GPTQ saw: its norms are
+            # the ones the file holds
+            metrics["gguf"] = _export_gguf(final, Path(ctx.out_dir) / GGUF_FILE, cfg, ctx,
+                                           gguf_reference, work)
+    finally:  # the scaled copy never outlives the stage, whether it finished or not
+        if work != src:
+            shutil.rmtree(work, ignore_errors=True)
     return StageResult(model=ref, metrics=metrics)
