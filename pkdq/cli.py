@@ -408,6 +408,9 @@ def quantize_cmd(
     equalize: bool = typer.Option(False, help="gptq/rtn: fold AWQ-style per-channel scales, "
                                               "searched on the calibration text, into the float "
                                               "model first"),
+    grid: str = typer.Option("min-max", help="group scales: min-max (GPTQModel's) or q4_0 "
+                                             "(llama.cpp's signed-max rule; needs --bits 4 "
+                                             "--group 32)"),
     samples: int = typer.Option(16, help="calibration blocks (C4 train text)"),
     seq_len: int = typer.Option(512, help="calibration block length"),
     out: Path = typer.Option(None, help="output stage folder (default: runs/quantize-<...>)"),
@@ -432,6 +435,7 @@ def quantize_cmd(
     try:
         cfg = QuantizeConfig(method=method, bits=bits, group_size=group, desc_act=desc_act,
                              damp_percent=damp, gguf=gguf, equalize=equalize, mse=mse,
+                             grid=grid,
                              calibration={"source": "c4", "samples": samples, "seq_len": seq_len},
                              gguf_q8_layers=None if q8_layers is None and q8_budget_mb is None
                              else {"count": q8_layers, "budget_mb": q8_budget_mb})

@@ -81,7 +81,8 @@ def noisy_copy(ref, out_dir, seed: int, scale: float):
 # queues files by their number of tests, whatever the collection order.
 LONGEST_FIRST = ("test_families.py", "test_kill_anywhere.py", "test_compare.py",
                  "test_gguf_export.py", "test_pool.py", "test_export.py", "test_imatrix.py",
-                 "test_gguf_mixed.py", "test_equalize.py", "test_flow.py", "test_search.py",
+                 "test_gguf_mixed.py", "test_equalize.py", "test_q4_0_grid.py",
+                 "test_flow.py", "test_search.py",
                  "test_sweep.py", "test_evaluate.py", "test_quantize.py",
                  "test_llama_cpp_speed.py", "test_model_card.py")
 

@@ -52,6 +52,12 @@ def gptq_w4(sharp_ref, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def gptq_w4_q4_0_grid(sharp_ref, tmp_path_factory) -> Path:
+    """GPTQ on llama.cpp's Q4_0 scale rule: negative fp16 scales in a stock GPTQ layout."""
+    return _quantize(sharp_ref, tmp_path_factory, method="gptq", bits=4, grid="q4_0")
+
+
+@pytest.fixture(scope="module")
 def rtn_w8(sharp_ref, tmp_path_factory) -> Path:
     """GPTQ-format bits 8, sym, group 32 (RTN codes): the Q8_0 grid."""
     return _quantize(sharp_ref, tmp_path_factory, method="rtn", bits=8)
@@ -63,7 +69,7 @@ def _logits(model, tokenizer) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-@pytest.mark.parametrize("which", ["sharp_ref", "gptq_w4"])
+@pytest.mark.parametrize("which", ["sharp_ref", "gptq_w4", "gptq_w4_q4_0_grid"])
 def test_stock_transformers_loads_every_stage_folder(which, request):
     """The code a user types, against pkdq's own loader (fp16 compute for GPTQ: the kernel)."""
     from transformers import AutoModelForCausalLM
@@ -306,7 +312,8 @@ def test_perplexity_convention_matches_torch_cross_entropy():
     assert got["nll"] == pytest.approx(total, rel=1e-12)
 
 
-@pytest.mark.parametrize(("which", "bits"), [("gptq_w4", 4), ("rtn_w8", 8)])
+@pytest.mark.parametrize(("which", "bits"), [("gptq_w4", 4), ("gptq_w4_q4_0_grid", 4),
+                                             ("rtn_w8", 8)])
 def test_compressed_tensors_holds_the_gptq_grid_and_stock_transformers_loads_it(which, bits,
                                                                                  request, tmp_path):
     """pack-quantized on the GPTQ grid: stock transformers (compressed-tensors decompressing on

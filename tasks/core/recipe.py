@@ -478,6 +478,12 @@ class QuantizeConfig(Strict):
         False, description="gptq/rtn: before quantizing, fold per-channel scales searched on "
         "the calibration text into the float model (AWQ's scale search; the model computes the "
         "same, only what is rounded changes: tasks/quantize/equalize.py)")
+    grid: Literal["min-max", "q4_0"] = Field(
+        "min-max", description="how each group's scale is set: min-max is GPTQModel's grid "
+        "(sym 4-bit: step 2max/15, the top level clipped to 14/15 of max); q4_0 is llama.cpp's "
+        "Q4_0 rule (the largest-magnitude weight lands exactly on code 0, step max/8; the scale "
+        "may be negative), so GPTQ rounds to the grid a q4_0 GGUF stores: needs "
+        "method gptq or rtn, bits 4, sym, group_size 32 (tasks/quantize/q4_0_grid.py)")
     calibration: TextSample = TextSample(source="c4", samples=16, seq_len=512)
     gguf: Literal["none", "f16", "q8_0", "q4_0", "q4_k_m"] = Field(
         "none", description="also write the stage's model as model.gguf beside it, for "
@@ -507,6 +513,16 @@ class QuantizeConfig(Strict):
         if self.mse and self.method != "gptq":
             raise ValueError(f"mse is GPTQ's clipping search; method is {self.method!r}: set "
                              "method: gptq or drop mse")
+        if self.grid == "q4_0":
+            wrong = [f"{key} {value!r}" for key, value, needed in (
+                ("method", self.method, self.method in ("gptq", "rtn")),
+                ("bits", self.bits, self.bits == 4), ("sym", self.sym, self.sym),
+                ("group_size", self.group_size, self.group_size == 32),
+                ("mse", self.mse, not self.mse)) if not needed]
+            if wrong:
+                raise ValueError(f"grid q4_0 is Q4_0's 4-bit, symmetric, 32-wide grid for gptq "
+                                 f"or rtn (no mse search); here {', '.join(wrong)}: change "
+                                 "those or set grid: min-max")
         if self.equalize and self.method == "awq":
             raise ValueError("equalize applies to gptq and rtn: awq searches its own scales; "
                              "drop equalize or set method: gptq")
@@ -517,9 +533,9 @@ class QuantizeConfig(Strict):
         """Leave `gguf` out while it is "none" (`gguf_embedding`, `gguf_q8_layers` while
         unset): stage keys hash this dump, and a recipe that does not ask for a GGUF must keep
         the key it had before the field existed (finished quantize stages are reused, not
-        quantized again); `equalize` and `mse` likewise while off."""
+        quantized again); `equalize`, `mse` and `grid` likewise while off / min-max."""
         return omit_at(handler(self), gguf="none", gguf_embedding=None, gguf_q8_layers=None,
-                       equalize=False, mse=0.0)
+                       equalize=False, mse=0.0, grid="min-max")
 
 
 class WikitextEval(Strict):

@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from tasks.core.gptq_checkpoint import (
     quantized_module_names,
 )
 from tasks.core.recipe import QuantizeConfig
+from tasks.quantize.q4_0_grid import gptqmodel_q4_0_grid
 
 STAGE = "quantize"
 CPU_CALIBRATION_DTYPE = torch.float32  # GPTQModel's CPU default would be bf16
@@ -158,8 +159,9 @@ def _run_gptqmodel(src: Path, tmp: Path, cfg: QuantizeConfig, calib: torch.Tenso
     data = None if calib is None else [
         {"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib
     ]
+    grid = gptqmodel_q4_0_grid() if getattr(cfg, "grid", "min-max") == "q4_0" else nullcontext()
     try:
-        with _gptqmodel_log_dir(tmp.parent / "gptqmodel-logs"):
+        with _gptqmodel_log_dir(tmp.parent / "gptqmodel-logs"), grid:
             log = wrapper.quantize(data, batch_size=1, backend=backend)
     finally:
         for handle in hooks:

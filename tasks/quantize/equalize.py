@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from tasks.core.conventions import SUPPORTED_FAMILIES, model_type
+from tasks.quantize.q4_0_grid import round_q4_0
 
 ALPHAS = 11  # 0, 0.1, ..., 1: half of AWQ's 20 points, for half the search time (~50 s on SmolLM2)
 # The norm before the MLP: Gemma 3 normalises the attention output after o_proj as well, so its
@@ -91,12 +92,16 @@ def scale_groups(model: Any) -> list[list[ScaleGroup]]:
     return out
 
 
-def round_to_grid(weight: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """`weight` rounded to GPTQ's min-max grid of `bits` per group of input columns (the
-    recipe's own grid, so the search optimises what the quantizer will round to)."""
+def round_to_grid(weight: torch.Tensor, bits: int, group_size: int, sym: bool,
+                  rule: str = "min-max") -> torch.Tensor:
+    """`weight` rounded per group of input columns to the recipe's own grid (GPTQ's min-max
+    grid of `bits`, or Q4_0's signed-max rule), so the search optimises what the quantizer
+    will round to."""
     rows, cols = weight.shape
     size = group_size if 0 < group_size <= cols and cols % group_size == 0 else cols
     blocks = weight.float().reshape(-1, size)
+    if rule == "q4_0":
+        return round_q4_0(blocks).reshape(rows, cols)
     top = 2 ** bits - 1
     if sym:
         peak = blocks.abs().amax(-1, keepdim=True).clamp(min=1e-12)
@@ -178,7 +183,7 @@ def search_scale(group: ScaleGroup, stat: InputStats, grid: dict[str, Any]
 
 
 def equalize(model: Any, blocks: torch.Tensor, bits: int, group_size: int, sym: bool,
-             batch: int = 2) -> dict[str, Any]:
+             batch: int = 2, rule: str = "min-max") -> dict[str, Any]:
     """Fold searched scales into `model` in place; returns the stage's record of them.
 
     Statistics come from one forward of the float model: the scales are exact, so every later
@@ -187,7 +192,7 @@ def equalize(model: Any, blocks: torch.Tensor, bits: int, group_size: int, sym: 
     started = time.perf_counter()
     groups = scale_groups(model)
     stats = _collect(model, groups, blocks, batch)
-    grid = {"bits": bits, "group_size": group_size, "sym": sym}
+    grid = {"bits": bits, "group_size": group_size, "sym": sym, "rule": rule}
     per_layer = []
     for index, (layer_groups, layer_stats) in enumerate(zip(groups, stats, strict=True)):
         row: dict[str, Any] = {"layer": index}
@@ -206,12 +211,12 @@ def equalize(model: Any, blocks: torch.Tensor, bits: int, group_size: int, sym: 
 
 
 def equalized_copy(src: Any, blocks: torch.Tensor, bits: int, group_size: int, sym: bool,
-                   out_dir: Any) -> tuple[Any, dict[str, Any]]:
+                   out_dir: Any, rule: str = "min-max") -> tuple[Any, dict[str, Any]]:
     """`src` with the scales folded in, saved as a float folder at `out_dir` for the method to
     quantize (and the GGUF export to take its Q8_0 layers from); (folder, record)."""
     from tasks.core.model_store import load_model, save_model
 
     model, tokenizer = load_model(Path(src))
-    record = equalize(model, blocks, bits, group_size, sym)
+    record = equalize(model, blocks, bits, group_size, sym, rule=rule)
     ref = save_model(model, tokenizer, Path(out_dir))
     return Path(ref.path), record

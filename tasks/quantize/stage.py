@@ -252,7 +252,8 @@ def quantize_stage(model: ModelRef, cfg: QuantizeConfig, ctx: StageContext) -> S
 
         try:
             work, equalized = equalized_copy(src, calib, cfg.bits, cfg.group_size, cfg.sym,
-                                             Path(ctx.out_dir) / EQUALIZED)
+                                             Path(ctx.out_dir) / EQUALIZED,
+                                             rule=getattr(cfg, "grid", "min-max"))
         except EqualizeError as exc:
             raise QuantizeError(str(exc)) from exc
     try:
