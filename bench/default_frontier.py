@@ -157,7 +157,9 @@ def _goal(row: dict[str, Any]) -> dict[str, Any]:
 
 def render(out: dict[str, Any]) -> str:
     rows, tasks = out["rows"], out["tasks"]
-    old = next((r for r in rows if r["label"] == "old default"), None)
+    against = out.get("against", "old default")
+    old = next((r for r in rows if r["label"].startswith(against)), None)
+    vs = "old" if against == "old default" else "ref"
     recipes = (f"`{out['old']['recipe']}` (old) and `{out['new']['recipe']}` (new)" if out["old"]
                else f"`{out['new']['recipe']}` (new; no old default in this run)")
     lines = [
@@ -169,9 +171,11 @@ def render(out: dict[str, Any]) -> str:
         "is against the baseline's parameters at 2 bytes each. Perplexity: WikiText-2 test, "
         "first 8,192 tokens in windows of 512, in torch with fp32 activations (llama.cpp's on "
         "the same tokens in brackets for a GGUF). Retention: chance-normalised, (s − chance) / "
-        "(b − chance), mean of the informative benchmarks.", "",
+        "(b − chance), mean of the informative benchmarks."
+        + ("" if old is None or vs == "old" else
+           f" Δ vs ref pairs each row with \"{old['label']}\" on the same docs."), "",
         "| model | MB | x bf16 | WikiText-2 ppl | x baseline | "
-        + " | ".join(f"{t} acc_norm | Δ vs baseline | Δ vs old" for t in tasks)
+        + " | ".join(f"{t} acc_norm | Δ vs baseline | Δ vs {vs}" for t in tasks)
         + " | retention |",
         "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---: | ---: | ---:" for _ in tasks)
         + " | ---: |"]
@@ -238,6 +242,9 @@ def main() -> None:
     parser.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--against", default="old default", metavar="LABEL",
+                        help="the row (label or its start) the last Δ column pairs every row "
+                        "with, e.g. 'new default as GGUF' to compare shipped files")
     parser.add_argument("--out", default="default_frontier",
                         help="results file name under bench/results/ (.md and .json)")
     args = parser.parse_args()
@@ -267,10 +274,12 @@ def main() -> None:
     command = ("flock /tmp/pkdq-heavy.lock .venv/bin/python bench/default_frontier.py "
                f"--old {args.old} --new {args.new}"
                + "".join(f" --extra '{e}'" for e in args.extra)
+               + (f" --against '{args.against}'" if args.against != "old default" else "")
                + (f" --out {args.out}" if args.out != "default_frontier" else ""))
     out = {"old": runs["old"], "new": runs["new"], "extras": extras, "tasks": list(args.tasks),
            "samples": args.samples, "seed": args.seed, "threads": args.threads,
-           "rows": rows, "scoring_s": time.perf_counter() - started, "command": command,
+           "rows": rows, "against": args.against,
+           "scoring_s": time.perf_counter() - started, "command": command,
            "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS / f"{args.out}.json",
