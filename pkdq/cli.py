@@ -696,12 +696,12 @@ def generate_cmd(
         _fail(str(exc))
     import torch
 
-    from tasks.core.model_store import load_model
+    from tasks.core.model_store import load_for_generation
     from tasks.evaluate import generate_greedy
 
     torch.set_num_threads(threads)
     try:
-        loaded, tokenizer = load_model(ref.path)
+        loaded, tokenizer = load_for_generation(ref.path)
     except Exception as exc:  # noqa: BLE001 - a folder that holds no loadable model: one line
         from tasks.core.common import one_line
 

@@ -151,3 +151,54 @@ def test_layers_within_is_greedy_down_the_ranking(sizes, room):
             left -= extra[layer]
         else:
             assert extra[layer] == 0 or extra[layer] > left
+
+
+def test_prefix_replay_scores_every_layer_as_full_forwards_do(tiny_llama_ref):
+    """`rank_layers` replays the layers before the swapped one from the base pass; each KL equals
+    the one a full forward of the same mixed model gives, and the model is left as it was."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from tasks.core.model_store import load_model
+    from tasks.quantize.mixed_layers import decoder_layers, rank_layers
+
+    config = load_model(tiny_llama_ref.path)[0].config
+    config.num_hidden_layers = 4  # layers 2 and 3 replay more than one layer
+    torch.manual_seed(0)
+    float_model = AutoModelForCausalLM.from_config(config).eval()
+    quantized = copy.deepcopy(float_model)
+    state = quantized.state_dict()
+    keys = layer_weight_keys(state)
+    with torch.no_grad():  # a coarse grid: every layer loses something
+        for layer_keys in keys.values():
+            for key in layer_keys:
+                weight = state[key]
+                step = weight.abs().amax() / 3
+                weight.copy_(torch.round(weight / step) * step)
+    before = {k: v.clone() for k, v in state.items()}
+    ids = torch.randint(0, float_model.config.vocab_size, (3, 24),
+                        generator=torch.Generator().manual_seed(3))
+    base, scores = rank_layers(quantized, float_model, ids, batch=2)
+
+    def full_kl() -> float:
+        with torch.no_grad():
+            ref = torch.log_softmax(float_model(ids).logits.float(), -1)
+            got = torch.log_softmax(quantized(ids).logits.float(), -1)
+        return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+    assert base == pytest.approx(full_kl(), rel=1e-5)
+    float_state = float_model.state_dict()
+    by_layer = {row["layer"]: row["kl"] for row in scores}
+    assert set(by_layer) == set(keys) == set(decoder_layers(quantized))
+    for layer, layer_keys in keys.items():
+        with torch.no_grad():
+            for key in layer_keys:
+                state[key].copy_(ggml_round_trip(float_state[key]))
+        assert by_layer[layer] == pytest.approx(full_kl(), rel=1e-5), layer
+        with torch.no_grad():
+            for key in layer_keys:
+                state[key].copy_(before[key])
+    assert all(torch.equal(state[k], before[k]) for k in state)
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(quantized).values())
+    assert len({row["kl"] for row in scores}) > 1  # the layers really differ

@@ -250,6 +250,33 @@ def test_pkdq_generate_equals_model_generate(tiny_llama_ref):
     assert out.stdout.rstrip("\n") == want
 
 
+def test_quantized_stage_generations_are_pkdq_generate_of_its_folder(tiny_run):
+    """The GPTQ folder answers through its grid dequantized once (float speed): the report's
+    text is what `pkdq generate` prints, and that model's logits are the kernel's."""
+    import torch
+
+    from tasks.core.gptq_checkpoint import load_quantized
+    from tasks.core.model_store import load_for_generation
+
+    stage_dir = tiny_run["run_dir"] / "02-quantize"
+    folder = Path(read_json(stage_dir / "stage.json")["model"]["path"])
+    gens = read_json(stage_dir / "eval" / "generations.json")
+    assert gens["loader"].startswith("the GPTQ grid dequantized to fp32")
+    first = gens["prompts"][0]
+    out = _pkdq("generate", str(folder), first["prompt"], "--max-new-tokens",
+                str(gens["max_new_tokens"]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.rstrip("\n") == first["text"]
+    dense, _ = load_for_generation(folder)
+    assert not any(hasattr(m, "qweight") for m in dense.modules())
+    kernel = load_quantized(folder)
+    ids = torch.randint(0, dense.config.vocab_size, (3, 24),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = kernel(ids).logits, dense(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
 @pytest.mark.parametrize("make", ["missing", "no_model", "empty_config"])
 def test_pkdq_generate_refuses_a_non_model_in_one_line(tmp_path, make):
     target = tmp_path / "thing"

@@ -534,18 +534,32 @@ def gguf_section(model_path: Path, cfg: EvalConfig, ids: dict[str, list[int]],
     return section, per_doc_all
 
 
-def generations_section(model: Any, tokenizer: Any, cfg: EvalConfig, out_dir: Path,
-                        start: float) -> dict[str, Any] | None:
-    """Greedy answers to the fixed prompts, written to generations.json (None when off)."""
+def generations_section(model: Any, tokenizer: Any, model_path: Path, cfg: EvalConfig,
+                        out_dir: Path, start: float) -> dict[str, Any] | None:
+    """Greedy answers to the fixed prompts, written to generations.json (None when off).
+
+    A quantized folder answers through `load_for_generation` (a GPTQ grid dequantized once, the
+    same weights as its kernel at float speed), as `pkdq generate` does; a float folder through
+    the model just scored.
+    """
     if not cfg.generations.enabled:
         return None
+    from tasks.core.model_store import is_quantized, load_for_generation
     from tasks.evaluate.generations import GENERATIONS_JSON, generate_all
 
+    loader = "the evaluated model"
+    if is_quantized(Path(model_path)):
+        model, tokenizer = load_for_generation(Path(model_path))
+        kernel = any(hasattr(module, "qweight") for module in model.modules())
+        loader = ("the quantized kernel" if kernel
+                  else "the GPTQ grid dequantized to fp32 (pkdq generate's loader)")
     gens = generate_all(model, tokenizer, cfg.generations.max_new_tokens)
+    gens["loader"] = loader
     write_json_atomic(Path(out_dir) / GENERATIONS_JSON, gens)
     _log(f"generations: {len(gens['prompts'])} prompts ({gens['wall_s']:.1f}s)", start)
     return {"file": GENERATIONS_JSON, "prompts": len(gens["prompts"]),
-            "max_new_tokens": gens["max_new_tokens"], "wall_s": gens["wall_s"]}
+            "max_new_tokens": gens["max_new_tokens"], "wall_s": gens["wall_s"],
+            "loader": loader}
 
 
 # --------------------------------------------------------------------------- stage entry point
@@ -587,7 +601,7 @@ def evaluate_model(model_path: Path, cfg: EvalConfig, out_dir: Path, *, data: Pa
     if speed is not None:
         _log(f"speed: prefill {speed['prefill_tokens_per_s']:.0f} tok/s, decode "
              f"{speed['decode_tokens_per_s']:.1f} tok/s", start)
-    generations = generations_section(model, tokenizer, cfg, out_dir, start)
+    generations = generations_section(model, tokenizer, Path(model_path), cfg, out_dir, start)
     params = count_params(model)
     eval_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     del lm, model

@@ -20,7 +20,8 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,25 +69,88 @@ def ggml_round_trip(weight: Any, ggml_type: str = "q8_0") -> Any:
     return torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(data.shape))
 
 
-def _logprobs(model: Any, ids: Any, batch: int) -> Any:
+def _batches(ids: Any, batch: int) -> list[Any]:
+    return [ids[i:i + batch] for i in range(0, len(ids), batch)]
+
+
+def _logprobs(model: Any, ids: Any) -> Any:
     import torch
 
     with torch.no_grad():
-        return torch.cat([torch.log_softmax(model(ids[i:i + batch]).logits.float(), -1)
-                          for i in range(0, len(ids), batch)])
+        return torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
 
 
-def mean_kl(reference: Any, model: Any, ids: Any, batch: int) -> float:
-    """Token-mean KL(reference || model) in nats; `reference` holds the log-probs."""
-    import torch
+def _kl_sum(reference: Any, got: Any) -> float:
+    """Summed KL(reference || got) over a batch's tokens; both hold log-probs."""
+    return float((reference.exp() * (reference - got)).sum(-1).sum())
 
-    with torch.no_grad():
-        total = 0.0
-        for i in range(0, len(ids), batch):
-            got = torch.log_softmax(model(ids[i:i + batch]).logits.float(), -1)
-            ref = reference[i:i + batch]
-            total += float((ref.exp() * (ref - got)).sum(-1).sum())
-    return total / (ids.shape[0] * ids.shape[1])
+
+def decoder_layers(model: Any) -> dict[int, Any]:
+    """{layer index: decoder layer module}, the indices `layer_weight_keys` uses."""
+    found = {}
+    for name, module in model.named_modules():
+        hit = re.search(r"(?:^|\.)layers\.(\d+)$", name)
+        if hit:
+            found[int(hit.group(1))] = module
+    return dict(sorted(found.items()))
+
+
+class PrefixReplay:
+    """The all-4-bit model's decoder-layer outputs, kept per batch, so that scoring layer i in
+    Q8_0 recomputes only layers i and after.
+
+    Layers before i hold the same 4-bit weights in every such pass, so their outputs are the
+    base pass's bit for bit; each of them returns the output layer i-1 gave in the base pass
+    (the loop feeds it on to layer i), and the work saved is half the decoder on average. The
+    embedding, final norm and head still run as usual, so any architecture whose decoder layers
+    are called in order (every family pkdq exports) replays unchanged.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.layers = decoder_layers(model)
+        self.outputs: dict[int, list[Any]] = {index: [] for index in self.layers}
+        self.batch = 0
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep every layer's output of the forwards run inside (the base pass, in order)."""
+        def keep(index: int):
+            def hook(_module: Any, _args: Any, output: Any) -> None:
+                self.outputs[index].append(output)
+            return hook
+
+        handles = [layer.register_forward_hook(keep(index))
+                   for index, layer in self.layers.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def from_layer(self, start: int) -> Iterator[None]:
+        """Forwards inside skip the layers before `start`: each returns the base pass's output
+        of layer start-1 for the current `batch`."""
+        before = [index for index in self.layers if index < start]
+        if not before:
+            yield
+            return
+        cached = self.outputs[before[-1]]
+
+        def replayed(*_args: Any, **_kwargs: Any) -> Any:
+            return cached[self.batch]
+
+        saved = {index: self.layers[index].__dict__.get("forward") for index in before}
+        for index in before:
+            self.layers[index].forward = replayed
+        try:
+            yield
+        finally:
+            for index in before:
+                if saved[index] is None:
+                    del self.layers[index].forward
+                else:
+                    self.layers[index].forward = saved[index]
 
 
 @dataclass
@@ -113,12 +177,18 @@ class Q8Plan:
 def rank_layers(quantized: Any, float_model: Any, ids: Any, batch: int = 2
                 ) -> tuple[float, list[dict[str, Any]]]:
     """(KL of the all-4-bit model, per-layer scores most sensitive first): each layer's weights
-    in `quantized` swapped for the Q8_0 rounding of `float_model`'s, scored, swapped back."""
+    in `quantized` swapped for the Q8_0 rounding of `float_model`'s, scored, swapped back. The
+    layers before the swapped one are replayed from the base pass (`PrefixReplay`)."""
     import torch
 
     started = time.perf_counter()
-    reference = _logprobs(float_model, ids, batch)
-    base = mean_kl(reference, quantized, ids, batch)
+    batches = _batches(ids, batch)
+    tokens = ids.shape[0] * ids.shape[1]
+    reference = [_logprobs(float_model, b) for b in batches]
+    replay = PrefixReplay(quantized)
+    with replay.recording():
+        base = sum(_kl_sum(ref, _logprobs(quantized, b))
+                   for ref, b in zip(reference, batches, strict=True)) / tokens
     state, float_state = quantized.state_dict(), float_model.state_dict()
     per_layer = layer_weight_keys(state)
     scores = []
@@ -127,7 +197,11 @@ def rank_layers(quantized: Any, float_model: Any, ids: Any, batch: int = 2
         with torch.no_grad():
             for key in keys:
                 state[key].copy_(ggml_round_trip(float_state[key]))
-        kl = mean_kl(reference, quantized, ids, batch)
+        total = 0.0
+        with replay.from_layer(layer):
+            for replay.batch, (ref, b) in enumerate(zip(reference, batches, strict=True)):
+                total += _kl_sum(ref, _logprobs(quantized, b))
+        kl = total / tokens
         with torch.no_grad():
             for key in keys:
                 state[key].copy_(saved[key])
