@@ -339,6 +339,12 @@ def load_model(ref: ModelRef | Path, dtype: Any = None, device: str = "cpu"):
     return model, tokenizer
 
 
+def generates_dequantized(path: Path) -> bool:
+    """True for a GPTQ folder `load_for_generation` reads as its dequantized grid."""
+    quant = read_config(path).get("quantization_config") or {}
+    return quant.get("quant_method") == "gptq" and not quant.get("desc_act")
+
+
 def load_for_generation(ref: ModelRef | Path):
     """(model, tokenizer) for greedy generation: a GPTQ folder (desc_act off) as its grid
     dequantized once to fp32, anything else as `load_model` gives it.
@@ -351,8 +357,7 @@ def load_for_generation(ref: ModelRef | Path):
     print the same text.
     """
     path = ref.path if isinstance(ref, ModelRef) else Path(ref)
-    quant = read_config(path).get("quantization_config") or {}
-    if quant.get("quant_method") == "gptq" and not quant.get("desc_act"):
+    if generates_dequantized(path):
         from tasks.core.gptq_checkpoint import load_dequantized
 
         return load_dequantized(path)

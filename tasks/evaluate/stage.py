@@ -538,21 +538,19 @@ def generations_section(model: Any, tokenizer: Any, model_path: Path, cfg: EvalC
                         out_dir: Path, start: float) -> dict[str, Any] | None:
     """Greedy answers to the fixed prompts, written to generations.json (None when off).
 
-    A quantized folder answers through `load_for_generation` (a GPTQ grid dequantized once, the
-    same weights as its kernel at float speed), as `pkdq generate` does; a float folder through
-    the model just scored.
+    A GPTQ folder answers through `load_for_generation` (its grid dequantized once, the same
+    weights as its kernel at float speed), as `pkdq generate` does; any other folder through the
+    model just scored, not loaded twice.
     """
     if not cfg.generations.enabled:
         return None
-    from tasks.core.model_store import is_quantized, load_for_generation
+    from tasks.core.model_store import generates_dequantized, load_for_generation
     from tasks.evaluate.generations import GENERATIONS_JSON, generate_all
 
     loader = "the evaluated model"
-    if is_quantized(Path(model_path)):
+    if generates_dequantized(Path(model_path)):
         model, tokenizer = load_for_generation(Path(model_path))
-        kernel = any(hasattr(module, "qweight") for module in model.modules())
-        loader = ("the quantized kernel" if kernel
-                  else "the GPTQ grid dequantized to fp32 (pkdq generate's loader)")
+        loader = "the GPTQ grid dequantized to fp32 (pkdq generate's loader)"
     gens = generate_all(model, tokenizer, cfg.generations.max_new_tokens)
     gens["loader"] = loader
     write_json_atomic(Path(out_dir) / GENERATIONS_JSON, gens)
