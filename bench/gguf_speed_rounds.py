@@ -3,9 +3,10 @@
 A run's own speed table times each stage right after that stage's evaluation, minutes apart,
 and this machine's speed drifts by ±15% over minutes (measured: the same q4_0 file at 55 and
 63 tok/s in one run). Ratios such as "decode vs the baseline" need the files timed together:
-here every round times every file once (fresh process each, `tasks.core.llama_cpp.
-llama_cpp_speed`: prompt 512 fixed ids, greedy decode 64, the given threads), and the table
-reports each file's median over rounds, and its ratio to the first file's.
+here every round times every file once (fresh process each, `tasks.quantize.speed_rounds.
+interleaved_speed`, which a run's side-by-side unit uses too: prompt 512 fixed ids, greedy
+decode 64, the given threads), and the table reports each file's median over rounds, and its
+ratio to the first file's.
 
     flock /tmp/pkdq-heavy.lock .venv/bin/python bench/gguf_speed_rounds.py --rounds 5 \
         --out shipped_speed \
@@ -17,8 +18,6 @@ Writes bench/results/<out>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,32 +40,17 @@ def main() -> None:
     parser.add_argument("--out", default="gguf_speed_rounds")
     args = parser.parse_args()
 
-    from tasks.core.llama_cpp import gguf_type_label, llama_cpp_speed
+    from tasks.quantize.speed_rounds import interleaved_speed
 
     files = {name: Path(path) for name, _, path in (f.partition("=") for f in args.files)}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"no such GGUF: {', '.join(missing)}")
     started = time.perf_counter()
-    loads = [os.getloadavg()[0]]
-    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in files}
-    for round_no in range(1, args.rounds + 1):
-        for name, path in files.items():  # repeats=1: the rounds are the repeats
-            samples[name].append(llama_cpp_speed(path, threads=args.threads, repeats=1))
-            print(f"[speed] round {round_no}/{args.rounds} {name}: decode "
-                  f"{samples[name][-1]['decode_tok_s']:.1f} tok/s", file=sys.stderr,
-                  flush=True)
-        loads.append(os.getloadavg()[0])
-    rows = []
-    for name, path in files.items():
-        decode = statistics.median(s["decode_tok_s"] for s in samples[name])
-        prefill = statistics.median(s["prefill_tok_s"] for s in samples[name])
-        rows.append({"name": name, "file": str(path), "bytes": path.stat().st_size,
-                     "types": gguf_type_label(path)[3], "decode_tok_s": decode,
-                     "prefill_tok_s": prefill,
-                     "decode_spread": [min(s["decode_tok_s"] for s in samples[name]),
-                                       max(s["decode_tok_s"] for s in samples[name])],
-                     "peak_rss_mb": max(s["peak_rss_mb"] for s in samples[name])})
+    timed = interleaved_speed(files, args.rounds, threads=args.threads,
+                              progress=lambda line: print(f"[speed] {line}", file=sys.stderr,
+                                                          flush=True))
+    rows, loads = timed["rows"], timed["load_average_1m"]
     out = {"rows": rows, "rounds": args.rounds, "threads": args.threads,
            "load_average_1m": loads, "wall_s": time.perf_counter() - started,
            "command": "flock /tmp/pkdq-heavy.lock .venv/bin/python bench/gguf_speed_rounds.py "
@@ -91,7 +75,7 @@ def render(out: dict[str, Any]) -> str:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in out["rows"]:
         low, high = row["decode_spread"]
-        lines.append(f"| {row['name']} | {row['types']} | {row['bytes'] / 1e6:.1f} | "
+        lines.append(f"| {row['name']} | {row['types']} | {row['file_bytes'] / 1e6:.1f} | "
                      f"{row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} ({low:.1f}–"
                      f"{high:.1f}) | {row['decode_tok_s'] / first['decode_tok_s']:.2f}x | "
                      f"{row['peak_rss_mb']:.0f} |")

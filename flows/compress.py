@@ -28,6 +28,7 @@ from tasks.pipeline import (
     evaluate_stage,
     frozen_recipe,
     init_run,
+    llama_cpp_rounds_unit,
     mark_run,
     plan,
     run_stage,
@@ -62,6 +63,13 @@ def eval_task(run_dir: str, index: int, model: dict[str, str]) -> dict[str, Any]
     return record
 
 
+@task(name="llama-cpp-rounds", cache_policy=NO_CACHE, persist_result=False)
+def rounds_task(run_dir: str, base: dict[str, str], final: dict[str, str]) -> None:
+    recipe = frozen_recipe(Path(run_dir) / RUN_FILE)
+    llama_cpp_rounds_unit(Path(run_dir), recipe, ModelRef.from_json(base),
+                          ModelRef.from_json(final))
+
+
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)
 def report_task(run_dir: str) -> str:
     from flows.artifacts import publish_report_artifacts
@@ -80,7 +88,8 @@ def report_task(run_dir: str) -> str:
 # as futures) load models in threads, which transformers' meta-device init does not survive.
 @flow(name="pkdq-compress", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def compress_flow(recipe_file: str, run_dir: str) -> str:
-    """Baseline eval, then each stage and its eval in recipe order, then the report.
+    """Baseline eval, then each stage and its eval in recipe order, the baseline and final
+    GGUFs timed side by side, then the report.
 
     The run folder is held for the whole flow (one writer; `hold_run_folder`), here rather than
     in the CLI alone so that a run a pool worker picks up is covered too.
@@ -119,6 +128,7 @@ def _compress(recipe_file: str, run_dir: str) -> str:
             eval_task.with_options(name=f"eval-{stage.folder}")(
                 run_dir, stage.index, outputs[stage.index].to_json())
         current = outputs[max(outputs)]
+        rounds_task(run_dir, base.to_json(), current.to_json())  # the speed goal's timing
     except BaseException as exc:
         mark_run(Path(run_dir), "failed", error=f"{type(exc).__name__}: {exc}")
         raise

@@ -23,6 +23,7 @@ from tasks.core.common import (
     CHECKPOINT_DIR,
     GGUF_FILE,
     LLAMA_CPP_FILE,
+    LLAMA_CPP_ROUNDS_FILE,
     ModelRef,
     StageContext,
     StageResult,
@@ -52,6 +53,8 @@ RUN_FILE = "run.json"
 EVAL_DONE = EVAL_FILE + ".done"  # an evaluation's record, beside its stage's stage.json
 LLAMA_CPP_DONE = LLAMA_CPP_FILE + ".done"
 LLAMA_CPP_WORK = "llama_cpp"  # the GGUF being timed; removed once timed
+LLAMA_CPP_ROUNDS_DONE = LLAMA_CPP_ROUNDS_FILE + ".done"
+LLAMA_CPP_ROUNDS_WORK = "llama_cpp_rounds"  # the GGUFs timed side by side; removed once timed
 
 
 @dataclass(frozen=True)
@@ -422,6 +425,110 @@ def _llama_cpp_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"llama.cpp {row['type']}: not measured: "
                          f"{row.get('refused') or row.get('error')}")
     return lines
+
+
+def llama_cpp_rounds_unit(run_dir: Path, recipe: Recipe, base: ModelRef, final: ModelRef
+                          ) -> tuple[dict[str, Any] | None, bool]:
+    """The baseline's and the final stage's GGUFs (each type `evaluate.speed.llama_cpp` lists,
+    and the final stage's own model.gguf) timed side by side in interleaved rounds, once per
+    (both fingerprints, types, rounds, prompt, threads): (record, reused); (None, False) when
+    the recipe does not ask for it or llama.cpp failed (recorded, not sealed: a rerun tries
+    again).
+
+    The per-stage units time each stage minutes apart, on a machine whose speed drifts by more
+    than the goal's margins; the report judges the speed goal on these rounds instead
+    (`tasks.quantize.speed_rounds`). Written into the final stage's folder, so a rerun of that
+    stage (which clears its folder) also drops them. Never fails the run.
+    """
+    from tasks.core.model_folder import file_digest
+    from tasks.core.model_store import read_config
+
+    speed = recipe.evaluate.speed
+    stages = plan(recipe)
+    if not speed.llama_cpp_on() or not speed.llama_cpp.rounds or len(stages) < 2:
+        return None, False
+    base_folder, final_folder = stages[0].folder, stages[-1].folder
+    folder = run_dir / final_folder
+    config = {"types": list(speed.llama_cpp.types), "rounds": speed.llama_cpp.rounds,
+              "prompt_tokens": speed.prompt_tokens, "new_tokens": speed.new_tokens,
+              "threads": recipe.threads, "baseline": base.fingerprint}
+    shipped = folder / GGUF_FILE
+    if shipped.is_file():
+        config["shipped_gguf"] = list(file_digest(shipped))
+    what = f"[{final_folder}] llama.cpp side by side"
+    key = stage_key("llama_cpp_rounds", final.fingerprint, config, recipe.seed)
+    record = _reuse_or_reset(folder, key, LLAMA_CPP_ROUNDS_DONE, what, LLAMA_CPP_ROUNDS_FILE)
+    if record is not None:
+        return record, True
+    (folder / LLAMA_CPP_ROUNDS_FILE).unlink(missing_ok=True)
+    print(f"{what}: {base_folder} and {final_folder}, {config['rounds']} interleaved rounds",
+          flush=True)
+    prompt = speed.prompt_within(read_config(final.path).get("max_position_embeddings"))
+    work = folder / LLAMA_CPP_ROUNDS_WORK
+    begin_stage(work)
+    started = time.perf_counter()
+    try:
+        with _unfinished_on_disk_full(work):
+            measured = _time_in_rounds({base_folder: base, final_folder: final}, config, work,
+                                       prompt, shipped if shipped.is_file() else None,
+                                       lambda line: print(f"{what}: {line}", flush=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {**config, "prompt_tokens": prompt, **measured, "cpus": os.cpu_count(),
+              "wall_s": time.perf_counter() - started}
+    write_json_atomic(folder / LLAMA_CPP_ROUNDS_FILE, result)
+    if result.get("error"):
+        print(f"{what}: not measured: {result['error']}", flush=True)
+        return None, False
+    return finish_record(folder, key, final, {"llama_cpp_rounds": LLAMA_CPP_ROUNDS_FILE},
+                         LLAMA_CPP_ROUNDS_DONE, files=[LLAMA_CPP_ROUNDS_FILE]), False
+
+
+def _time_in_rounds(models: dict[str, ModelRef], config: dict[str, Any], work: Path,
+                    prompt: int, shipped: Path | None,
+                    progress: Callable[[str], None]) -> dict[str, Any]:
+    """Export each model at each type into `work` (a refusal is a row of its own), add the
+    shipped file, and time them all in interleaved rounds. {"rows", "rounds", ...}; "error"
+    (one line) when llama.cpp failed."""
+    import subprocess
+
+    from tasks.core.llama_cpp import LlamaCppError, gguf_type_label
+    from tasks.quantize.gguf_export import GgufExportError
+    from tasks.quantize.gguf_speed import export_for_timing
+    from tasks.quantize.speed_rounds import interleaved_speed
+
+    files: dict[str, Path] = {}
+    about: dict[str, dict[str, Any]] = {}
+    refused: list[dict[str, Any]] = []
+    for stage_folder, model in models.items():
+        for qtype in config["types"]:
+            name, file = f"{stage_folder} {qtype}", work / f"{stage_folder}-{qtype}.gguf"
+            try:
+                about[name] = {"stage": stage_folder,
+                               **export_for_timing(model.path, qtype, file)}
+                files[name] = file
+            except GgufExportError as exc:
+                refused.append({"stage": stage_folder, "type": qtype,
+                                "refused": one_line(exc, limit=1000, with_type=False)})
+    if shipped is not None:
+        types, main, embedding, label = gguf_type_label(shipped)
+        name = f"{shipped.parent.name} {GGUF_FILE}"
+        about[name] = {"stage": shipped.parent.name, "type": f"{label} ({GGUF_FILE})",
+                       "base_type": main, "file_bytes": shipped.stat().st_size,
+                       "grid": "shipped", "tensor_types": types, "embedding_type": embedding}
+        files[name] = shipped
+    if not files:
+        return {"rows": refused, "rounds": config["rounds"]}
+    try:
+        timed = interleaved_speed(files, config["rounds"], prompt, config["new_tokens"],
+                                  config["threads"], progress)
+    except LlamaCppError as exc:  # the runtime, not the model: worth another try later
+        return {"rows": refused, "error": one_line(exc, limit=1000, with_type=False)}
+    except subprocess.TimeoutExpired as exc:  # a machine too busy to finish in time
+        return {"rows": refused, "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"}
+    rows = [{**about[row["name"]], **{k: v for k, v in row.items() if k != "file"},
+             "file_bytes": about[row["name"]]["file_bytes"]} for row in timed.pop("rows")]
+    return {**timed, "rows": rows + refused}
 
 
 def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,

@@ -19,16 +19,20 @@ from tasks.core.recipe import load_recipe
 from tasks.pipeline import (
     LLAMA_CPP_DONE,
     LLAMA_CPP_FILE,
+    LLAMA_CPP_ROUNDS_DONE,
+    LLAMA_CPP_ROUNDS_FILE,
+    LLAMA_CPP_ROUNDS_WORK,
     LLAMA_CPP_WORK,
     evaluate_stage,
     init_run,
+    llama_cpp_rounds_unit,
     llama_cpp_unit,
     plan,
     run_stage,
 )
 
 SPEED = {"prompt_tokens": 32, "new_tokens": 8, "repeats": 1}
-LLAMA = {"types": ["f16", "q4_0"]}
+LLAMA = {"types": ["f16", "q4_0"], "rounds": 2}
 
 
 def _raw(model_path, llama: bool) -> dict:
@@ -70,7 +74,9 @@ def speed_run(tiny_llama_ref, tmp_path_factory):
         record, _ = run_stage(run_dir, stage, recipe, ref, None)
         ref = ModelRef.from_json(record["model"])
         evaluate_stage(run_dir, stage, recipe, ref)
+    rounds, rounds_reused = llama_cpp_rounds_unit(run_dir, recipe, tiny_llama_ref, ref)
     return {"run_dir": run_dir, "recipe": recipe, "stages": stages, "final": ref,
+            "base": tiny_llama_ref, "rounds": rounds, "rounds_reused": rounds_reused,
             "paths": write_report(run_dir), "off_unit": off_unit,
             "eval_reused": eval_reused and first["key"] == again["key"]}
 
@@ -131,9 +137,14 @@ def test_report_shows_speed_where_deployed_and_the_goal(speed_run):
     assert "llama-cpp-python" in section and "not knowable" in section
     summary = data["deploy_speed"]
     assert summary["final_stage"] == "02-quantize"
+    # judged on the side-by-side rounds, not on the per-stage timings minutes apart
+    assert summary["timing"] == "side by side, 2 interleaved rounds"
+    assert "judged on side by side, 2 interleaved rounds" in section
     rows = {t["type"]: t for t in summary["by_type"]}
-    base = {r["type"]: r for r in data["stages"][0]["llama_cpp"]["rows"]}
-    final = {r["type"]: r for r in data["stages"][2]["llama_cpp"]["rows"]}
+    timed = data["llama_cpp_rounds"]["rows"]
+    base = {r["type"]: r for r in timed if r["stage"] == "00-baseline"}
+    final = {r["type"]: r for r in timed if r["stage"] == "02-quantize"}
+    assert rows.keys() == final.keys()
     assert rows["q4_0"]["decode_vs_baseline_f16"] == pytest.approx(
         final["q4_0"]["decode_tok_s"] / base["f16"]["decode_tok_s"])
     shipped = rows["q4_0, embedding q4_0 (model.gguf)"]  # judged against the baseline's q4_0
@@ -150,6 +161,12 @@ def test_report_shows_speed_where_deployed_and_the_goal(speed_run):
     assert "Speed where it is deployed" in html and "Speed goal (llama.cpp, final model)" in html
     assert 'data-json="stages.2.llama_cpp.rows.1.decode_tok_s"' in html
     assert 'data-json="deploy_speed.by_type.1.decode_vs_baseline_same_type"' in html
+    assert 'data-json="llama_cpp_rounds.rows.4.decode_tok_s"' in html
+    assert "Speed side by side (llama.cpp, baseline and final model)" in html
+    for row in timed:  # every file of the rounds has its row in report.md
+        assert f"| {row['stage']} | {row['type']} |" in section
+        after = section.split(f"| {row['stage']} | {row['type']} |")[1]
+        assert f"| {row['decode_tok_s']:.1f} |" in after.split("\n")[0]
     assert browser.check_dom(html, data)["mismatches"] == []
 
 
@@ -162,6 +179,59 @@ def test_speed_table_renders_in_chromium_with_the_report_numbers(speed_run):
     result = browser.check_rendered(speed_run["paths"]["html"], data)
     assert result["rendered"] and result["mismatches"] == [], result
     assert result["numbers_checked"] >= 3 * 9 + 2 * 3  # speed rows and goal ratios among them
+
+
+def test_the_baseline_and_final_model_are_timed_side_by_side_in_rounds(speed_run):
+    """Each file once per round, in a fresh process, the rounds interleaved: its rate is the
+    median of its rounds; the exports are those of the per-stage units (same bytes, same
+    grid) and are gone once timed."""
+    import statistics
+
+    folder = speed_run["run_dir"] / "02-quantize"
+    assert speed_run["rounds"] is not None and not speed_run["rounds_reused"]
+    got = read_json(folder / LLAMA_CPP_ROUNDS_FILE)
+    assert (got["rounds"], got["threads"], got["prompt_tokens"], got["new_tokens"]) == \
+        (2, 1, 32, 8)
+    shipped = "q4_0, embedding q4_0 (model.gguf)"
+    assert [(r["stage"], r["type"]) for r in got["rows"]] == [
+        ("00-baseline", "f16"), ("00-baseline", "q4_0"), ("02-quantize", "f16"),
+        ("02-quantize", "q4_0"), ("02-quantize", shipped)]
+    assert len(got["load_average_1m"]) == 3  # before, and after each round
+    for row in got["rows"]:
+        rates = row["decode_rounds"]
+        assert len(rates) == 2 and all(r > 0 for r in rates)
+        assert row["decode_tok_s"] == pytest.approx(statistics.median(rates))
+        assert row["decode_spread"] == [min(rates), max(rates)]
+        assert row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["runtime"].startswith("llama.cpp (llama-cpp-python ")
+        per_stage = {r["type"]: r for r in read_json(
+            speed_run["run_dir"] / row["stage"] / LLAMA_CPP_FILE)["rows"]}[row["type"]]
+        assert (row["file_bytes"], row["grid"]) == (per_stage["file_bytes"], per_stage["grid"])
+    assert got["rows"][4]["base_type"] == "q4_0"
+    assert not (folder / LLAMA_CPP_ROUNDS_WORK).exists()  # no exported GGUF left behind
+    assert (folder / LLAMA_CPP_ROUNDS_DONE).is_file()
+    assert (folder / "model.gguf").is_file()  # the shipped file is timed, never removed
+
+
+def test_finished_rounds_are_reused_and_changed_ones_redone(speed_run, capsys):
+    run_dir, recipe = speed_run["run_dir"], speed_run["recipe"]
+    file = run_dir / "02-quantize" / LLAMA_CPP_ROUNDS_FILE
+    before = file.read_bytes()
+    capsys.readouterr()
+    record, reused = llama_cpp_rounds_unit(run_dir, recipe, speed_run["base"],
+                                           speed_run["final"])
+    assert reused and record is not None and file.read_bytes() == before
+    assert "[02-quantize] llama.cpp side by side finished earlier: reused" in \
+        capsys.readouterr().out
+    # asked for no rounds: nothing is timed and the finished record is left as it was
+    speed = recipe.evaluate.speed
+    no_rounds = speed.model_copy(
+        update={"llama_cpp": speed.llama_cpp.model_copy(update={"rounds": 0})})
+    off = recipe.model_copy(
+        update={"evaluate": recipe.evaluate.model_copy(update={"speed": no_rounds})})
+    assert llama_cpp_rounds_unit(run_dir, off, speed_run["final"], speed_run["final"]) == \
+        (None, False)
+    assert file.read_bytes() == before
 
 
 def test_a_finished_measurement_is_reused_and_a_changed_one_redone(speed_run, capsys):
@@ -249,3 +319,31 @@ def test_goal_is_judged_on_the_final_model_against_the_baseline():
     refused["llama_cpp"]["refused"] = "GGUF export writes llama, ... only"
     assert deploy_summary([base, refused])["by_type"] == []
     assert deploy_summary([_stage("00-baseline", None, 10), refused]) is None
+
+
+def test_goal_is_judged_on_the_side_by_side_rounds_when_they_were_timed():
+    """The per-stage timings say the final q4_0 decodes 2x the f16 baseline (minutes apart);
+    the rounds, timed together, say 1.5x: the rounds judge. Failed rounds leave the per-stage
+    verdict, and say so."""
+    from tasks.report.deploy_speed import deploy_summary
+
+    base = _stage("00-baseline", [_timed("f16", 36.0, 270.9), _timed("q4_0", 55.0, 91.7)],
+                  params=135_000_000)
+    final = _stage("02-quantize", [_timed("q4_0", 72.0, 80.0)])
+    rounds = {"rounds": 3, "rows": [
+        {"stage": "00-baseline", **_timed("f16", 48.0, 270.9)},
+        {"stage": "00-baseline", **_timed("q4_0", 60.0, 91.7)},
+        {"stage": "02-quantize", **_timed("q4_0", 72.0, 80.0)},
+        {"stage": "02-quantize", "type": "q8_0", "refused": "no"}]}
+    side = deploy_summary([base, final], rounds)
+    (row,) = side["by_type"]
+    assert row["decode_vs_baseline_f16"] == pytest.approx(1.5)
+    assert row["decode_vs_baseline_same_type"] == pytest.approx(1.2)
+    assert not side["met"] and side["timing"] == "side by side, 3 interleaved rounds"
+    per_stage = deploy_summary([base, final], {**rounds, "error": "llama.cpp failed"})
+    assert per_stage["met"] and per_stage["timing"] == "each stage's own timing, minutes apart"
+    assert deploy_summary([base, final], None)["by_type"] == per_stage["by_type"]
+    # rounds but no per-stage records: still judged, on the rounds
+    bare = deploy_summary([_stage("00-baseline", None, 135_000_000),
+                           _stage("02-quantize", None)], rounds)
+    assert bare["by_type"][0]["decode_vs_baseline_f16"] == pytest.approx(1.5)

@@ -76,6 +76,10 @@ CHECKPOINT_DIR = "checkpoint"
 # Beside a stage's stage.json: its speed in llama.cpp, written by `tasks.pipeline.llama_cpp_unit`
 # and read by the report (which sits below the pipeline, hence the name lives here).
 LLAMA_CPP_FILE = "llama_cpp.json"
+# Beside the final stage's stage.json: the baseline's and the final model's GGUFs timed side by
+# side in interleaved rounds (`tasks.pipeline.llama_cpp_rounds_unit`), whose ratios the report's
+# speed goal is judged on.
+LLAMA_CPP_ROUNDS_FILE = "llama_cpp_rounds.json"
 # A quantize stage's GGUF, beside its model folder (and in `pkdq export --format gguf-*`'s
 # folder): the quantize stage writes it, the evaluation scores it, the report reads its scores.
 GGUF_FILE = "model.gguf"

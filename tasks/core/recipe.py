@@ -560,6 +560,12 @@ class LlamaCppSpeed(Strict):
         ["f16", "q4_0"], min_length=1, max_length=4,
         description="GGUF types each stage is exported to and timed in; q4_0/q8_0 hold a GPTQ "
         "grid with bits 4/8, sym, group_size 32 exactly, any other is re-gridded")
+    rounds: int = Field(
+        3, ge=0, le=20,
+        description="after the last evaluation, the baseline's and the final model's GGUFs are "
+        "timed side by side in this many interleaved rounds, and the speed goal is judged on "
+        "them (each stage's own timing is minutes from the baseline's, and the machine's speed "
+        "drifts); 0: off, judged on the per-stage timings")
 
     @model_validator(mode="after")
     def _unique_types(self) -> LlamaCppSpeed:

@@ -41,25 +41,33 @@ def gguf_speed_row(model_path: Path, qtype: str, gguf_file: Path, prompt_tokens:
     Raises GgufExportError when the exporter refuses, LlamaCppError when llama.cpp fails.
     """
     gguf_file = Path(gguf_file)
-    start = time.perf_counter()
     try:
-        written = export_gguf(Path(model_path), gguf_file, qtype, verify=False,
-                              embedding=embedding)
-        exported = time.perf_counter()
+        exported = export_for_timing(model_path, qtype, gguf_file, embedding)
+        start = time.perf_counter()
         speed = llama_cpp_speed(gguf_file, prompt_tokens, decode_tokens, threads=threads,
                                 repeats=repeats)
     finally:
         if not keep:
             gguf_file.unlink(missing_ok=True)
-    return {
-        "type": qtype, "file_bytes": written["bytes"],
-        "grid": grid_label(written, is_quantized(Path(model_path)), qtype),
-        "grid_note": written.get("exact_grid_note"),
-        "tensor_types": written.get("tensor_types"),
-        "embedding_type": written.get("embedding_type"),
-        **speed,
-        "export_s": exported - start, "measure_s": time.perf_counter() - exported,
-    }
+    return {**exported, **speed, "measure_s": time.perf_counter() - start}
+
+
+def export_for_timing(model_path: Path, qtype: str, gguf_file: Path,
+                      embedding: str | None = None) -> dict[str, Any]:
+    """`model_path` exported to `gguf_file` as `qtype` (not verified: timing needs no
+    perplexity), and what a speed row says of it: type, bytes, how the weights got there.
+
+    Raises GgufExportError when the exporter refuses.
+    """
+    start = time.perf_counter()
+    written = export_gguf(Path(model_path), Path(gguf_file), qtype, verify=False,
+                          embedding=embedding)
+    return {"type": qtype, "file_bytes": written["bytes"],
+            "grid": grid_label(written, is_quantized(Path(model_path)), qtype),
+            "grid_note": written.get("exact_grid_note"),
+            "tensor_types": written.get("tensor_types"),
+            "embedding_type": written.get("embedding_type"),
+            "export_s": time.perf_counter() - start}
 
 
 def shipped_speed_row(gguf_file: Path, prompt_tokens: int, decode_tokens: int, threads: int,

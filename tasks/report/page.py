@@ -19,7 +19,16 @@ from tasks.core.common import read_json, write_text_atomic
 from tasks.report import plots
 from tasks.report.data_section import DATA_COLUMNS, DATA_NOTE, data_rows
 from tasks.report.deploy_speed import COLUMNS as SPEED_COLUMNS
-from tasks.report.deploy_speed import GOAL_COLUMNS, goal_rows, goal_sentence, speed_note, speed_rows
+from tasks.report.deploy_speed import (
+    GOAL_COLUMNS,
+    ROUNDS_COLUMNS,
+    goal_rows,
+    goal_sentence,
+    rounds_note,
+    rounds_rows,
+    speed_note,
+    speed_rows,
+)
 from tasks.report.format import (
     DASH,
     RETENTION_NOTE,
@@ -347,6 +356,9 @@ def speed_sections(data: dict[str, Any]) -> list[Section]:
     summary = data.get("deploy_speed")
     sections = [table_section("Speed where it is deployed", SPEED_COLUMNS, rows,
                               note=speed_note(data))]
+    if data.get("llama_cpp_rounds"):
+        sections.append(table_section("Speed side by side (llama.cpp, baseline and final model)",
+                                      ROUNDS_COLUMNS, rounds_rows(data), note=rounds_note(data)))
     goal = goal_rows(summary)
     sections.append(table_section("Speed goal (llama.cpp, final model)", GOAL_COLUMNS, goal,
                                   note=goal_sentence(summary).replace("**", ""))

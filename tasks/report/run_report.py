@@ -12,6 +12,7 @@ from tasks.core.common import (
     EVAL_JSON,
     GGUF_SAMPLES_JSON,
     LLAMA_CPP_FILE,
+    LLAMA_CPP_ROUNDS_FILE,
     SAMPLES_JSON,
     SERVED_SAMPLES_JSON,
     read_json,
@@ -67,7 +68,10 @@ def collect(run_dir: Path) -> dict[str, Any]:
                     baseline_eval, {**shipped, "params": evaluation.get("params")},
                     baseline_samples, _maybe_json(stage_dir / GGUF_SAMPLES_FILE))
         stages.append(entry)
-    return {"run": run, "stages": stages, "deploy_speed": deploy_summary(stages),
+    rounds = _maybe_json(run_dir / stages[-1]["stage"] / LLAMA_CPP_ROUNDS_FILE) if stages \
+        else None  # the baseline and the final model timed side by side
+    return {"run": run, "stages": stages, "llama_cpp_rounds": rounds,
+            "deploy_speed": deploy_summary(stages, rounds),
             "warnings": warnings(stages)}
 
 

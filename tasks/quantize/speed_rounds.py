@@ -1,0 +1,60 @@
+"""GGUF files timed in llama.cpp side by side, in interleaved rounds, so that the machine's
+drift cancels out of their ratios.
+
+A stage's own speed unit times its files right after its evaluation, minutes away from the
+baseline's, and this machine's speed drifts over minutes: two runs of the default recipe on
+2026-12-03 timed the same baseline q4_0 file at 137.9 and 143.8 tok/s, and the shipped file at
+124.6 and 182.9. A ratio such as "decode vs the baseline" needs its files timed together: every
+round times every file once, each in a fresh process (`repeats=1` after the warm-up pass: the
+rounds are the repeats), and a file's rate is its median over the rounds. One function for a
+run's rounds unit (`tasks.pipeline.llama_cpp_rounds_unit`) and `bench/gguf_speed_rounds.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.core.llama_cpp import gguf_type_label, llama_cpp_speed
+
+
+def interleaved_speed(files: dict[str, Path], rounds: int, prompt_tokens: int = 512,
+                      decode_tokens: int = 64, threads: int = 2,
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Each of `files` (name -> GGUF) timed once per round, the rounds interleaved.
+
+    Returns {"rows": [...] in `files` order, "rounds", "threads", "prompt_tokens",
+    "decode_tokens", "load_average_1m": [before, after each round]}. A row holds the median
+    prefill and decode rates, the decode range over rounds (`decode_spread`), every round's
+    decode rate, and the highest peak RSS. Raises LlamaCppError when llama.cpp fails.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1; got {rounds}")
+    loads = [os.getloadavg()[0]]
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in files}
+    for round_no in range(1, rounds + 1):
+        for name, path in files.items():
+            sample = llama_cpp_speed(Path(path), prompt_tokens, decode_tokens, threads=threads,
+                                     repeats=1)
+            samples[name].append(sample)
+            if progress is not None:
+                progress(f"round {round_no}/{rounds} {name}: decode "
+                         f"{sample['decode_tok_s']:.1f} tok/s")
+        loads.append(os.getloadavg()[0])
+    return {"rows": [_row(name, Path(files[name]), samples[name]) for name in files],
+            "rounds": rounds, "threads": threads, "prompt_tokens": prompt_tokens,
+            "decode_tokens": decode_tokens, "load_average_1m": loads}
+
+
+def _row(name: str, path: Path, samples: list[dict[str, Any]]) -> dict[str, Any]:
+    decode = [s["decode_tok_s"] for s in samples]
+    return {"name": name, "file": str(path), "file_bytes": path.stat().st_size,
+            "types": gguf_type_label(path)[3],
+            "prefill_tok_s": statistics.median(s["prefill_tok_s"] for s in samples),
+            "decode_tok_s": statistics.median(decode), "decode_rounds": decode,
+            "decode_spread": [min(decode), max(decode)],
+            "peak_rss_mb": max(s["peak_rss_mb"] for s in samples),
+            "runtime": samples[0]["runtime"]}
