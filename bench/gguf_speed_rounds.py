@@ -3,10 +3,10 @@
 A run's own speed table times each stage right after that stage's evaluation, minutes apart,
 and this machine's speed drifts by ±15% over minutes (measured: the same q4_0 file at 55 and
 63 tok/s in one run). Ratios such as "decode vs the baseline" need the files timed together:
-here every round times every file once (fresh process each, `tasks.quantize.speed_rounds.
-interleaved_speed`, which a run's side-by-side unit uses too: prompt 512 fixed ids, greedy
-decode 64, the given threads), and the table reports each file's median over rounds, and its
-ratio to the first file's.
+here every round times every file once (`tasks.quantize.speed_rounds.interleaved_speed`, which
+a run's side-by-side unit uses too: a fresh process per file and round; prompt 512 fixed ids,
+greedy decode 64, the given threads), and the table reports each file's median over rounds, and
+its ratio to the first file's.
 
     flock /tmp/pkdq-heavy.lock .venv/bin/python bench/gguf_speed_rounds.py --rounds 5 \
         --out shipped_speed \
@@ -50,9 +50,7 @@ def main() -> None:
     timed = interleaved_speed(files, args.rounds, threads=args.threads,
                               progress=lambda line: print(f"[speed] {line}", file=sys.stderr,
                                                           flush=True))
-    rows, loads = timed["rows"], timed["load_average_1m"]
-    out = {"rows": rows, "rounds": args.rounds, "threads": args.threads,
-           "load_average_1m": loads, "wall_s": time.perf_counter() - started,
+    out = {**timed, "wall_s": time.perf_counter() - started,
            "command": "flock /tmp/pkdq-heavy.lock .venv/bin/python bench/gguf_speed_rounds.py "
                       f"--rounds {args.rounds} --out {args.out} "
                       + " ".join(f"'{f}'" for f in args.files),
@@ -78,7 +76,7 @@ def render(out: dict[str, Any]) -> str:
         lines.append(f"| {row['name']} | {row['types']} | {row['file_bytes'] / 1e6:.1f} | "
                      f"{row['prefill_tok_s']:.0f} | {row['decode_tok_s']:.1f} ({low:.1f}–"
                      f"{high:.1f}) | {row['decode_tok_s'] / first['decode_tok_s']:.2f}x | "
-                     f"{row['peak_rss_mb']:.0f} |")
+                     f"{row['peak_rss_mb'] or out.get('peak_rss_mb') or 0:.0f} |")
     lines += ["", f"Command: `{out['command']}` ({out['wall_s'] / 60:.1f} min).", ""]
     return "\n".join(lines)
 

@@ -332,6 +332,26 @@ def test_speed_profile_returns_sane_numbers(rtn_run, tiny_llama_ref):
     assert "not faster at prefill" in speed_notes({"fp32": rows["fp32"], "rtn": slow})[0]
 
 
+def test_timed_passes_stop_repeating_once_their_budget_is_spent(tiny_llama_ref):
+    """Without a budget every repeat runs; with one already spent after the first pass, one
+    runs and the record says so (the report names such a row)."""
+    from tasks.core.model_store import load_model
+    from tasks.evaluate.speed import measure_latency
+    from tasks.report.deploy_speed import _torch_repeats_cut
+
+    model = load_model(tiny_llama_ref.path)[0]
+    full = measure_latency(model, 16, 2, repeats=3)
+    assert (full["repeats"], full["repeats_asked"], full["budget_s"]) == (3, 3, None)
+    cut = measure_latency(model, 16, 2, repeats=3, budget_s=1e-9)
+    assert (cut["repeats"], cut["repeats_asked"]) == (1, 3) and cut["decode_tokens_per_s"] > 0
+    roomy = measure_latency(model, 16, 2, repeats=3, budget_s=3600)
+    assert roomy["repeats"] == 3
+    stages = [{"stage": "01-prune", "eval": {"speed": full}},
+              {"stage": "02-quantize", "eval": {"speed": cut}}]
+    assert "fewer passes for 02-quantize (1 of 3)" in _torch_repeats_cut(stages)
+    assert _torch_repeats_cut(stages[:1]) == ""
+
+
 def test_cli_quantize_outside_a_recipe(tiny_llama_ref, tmp_path):
     from typer.testing import CliRunner
 

@@ -60,13 +60,17 @@ def _load(path: Path, dtype: str) -> torch.nn.Module:
 
 @torch.inference_mode()
 def measure_latency(model: torch.nn.Module, prefill_tokens: int = 512, decode_tokens: int = 32,
-                    repeats: int = 3, seed: int = 0) -> dict[str, float]:
+                    repeats: int = 3, seed: int = 0,
+                    budget_s: float | None = None) -> dict[str, float]:
     """Median prefill seconds for `prefill_tokens`, and greedy decode tokens/s with a KV cache.
 
     Token ids are random (speed does not depend on content). A warm-up runs first: the full
     prefill (kernel selection, packing, allocator growth for the longest activations) and a few
     decode steps (their kernels); more decode steps would only repeat what the timed runs
-    measure, at 18 s a pass for a GPTQ model on the CPU kernel.
+    measure, at 18 s a pass for a GPTQ model on the CPU kernel. With `budget_s`, no further
+    repeat starts once the timed passes took that long (at least one runs; `repeats` says how
+    many did): a run's transformers row is a reference beside llama.cpp, and three passes of a
+    GPTQ folder on that kernel cost a minute of every default run.
     """
     vocab = int(model.config.vocab_size)
     generator = torch.Generator().manual_seed(seed)
@@ -86,7 +90,9 @@ def measure_latency(model: torch.nn.Module, prefill_tokens: int = 512, decode_to
         return prefill, time.perf_counter() - start
 
     one_run(min(decode_tokens, WARMUP_DECODE_STEPS))
-    runs = [one_run(decode_tokens) for _ in range(repeats)]
+    runs: list[tuple[float, float]] = []
+    while len(runs) < repeats and (budget_s is None or sum(map(sum, runs)) < budget_s):
+        runs.append(one_run(decode_tokens))
     prefill = statistics.median(r[0] for r in runs)
     decode = statistics.median(r[1] for r in runs)
     return {
@@ -95,7 +101,9 @@ def measure_latency(model: torch.nn.Module, prefill_tokens: int = 512, decode_to
         "prefill_tokens_per_s": prefill_tokens / prefill,
         "decode_tokens": decode_tokens,
         "decode_tokens_per_s": decode_tokens / decode,
-        "repeats": repeats,
+        "repeats": len(runs),
+        "repeats_asked": repeats,
+        "budget_s": budget_s,
     }
 
 

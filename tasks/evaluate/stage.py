@@ -371,12 +371,17 @@ def wikitext_rolling(model: Any, tokenizer: Any, cfg: EvalConfig, data: Path, se
 # --------------------------------------------------------------------------- speed
 
 
+# Timed passes stop repeating past this: a float SmolLM2 fits its 3 repeats (about 5 s a pass),
+# a GPTQ folder on GPTQModel's CPU kernel (about 20 s a pass) gets one.
+SPEED_BUDGET_S = 20.0
+
+
 def speed_section(model: Any, cfg: SpeedEval) -> dict[str, Any] | None:
     """Prefill latency and greedy decode tokens/s (None when disabled).
 
     `tasks.evaluate.speed.measure_latency`, the measurement the quantization table uses too, so
     eval.json speeds and bench numbers compare. Prompt + new tokens stay within the model's
-    positions.
+    positions; repeats stop once the timed passes took `SPEED_BUDGET_S`.
     """
     if not cfg.enabled:
         return None
@@ -385,7 +390,8 @@ def speed_section(model: Any, cfg: SpeedEval) -> dict[str, Any] | None:
     from tasks.evaluate.speed import measure_latency
 
     prompt_tokens = cfg.prompt_within(getattr(model.config, "max_position_embeddings", 0))
-    speed = measure_latency(model, prompt_tokens, cfg.new_tokens, cfg.repeats)
+    speed = measure_latency(model, prompt_tokens, cfg.new_tokens, cfg.repeats,
+                            budget_s=SPEED_BUDGET_S)
     speed.update(threads=torch.get_num_threads(),
                  dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     return speed

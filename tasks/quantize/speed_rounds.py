@@ -8,6 +8,11 @@ baseline's, and this machine's speed drifts over minutes: two runs of the defaul
 round times every file once, each in a fresh process (`repeats=1` after the warm-up pass: the
 rounds are the repeats), and a file's rate is its median over the rounds. One function for a
 run's rounds unit (`tasks.pipeline.llama_cpp_rounds_unit`) and `bench/gguf_speed_rounds.py`.
+
+Why not load every file once in one process and alternate passes there: tried on the default's
+five files (3 rounds), it saved 15 s of 62 but timed every file about 15% slower than a process
+of its own does (q4_0 decode 125 against 147 tok/s; each llama.cpp context keeps its own worker
+threads, and five of them share 2 cores), and a user's runtime serves one model per process.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ def rounds_rows(data: dict[str, Any], prefix: str = "") -> list[list[Cell]]:
             num(f"{path}.prefill_tok_s", row["prefill_tok_s"], f"{row['prefill_tok_s']:,.0f}"),
             num(f"{path}.decode_tok_s", row["decode_tok_s"], f"{row['decode_tok_s']:.1f}"),
             ", ".join(f"{v:.1f}" for v in row.get("decode_rounds") or []),
-            num(f"{path}.peak_rss_mb", row["peak_rss_mb"], f"{row['peak_rss_mb']:,.0f}")])
+            num(f"{path}.peak_rss_mb", row.get("peak_rss_mb"),
+                f"{row.get('peak_rss_mb') or 0:,.0f}")])
     return rows
 
 
@@ -127,11 +128,12 @@ def rounds_note(data: dict[str, Any]) -> str:
     load = (f"; the 1-minute load average was {min(loads):.1f}–{max(loads):.1f} on "
             f"{rounds.get('cpus', '?')} CPUs" if loads else "")
     return (f"The baseline's and the final model's GGUFs timed together after the last "
-            f"evaluation: {rounds.get('rounds')} rounds, each timing every file once in a fresh "
-            f"process (threads {rounds.get('threads')}, prompt {rounds.get('prompt_tokens')} "
-            f"tokens, greedy decode {rounds.get('new_tokens')} tokens, after a warm-up pass), "
-            "so the machine's drift over minutes falls on every file alike; the median is "
-            f"reported and the goal below is judged on it{load}.")
+            f"evaluation: {rounds.get('rounds')} rounds, each timing every file once, in a fresh "
+            "process per file and round after a warm-up pass; "
+            f"threads {rounds.get('threads')}, prompt {rounds.get('prompt_tokens')} tokens, "
+            f"greedy decode {rounds.get('new_tokens')} tokens. The machine's drift over "
+            "minutes falls on every file alike; the median is reported and the goal below is "
+            f"judged on it{load}.")
 
 
 def _mb(value: float | None) -> str:
@@ -205,6 +207,7 @@ def speed_note(data: dict[str, Any]) -> str:
     repeats = sorted({u.get("repeats") for u in units if u.get("repeats")})
     loads = [u["load_average_1m_before"] for u in units if "load_average_1m_before" in u]
     cpus = next((u.get("cpus") for u in units if u.get("cpus")), "?")
+    cut = _torch_repeats_cut(data["stages"])
     load = (f"the 1-minute load average before timing was {min(loads):.1f}–{max(loads):.1f} "
             f"on {cpus} CPUs" if loads else "no load average was recorded")
 
@@ -216,9 +219,24 @@ def speed_note(data: dict[str, Any]) -> str:
             "after a warm-up; each GGUF (pkdq's own exporter) timed in a fresh process, whose "
             "peak RSS is Python + llama.cpp + the model. transformers rows: the stage's "
             "evaluation timing the same prompt length, new tokens and threads (its peak RSS is "
-            "the whole evaluation's). Whether other processes shared the CPU while these were "
-            f"measured is not knowable from the run folder: {load}; rates taken on a busy "
+            f"the whole evaluation's{cut}). Whether other processes shared the CPU while these "
+            f"were measured is not knowable from the run folder: {load}; rates taken on a busy "
             "machine are lower bounds.")
+
+
+def _torch_repeats_cut(stages: list[dict[str, Any]]) -> str:
+    """The transformers timings that stopped short of their repeats (`measure_latency`'s
+    budget), named, or nothing."""
+    cut, budget = [], None
+    for entry in stages:
+        speed = (entry.get("eval") or {}).get("speed") or {}
+        if speed.get("repeats_asked", speed.get("repeats")) != speed.get("repeats"):
+            cut.append(f"{entry['stage']} ({speed['repeats']} of {speed['repeats_asked']})")
+            budget = speed.get("budget_s")
+    if not cut:
+        return ""
+    return (f"; its timed passes stop repeating once they took {budget:g} s, so the median is "
+            f"of fewer passes for {', '.join(cut)}")
 
 
 def goal_sentence(summary: dict[str, Any] | None) -> str:
