@@ -55,7 +55,7 @@ def parts(run_dir: Path) -> dict[str, float | None]:
             out[f"{folder}:   Q8_0 layer choice"] = q8["wall_s"]
         if "train_s" in metrics:
             out[f"{folder}:   KD training"] = metrics["train_s"]
-            out[f"{folder}:   KD tokens/s (a rate, not seconds)"] = metrics.get("tokens_per_s")
+            out[f"{folder}:   KD tokens/s"] = metrics.get("tokens_per_s")
         out[f"{folder}: evaluation"] = ev.get("wall_s")
         if (ev.get("gguf") or {}).get("wall_s") is not None:
             out[f"{folder}:   model.gguf scored in llama.cpp"] = ev["gguf"]["wall_s"]
@@ -98,9 +98,11 @@ def render(out: dict[str, Any]) -> str:
     names = list(out["parts"])
     keys = list(dict.fromkeys(k for parts_ in out["parts"].values() for k in parts_))
 
-    def cell(value: float | None) -> str:
+    def cell(value: float | None, key: str = "") -> str:
         if value is None:
             return "–"
+        if "tokens/s" in key:
+            return f"{value:.0f}"
         return f"{value:.0f} s" if value < 120 else f"{value:.0f} s ({value / 60:.1f} min)"
 
     lines = ["# Where a run's wall time went", "", __doc__.split("\n\n")[1].replace("\n", " "),
@@ -110,7 +112,7 @@ def render(out: dict[str, Any]) -> str:
              "| --- |" + " ---: |" * len(names)]
     for key in keys:
         lines.append(f"| {key} | "
-                     + " | ".join(cell(out["parts"][n].get(key)) for n in names) + " |")
+                     + " | ".join(cell(out["parts"][n].get(key), key) for n in names) + " |")
     lines += ["", f"Command: `{out['command']}`.", ""]
     return "\n".join(lines)
 

@@ -271,7 +271,7 @@ def speed_markdown(data: dict[str, Any]) -> list[str]:
              *table(COLUMNS, rows, range(4, 8)), ""]
     if data.get("llama_cpp_rounds"):
         lines += [f"Side by side: {rounds_note(data)}", "",
-                  *table(ROUNDS_COLUMNS, rounds_rows(data), range(3, 6)), ""]
+                  *table(ROUNDS_COLUMNS, rounds_rows(data), range(3, 8)), ""]
     lines += [goal_sentence(summary), ""]
     if summary:
         lines += [*table(GOAL_COLUMNS, goal_rows(summary), range(1, 4)), ""]
