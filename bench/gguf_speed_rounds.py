@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--out", default="gguf_speed_rounds")
     args = parser.parse_args()
 
-    from tasks.quantize.speed_rounds import interleaved_speed
+    from tasks.quantize import interleaved_speed
 
     files = {name: Path(path) for name, _, path in (f.partition("=") for f in args.files)}
     missing = [str(p) for p in files.values() if not p.is_file()]

@@ -493,9 +493,7 @@ def _time_in_rounds(models: dict[str, ModelRef], config: dict[str, Any], work: P
     import subprocess
 
     from tasks.core.llama_cpp import LlamaCppError, gguf_type_label
-    from tasks.quantize.gguf_export import GgufExportError
-    from tasks.quantize.gguf_speed import export_for_timing
-    from tasks.quantize.speed_rounds import interleaved_speed
+    from tasks.quantize import GgufExportError, export_for_timing, interleaved_speed
 
     files: dict[str, Path] = {}
     about: dict[str, dict[str, Any]] = {}
