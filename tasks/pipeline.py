@@ -480,8 +480,10 @@ def llama_cpp_rounds_unit(run_dir: Path, recipe: Recipe, base: ModelRef, final: 
     if result.get("error"):
         print(f"{what}: not measured: {result['error']}", flush=True)
         return None, False
-    return finish_record(folder, key, final, {"llama_cpp_rounds": LLAMA_CPP_ROUNDS_FILE},
-                         LLAMA_CPP_ROUNDS_DONE, files=[LLAMA_CPP_ROUNDS_FILE]), False
+    record = finish_record(folder, key, final, {"llama_cpp_rounds": LLAMA_CPP_ROUNDS_FILE},
+                           LLAMA_CPP_ROUNDS_DONE, files=[LLAMA_CPP_ROUNDS_FILE])
+    write_stage_card(run_dir, final_folder, recipe)  # the card states these ratios too
+    return record, False
 
 
 def _time_in_rounds(models: dict[str, ModelRef], config: dict[str, Any], work: Path,

@@ -213,6 +213,23 @@ def test_the_baseline_and_final_model_are_timed_side_by_side_in_rounds(speed_run
     assert (folder / "model.gguf").is_file()  # the shipped file is timed, never removed
 
 
+def test_the_final_model_card_states_the_side_by_side_ratios(speed_run):
+    """The card a hub user reads carries the ratios the goal is judged on; earlier stages'
+    cards do not (their files were not timed together with the base model's)."""
+    got = read_json(speed_run["run_dir"] / "02-quantize" / LLAMA_CPP_ROUNDS_FILE)["rows"]
+    base = {r["type"]: r for r in got if r["stage"] == "00-baseline"}
+    card = (speed_run["final"].path / "README.md").read_text()
+    for row in (r for r in got if r["stage"] == "02-quantize"):
+        ref = base[row.get("base_type", row["type"])]
+        assert (f"| decode, llama.cpp side by side with the base model ({row['type']} GGUF, "
+                in card)
+        assert (f"{row['decode_tok_s']:.1f} tokens/s, "
+                f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}× the base model's "
+                f"{ref['type']}") in card
+    pruned = speed_run["run_dir"] / "01-prune" / "model" / "README.md"
+    assert "side by side with the base model" not in pruned.read_text()
+
+
 def test_finished_rounds_are_reused_and_changed_ones_redone(speed_run, capsys):
     run_dir, recipe = speed_run["run_dir"], speed_run["recipe"]
     file = run_dir / "02-quantize" / LLAMA_CPP_ROUNDS_FILE

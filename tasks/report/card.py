@@ -141,7 +141,27 @@ def _results_lines(entry: dict[str, Any], baseline: dict[str, Any]) -> list[str]
     return [*lines, ""]
 
 
-def _size_lines(entry: dict[str, Any]) -> list[str]:
+def _side_by_side_lines(entry: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """The final stage's GGUFs timed together with the base model's (`llama_cpp_rounds.json`):
+    the decode ratios the run's speed goal is judged on, one table row per file."""
+    rounds = data.get("llama_cpp_rounds") or {}
+    final = data["stages"][-1]["stage"]
+    if entry["stage"] != final or rounds.get("error") or not rounds.get("rows"):
+        return []
+    timed = [r for r in rounds["rows"] if "decode_tok_s" in r]
+    base = {r["type"]: r for r in timed if r["stage"] == data["stages"][0]["stage"]}
+    lines = []
+    for row in (r for r in timed if r["stage"] == entry["stage"]):
+        ref = base.get(row.get("base_type", row["type"]))
+        versus = (f", {row['decode_tok_s'] / ref['decode_tok_s']:.2f}× the base model's "
+                  f"{ref['type']} ({ref['decode_tok_s']:.1f})" if ref else "")
+        lines.append(f"| decode, llama.cpp side by side with the base model ({row['type']} "
+                     f"GGUF, {row['file_bytes'] / 1e6:,.1f} MB, median of {rounds['rounds']} "
+                     f"interleaved rounds) | {row['decode_tok_s']:.1f} tokens/s{versus} |")
+    return lines
+
+
+def _size_lines(entry: dict[str, Any], data: dict[str, Any]) -> list[str]:
     ev = entry.get("eval") or {}
     size = (entry.get("retention") or {}).get("size") or {}
     if not ev:
@@ -165,7 +185,7 @@ def _size_lines(entry: dict[str, Any]) -> list[str]:
             lines.append(f"| decode, llama.cpp ({row['type']} GGUF, {row['file_bytes'] / 1e6:,.1f}"
                          f" MB, {llama.get('threads', '?')} threads) | "
                          f"{row['decode_tok_s']:.1f} tokens/s |")
-    return [*lines, ""]
+    return [*lines, *_side_by_side_lines(entry, data), ""]
 
 
 def _load_lines(entry: dict[str, Any], quant: dict[str, Any] | None,
@@ -217,7 +237,7 @@ def render_card(data: dict[str, Any], stage: str, source: dict[str, Any],
              f"(recipe `{run['recipe']['name']}`). License carried from the source model: "
              f"{meta['license']}.", "",
              *_done_lines(data, index), *_data_lines(data, index),
-             *_results_lines(entry, data["stages"][0]), *_size_lines(entry),
+             *_results_lines(entry, data["stages"][0]), *_size_lines(entry, data),
              *_load_lines(entry, _quant_config(data, index), stage_dir),
              "## Reproduce", "",
              f"- model fingerprint `{(entry.get('model') or {}).get('fingerprint', '?')}`; "
