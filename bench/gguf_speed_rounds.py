@@ -26,9 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.core.common import write_json_atomic  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+from bench.publish import publish  # noqa: E402
 
 
 def main() -> None:
@@ -55,10 +53,7 @@ def main() -> None:
                       f"--rounds {args.rounds} --out {args.out} "
                       + " ".join(f"'{f}'" for f in args.files),
            "date": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(exist_ok=True)
-    write_json_atomic(RESULTS / f"{args.out}.json", out)
-    (RESULTS / f"{args.out}.md").write_text(render(out))
-    print(render(out))
+    publish(args.out, out, render(out))
 
 
 def render(out: dict[str, Any]) -> str:

@@ -26,9 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.core.common import write_json_atomic  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+from bench.publish import publish  # noqa: E402
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -88,10 +86,7 @@ def main() -> None:
            "command": ".venv/bin/python bench/run_wall_time.py --out "
                       f"{args.out} " + " ".join(f"'{r}'" for r in args.runs),
            "date": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(exist_ok=True)
-    write_json_atomic(RESULTS / f"{args.out}.json", out)
-    (RESULTS / f"{args.out}.md").write_text(render(out))
-    print(render(out))
+    publish(args.out, out, render(out))
 
 
 def render(out: dict[str, Any]) -> str:
