@@ -442,6 +442,7 @@ def llama_cpp_rounds_unit(run_dir: Path, recipe: Recipe, base: ModelRef, final: 
     """
     from tasks.core.model_folder import file_digest
     from tasks.core.model_store import read_config
+    from tasks.quantize import time_side_by_side
 
     speed = recipe.evaluate.speed
     stages = plan(recipe)
@@ -469,9 +470,11 @@ def llama_cpp_rounds_unit(run_dir: Path, recipe: Recipe, base: ModelRef, final: 
     started = time.perf_counter()
     try:
         with _unfinished_on_disk_full(work):
-            measured = _time_in_rounds({base_folder: base, final_folder: final}, config, work,
-                                       prompt, shipped if shipped.is_file() else None,
-                                       lambda line: print(f"{what}: {line}", flush=True))
+            measured = time_side_by_side(
+                {base_folder: base.path, final_folder: final.path}, config["types"], work,
+                shipped if shipped.is_file() else None, config["rounds"], prompt,
+                speed.new_tokens, recipe.threads,
+                lambda line: print(f"{what}: {line}", flush=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {**config, "prompt_tokens": prompt, **measured, "cpus": os.cpu_count(),
@@ -484,51 +487,6 @@ def llama_cpp_rounds_unit(run_dir: Path, recipe: Recipe, base: ModelRef, final: 
                            LLAMA_CPP_ROUNDS_DONE, files=[LLAMA_CPP_ROUNDS_FILE])
     write_stage_card(run_dir, final_folder, recipe)  # the card states these ratios too
     return record, False
-
-
-def _time_in_rounds(models: dict[str, ModelRef], config: dict[str, Any], work: Path,
-                    prompt: int, shipped: Path | None,
-                    progress: Callable[[str], None]) -> dict[str, Any]:
-    """Export each model at each type into `work` (a refusal is a row of its own), add the
-    shipped file, and time them all in interleaved rounds. {"rows", "rounds", ...}; "error"
-    (one line) when llama.cpp failed."""
-    import subprocess
-
-    from tasks.core.llama_cpp import LlamaCppError, gguf_type_label
-    from tasks.quantize import GgufExportError, export_for_timing, interleaved_speed
-
-    files: dict[str, Path] = {}
-    about: dict[str, dict[str, Any]] = {}
-    refused: list[dict[str, Any]] = []
-    for stage_folder, model in models.items():
-        for qtype in config["types"]:
-            name, file = f"{stage_folder} {qtype}", work / f"{stage_folder}-{qtype}.gguf"
-            try:
-                about[name] = {"stage": stage_folder,
-                               **export_for_timing(model.path, qtype, file)}
-                files[name] = file
-            except GgufExportError as exc:
-                refused.append({"stage": stage_folder, "type": qtype,
-                                "refused": one_line(exc, limit=1000, with_type=False)})
-    if shipped is not None:
-        types, main, embedding, label = gguf_type_label(shipped)
-        name = f"{shipped.parent.name} {GGUF_FILE}"
-        about[name] = {"stage": shipped.parent.name, "type": f"{label} ({GGUF_FILE})",
-                       "base_type": main, "file_bytes": shipped.stat().st_size,
-                       "grid": "shipped", "tensor_types": types, "embedding_type": embedding}
-        files[name] = shipped
-    if not files:
-        return {"rows": refused, "rounds": config["rounds"]}
-    try:
-        timed = interleaved_speed(files, config["rounds"], prompt, config["new_tokens"],
-                                  config["threads"], progress)
-    except LlamaCppError as exc:  # the runtime, not the model: worth another try later
-        return {"rows": refused, "error": one_line(exc, limit=1000, with_type=False)}
-    except subprocess.TimeoutExpired as exc:  # a machine too busy to finish in time
-        return {"rows": refused, "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"}
-    rows = [{**about[row["name"]], **{k: v for k, v in row.items() if k != "file"},
-             "file_bytes": about[row["name"]]["file_bytes"]} for row in timed.pop("rows")]
-    return {**timed, "rows": rows + refused}
 
 
 def evaluate_stage(run_dir: Path, stage: PlannedStage, recipe: Recipe,

@@ -11,9 +11,9 @@ _EXPORTS = {
     # a model's GGUF export timed in llama.cpp: the run's speed unit and the bench table
     "gguf_speed_rows": "gguf_speed",
     "gguf_speed_row": "gguf_speed",
-    "export_for_timing": "gguf_speed",
     # GGUF files timed together in interleaved rounds: the speed goal's unit and bench
     "interleaved_speed": "speed_rounds",
+    "time_side_by_side": "speed_rounds",
     "export_model": "export",  # `pkdq export`: a run/model folder in a served format, verified
     "check_export": "export",  # torch-free refusals (format, folders, architecture)
     "plan_imatrix": "export",  # torch-free: gguf-q4_k_m's importance-matrix text, or why none

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.core.common import one_line
+from tasks.core.common import GGUF_FILE, one_line
 from tasks.core.llama_cpp import LlamaCppError, llama_cpp_speed
 from tasks.core.model_store import is_quantized
 from tasks.quantize.gguf_export import GgufExportError, export_gguf, preflight
@@ -70,21 +70,34 @@ def export_for_timing(model_path: Path, qtype: str, gguf_file: Path,
             "export_s": time.perf_counter() - start}
 
 
-def shipped_speed_row(gguf_file: Path, prompt_tokens: int, decode_tokens: int, threads: int,
-                      repeats: int) -> dict[str, Any]:
-    """The stage's own model.gguf timed as it is (no export): the file a user ships, whose
-    embedding type (say Q4_0) the re-exported rows do not have. Its `type` names the file;
-    `base_type` is the baseline row it is judged against (its main tensor type)."""
+def shipped_file_about(gguf_file: Path) -> dict[str, Any]:
+    """What a speed row says of a stage's own model.gguf, timed as it is (no export): the file
+    a user ships, whose embedding type (say Q4_0) the re-exported rows do not have. Its `type`
+    names the file; `base_type` is the baseline row it is judged against (its main type)."""
     from tasks.core.llama_cpp import gguf_type_label
 
     types, main, embedding, label = gguf_type_label(gguf_file)
+    return {"type": f"{label} ({GGUF_FILE})", "base_type": main,
+            "file_bytes": Path(gguf_file).stat().st_size, "grid": "shipped", "grid_note": None,
+            "tensor_types": types, "embedding_type": embedding, "export_s": 0.0}
+
+
+def shipped_speed_row(gguf_file: Path, prompt_tokens: int, decode_tokens: int, threads: int,
+                      repeats: int) -> dict[str, Any]:
+    """The stage's own model.gguf timed as it is (`shipped_file_about`)."""
     start = time.perf_counter()
     speed = llama_cpp_speed(gguf_file, prompt_tokens, decode_tokens, threads=threads,
                             repeats=repeats)
-    return {"type": f"{label} (model.gguf)", "base_type": main,
-            "file_bytes": gguf_file.stat().st_size, "grid": "shipped", "grid_note": None,
-            "tensor_types": types, "embedding_type": embedding, **speed,
-            "export_s": 0.0, "measure_s": time.perf_counter() - start}
+    return {**shipped_file_about(gguf_file), **speed,
+            "measure_s": time.perf_counter() - start}
+
+
+def timing_failure(exc: Exception) -> str:
+    """One line for llama.cpp failing to time a file (the runtime, not the model: worth
+    another try later) or a machine too busy to finish in time."""
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"llama.cpp timing ran past {exc.timeout:.0f} s"
+    return one_line(exc, limit=1000, with_type=False)
 
 
 def gguf_speed_rows(model_path: Path, qtypes: list[str], work: Path, prompt_tokens: int,
@@ -109,18 +122,12 @@ def gguf_speed_rows(model_path: Path, qtypes: list[str], work: Path, prompt_toke
                                        prompt_tokens, decode_tokens, threads, repeats))
         except GgufExportError as exc:
             rows.append({"type": qtype, "refused": one_line(exc, limit=1000, with_type=False)})
-        except LlamaCppError as exc:  # the runtime, not the model: worth another try later
-            rows.append({"type": qtype, "error": one_line(exc, limit=1000, with_type=False)})
-        except subprocess.TimeoutExpired as exc:  # a machine too busy to finish in time
-            rows.append({"type": qtype, "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"})
+        except (LlamaCppError, subprocess.TimeoutExpired) as exc:
+            rows.append({"type": qtype, "error": timing_failure(exc)})
     if shipped is not None:
         try:
             rows.append(shipped_speed_row(shipped, prompt_tokens, decode_tokens, threads,
                                           repeats))
-        except LlamaCppError as exc:
-            rows.append({"type": "model.gguf", "error": one_line(exc, limit=1000,
-                                                                 with_type=False)})
-        except subprocess.TimeoutExpired as exc:
-            rows.append({"type": "model.gguf",
-                         "error": f"llama.cpp timing ran past {exc.timeout:.0f} s"})
+        except (LlamaCppError, subprocess.TimeoutExpired) as exc:
+            rows.append({"type": GGUF_FILE, "error": timing_failure(exc)})
     return {"rows": rows, "refused": None}

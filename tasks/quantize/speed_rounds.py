@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.core.llama_cpp import gguf_type_label, llama_cpp_speed
+from tasks.core.common import one_line
+from tasks.core.llama_cpp import LlamaCppError, gguf_type_label, llama_cpp_speed
+from tasks.quantize.gguf_export import GgufExportError
+from tasks.quantize.gguf_speed import export_for_timing, shipped_file_about, timing_failure
 
 
 def interleaved_speed(files: dict[str, Path], rounds: int, prompt_tokens: int = 512,
@@ -63,3 +67,41 @@ def _row(name: str, path: Path, samples: list[dict[str, Any]]) -> dict[str, Any]
             "decode_spread": [min(decode), max(decode)],
             "peak_rss_mb": max(s["peak_rss_mb"] for s in samples),
             "runtime": samples[0]["runtime"]}
+
+
+def time_side_by_side(models: dict[str, Path], types: list[str], work: Path,
+                      shipped: Path | None, rounds: int, prompt_tokens: int,
+                      decode_tokens: int, threads: int,
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Each model (stage folder -> model path) exported at each of `types` into `work`, plus
+    the `shipped` GGUF, timed in interleaved rounds (`interleaved_speed`). Rows carry their
+    `stage` and what a per-stage speed row says of the file (type, grid, bytes); an export
+    refused is a row with its reason. {"rows", "rounds", ...}; with "error" (one line, no
+    timed rows) when llama.cpp failed."""
+    files: dict[str, Path] = {}
+    about: dict[str, dict[str, Any]] = {}
+    refused: list[dict[str, Any]] = []
+    for stage_folder, model_path in models.items():
+        for qtype in types:
+            name, file = f"{stage_folder} {qtype}", Path(work) / f"{stage_folder}-{qtype}.gguf"
+            try:
+                about[name] = {"stage": stage_folder,
+                               **export_for_timing(model_path, qtype, file)}
+                files[name] = file
+            except GgufExportError as exc:
+                refused.append({"stage": stage_folder, "type": qtype,
+                                "refused": one_line(exc, limit=1000, with_type=False)})
+    if shipped is not None:
+        name = f"{shipped.parent.name} {shipped.name}"
+        about[name], files[name] = {"stage": shipped.parent.name,
+                                    **shipped_file_about(shipped)}, shipped
+    if not files:
+        return {"rows": refused, "rounds": rounds}
+    try:
+        timed = interleaved_speed(files, rounds, prompt_tokens, decode_tokens, threads,
+                                  progress)
+    except (LlamaCppError, subprocess.TimeoutExpired) as exc:
+        return {"rows": refused, "error": timing_failure(exc)}
+    rows = [{**about[row["name"]], **{k: v for k, v in row.items() if k != "file"},
+             "file_bytes": about[row["name"]]["file_bytes"]} for row in timed.pop("rows")]
+    return {**timed, "rows": rows + refused}
