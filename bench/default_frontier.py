@@ -161,9 +161,12 @@ def render(out: dict[str, Any]) -> str:
     old = next((r for r in rows if r["label"].startswith(against)), None)
     vs = "old" if against == "old default" else "ref"
     recipes = (f"`{out['old']['recipe']}` (old) and `{out['new']['recipe']}` (new)" if out["old"]
-               else f"`{out['new']['recipe']}` (new; no old default in this run)")
+               else f"`{out['new']['recipe']}` (\"{out.get('new_label', 'new default')}\"; no "
+                    "old default in this run)")
+    title = ("Old default vs new default" if out["old"] or out.get("new_label") in
+             (None, "new default") else f"{out['new_label']} against the baseline")
     lines = [
-        "# Old default vs new default (issue 17)", "",
+        f"# {title} (issue 17)", "",
         f"{recipes}, each run by "
         f"`pkdq run` on this machine, then the baseline and the final models scored on the "
         f"same {out['samples']} seeded docs per task (seed {out['seed']}); Δ = paired per-doc "
@@ -242,6 +245,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=lambda s: tuple(s.split(",")), default=TASKS)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-label", default="new default",
+                        help="the new recipe's row label (e.g. a candidate that is not a default)")
     parser.add_argument("--against", default="old default", metavar="LABEL",
                         help="the row (label or its start) the last Δ column pairs every row "
                         "with, e.g. 'new default as GGUF' to compare shipped files")
@@ -265,7 +270,7 @@ def main() -> None:
                 ["tasks"].items()}
     if runs["old"]:
         folders["old default"] = score("old", runs["old"]["final"], args.work, args, base_ids)
-    folders["new default"] = score("new", runs["new"]["final"], args.work, args, base_ids)
+    folders[args.new_label] = score("new", runs["new"]["final"], args.work, args, base_ids)
     for label, run in extras.items():
         folders[label] = score(label.replace(" ", "-"), run["final"], args.work, args, base_ids)
     rows = collect(folders)
@@ -274,11 +279,15 @@ def main() -> None:
     command = ("flock /tmp/pkdq-heavy.lock .venv/bin/python bench/default_frontier.py "
                f"--old {args.old} --new {args.new}"
                + "".join(f" --extra '{e}'" for e in args.extra)
-               + (f" --against '{args.against}'" if args.against != "old default" else "")
+               + "".join(f" --{flag} '{value}'" for flag, value, default in (
+                   ("runs-dir", args.runs_dir, ROOT / "runs"),
+                   ("work", args.work, ROOT / "runs" / "bench-frontier"),
+                   ("new-label", args.new_label, "new default"),
+                   ("against", args.against, "old default")) if value != default)
                + (f" --out {args.out}" if args.out != "default_frontier" else ""))
     out = {"old": runs["old"], "new": runs["new"], "extras": extras, "tasks": list(args.tasks),
            "samples": args.samples, "seed": args.seed, "threads": args.threads,
-           "rows": rows, "against": args.against,
+           "rows": rows, "against": args.against, "new_label": args.new_label,
            "scoring_s": time.perf_counter() - started, "command": command,
            "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(parents=True, exist_ok=True)
