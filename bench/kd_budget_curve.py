@@ -18,7 +18,6 @@ Writes bench/results/<out>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,16 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.publish import publish  # noqa: E402
+from bench.run_records import read_record, sealed_s  # noqa: E402
 
 PPL_GOAL, BYTES_GOAL, RETENTION_GOAL = 1.6, 0.30, 0.80  # issue 17
 
 
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def distill_folder(run_dir: Path) -> Path | None:
-    run = _read(run_dir / "run.json")
+    run = read_record(run_dir / "run.json")
     return next((run_dir / s for s in run.get("stages", []) if s.endswith("-distill")), None)
 
 
@@ -46,7 +42,7 @@ def heldout_curve(run_dir: Path) -> dict[str, Any]:
     folder = distill_folder(run_dir)
     if folder is None:
         return {}
-    curve, metrics = _read(folder / "loss_curve.json"), _read(folder / "metrics.json")
+    curve, metrics = read_record(folder / "loss_curve.json"), read_record(folder / "metrics.json")
     rate = metrics.get("tokens_per_s") or 0.0
     rows = [{"tokens": r["train_tokens"], "kl": r["kl"], "ppl": r["ppl"],
              "ppl_vs_teacher": r["ppl"] / r["teacher_ppl"],
@@ -70,7 +66,7 @@ def second_half(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 def stage_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Per stage: WikiText-2 ppl and its ratio, acc_norm per task, retention, bytes vs bf16;
     the shipped GGUF as its own row."""
-    report = _read(run_dir / "report.json")
+    report = read_record(run_dir / "report.json")
     out = []
     for stage in report.get("stages", []):
         ev = stage.get("eval") or {}
@@ -82,41 +78,28 @@ def stage_rows(run_dir: Path) -> list[dict[str, Any]]:
                  ((ev.get("gguf") or {}).get("wikitext") or {}).get("token_perplexity"))):
             if tasks is None:
                 continue
-            ret = ret or {}
+            baseline, ret = not ret, ret or {}  # the baseline has no retention: it is the 1
             norm = ret.get("average_norm_retention") or {}
             out.append({
                 "stage": label, "ppl": ppl,
-                "ppl_ratio": (ret.get("perplexity") or {}).get("ratio", 1.0 if ret == {} else None),
+                "ppl_ratio": 1.0 if baseline else (ret.get("perplexity") or {}).get("ratio"),
                 "scores": {t: v.get(v.get("metric", "acc_norm")) for t, v in tasks.items()},
-                "retention": norm.get("mean", 1.0 if not ret else None),
+                "retention": 1.0 if baseline else norm.get("mean"),
                 "retention_stderr": norm.get("stderr"),
                 "bytes_ratio_bf16": (ret.get("size") or {}).get("bytes_ratio_bf16")})
     return out
 
 
 def decode_rows(run_dir: Path) -> dict[str, Any]:
-    return _read(run_dir / "report.json").get("deploy_speed") or {}
+    return read_record(run_dir / "report.json").get("deploy_speed") or {}
 
 
 def collect(name: str, run_dir: Path) -> dict[str, Any]:
-    run = _read(run_dir / "run.json")
+    run = read_record(run_dir / "run.json")
     return {"name": name, "run_dir": str(run_dir), "recipe": run.get("recipe", {}).get("name"),
             "created": run.get("created"), "curve": heldout_curve(run_dir),
             "stages": stage_rows(run_dir), "decode": decode_rows(run_dir),
-            "wall_s": _sealed_s(run_dir, run)}
-
-
-def _sealed_s(run_dir: Path, run: dict[str, Any]) -> float | None:
-    """From run.json's `created` to the last unit's seal (`*.done`): a later `pkdq run` that
-    reuses every unit rewrites the report but no seal, so this stays the first run's time."""
-    seals = [p.stat().st_mtime for p in run_dir.glob("*/*.done")]
-    return max(seals) - _created(run) if seals and run.get("created") else None
-
-
-def _created(run: dict[str, Any]) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(run["created"]).timestamp()
+            "wall_s": sealed_s(run_dir, run)}
 
 
 def _f(value: Any, fmt: str = "{:.2f}") -> str:

@@ -16,10 +16,8 @@ Writes bench/results/<out>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.publish import publish  # noqa: E402
-
-
-def _read(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+from bench.run_records import created_s, read_record  # noqa: E402
 
 
 def parts(run_dir: Path) -> dict[str, float | None]:
     """Seconds per part of one run folder, in the order a run spends them."""
-    run = _read(run_dir / "run.json")
-    created = datetime.fromisoformat(run["created"]).timestamp()
+    run = read_record(run_dir / "run.json")
+    created = created_s(run)
     out: dict[str, float | None] = {
         "total (run.json created -> report.md written)":
             (run_dir / "report.md").stat().st_mtime - created}
     for folder in run["stages"]:
         stage = run_dir / folder
-        metrics, ev = _read(stage / "metrics.json"), _read(stage / "eval.json")
+        metrics, ev = read_record(stage / "metrics.json"), read_record(stage / "eval.json")
         if "stage_wall_s" in metrics:
             out[f"{folder}: stage"] = metrics["stage_wall_s"]
         if "equalize" in metrics:
@@ -64,8 +59,8 @@ def parts(run_dir: Path) -> dict[str, float | None]:
             out[f"{folder}:   transformers timing (about)"] = timed + speed["prefill_s"] + 4 * step
         if (ev.get("generations") or {}).get("wall_s") is not None:
             out[f"{folder}:   generations"] = ev["generations"]["wall_s"]
-        out[f"{folder}: llama.cpp speed"] = _read(stage / "llama_cpp.json").get("wall_s")
-        rounds = _read(stage / "llama_cpp_rounds.json")
+        out[f"{folder}: llama.cpp speed"] = read_record(stage / "llama_cpp.json").get("wall_s")
+        rounds = read_record(stage / "llama_cpp_rounds.json")
         if rounds:
             out[f"{folder}: llama.cpp side by side ({rounds.get('rounds')} rounds)"] = \
                 rounds.get("wall_s")
